@@ -1,0 +1,355 @@
+"""Typed settings: one section per stage, named YAML configurations, ``key.sub=value`` overrides.
+
+Every run is described by one :class:`Settings` object. It is loaded from a named configuration
+shipped in ``persrep/configs/`` (``local``, ``offline-real``, ``paper``) or a YAML file path, then
+patched by command-line overrides. Any unknown key, wrong type or out-of-range value fails here,
+before compute, with one line per problem naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GeneratorType = Literal["real_only", "cut_paste", "dreambooth", "masked_dreambooth"]
+GlobalFeature = Literal["cls", "cls+mean"]
+Task = Literal["classification", "retrieval", "detection", "segmentation"]
+
+
+class ConfigError(ValueError):
+    """A settings problem found before any compute. ``str()`` is one line per problem."""
+
+
+class Section(BaseModel):
+    # forbid unknown keys (typos fail loudly); validate on assignment so overrides are checked too
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+class ToySettings(Section):
+    """The procedural toy world (``persrep data toy``): the embedded default data set."""
+
+    seed: int = 0
+    categories: int = Field(4, ge=1, le=8)
+    instances_per_category: int = Field(5, ge=1, le=50)
+    image_size: int = Field(128, ge=32, le=1024)
+    train_per_instance: int = Field(3, ge=1, le=20)
+    test_per_scene: int = Field(3, ge=1, le=100, description="test images per instance per scene")
+    dense_per_instance: int = Field(2, ge=0, le=50)
+    negatives_per_category: int = Field(20, ge=0, le=1000)
+
+
+class DataSettings(Section):
+    path: str = Field("toy", description="data set dir or s3:// URI in the reference layout, "
+                      "a PODS parquet dir, or 'toy' (generated into the storage root)")
+    instances: list[str] | None = Field(None, description="evaluate/personalise only these")
+    max_instances: int | None = Field(None, ge=1)
+    split: Literal["all", "val", "test"] = "all"
+    toy: ToySettings = ToySettings()
+
+
+# ---------------------------------------------------------------------------------------------
+# generator prep
+class DreamBoothSettings(Section):
+    instance_prompt: str = "a photo of <new1> {category}"
+    class_prompt: str = "A photo of {category}"
+    steps: int = Field(400, ge=1, le=100_000)
+    learning_rate: float = Field(2e-6, gt=0, le=1.0)
+    batch_size: int = Field(1, ge=1, le=64)
+    resolution: int = Field(512, ge=32, le=2048)
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(200, ge=0, le=10_000)
+    train_text_encoder: bool = True
+    use_lora: bool = False
+    lora_rank: int = Field(4, ge=1, le=256)
+    gradient_checkpointing: bool = True
+    use_8bit_adam: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    mask_floor: float = Field(0.01, ge=0, le=1, description="masked DreamBooth background weight")
+    seed: int = 1234
+
+
+class GeneratorSettings(Section):
+    types: list[GeneratorType] = Field(["real_only"], min_length=1)
+    base_model: str = Field("tiny", description="'tiny' (random, from config), a model id "
+                            "(e.g. runwayml/stable-diffusion-v1-5) or a local diffusers directory")
+    dreambooth: DreamBoothSettings = DreamBoothSettings()
+
+    @field_validator("types")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate generator types in {v}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# synthesis
+class CutPasteSettings(Section):
+    backgrounds: str = Field("generated", description="'generated' (base model, background "
+                             "prompts) or a folder of real background photos")
+    scale_range: tuple[float, float] = (0.35, 0.7)
+    rotation_degrees: float = Field(15.0, ge=0, le=180)
+    flip: bool = True
+    edge_blur: float = Field(1.0, ge=0, le=10)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi <= 1.5):
+            raise ValueError(f"need 0 < min <= max <= 1.5, got {list(v)}")
+        return v
+
+
+class FilterSettings(Section):
+    enabled: bool = False
+    scorer: Literal["lpips", "embedding", "dreamsim"] = "lpips"
+    threshold: float = Field(0.6, ge=-1, le=1)
+    max_attempts_per_image: int = Field(10, ge=1, le=10_000)
+
+
+class SynthesisSettings(Section):
+    num_positives: int = Field(450, ge=0, le=100_000)
+    num_negatives_per_category: int = Field(450, ge=0, le=100_000)
+    cfg: list[float] = Field([5.0], min_length=1)
+    caption_sources: list[Literal["template", "captions"]] = Field(["template"], min_length=1)
+    captions_file: str | None = None
+    inference_steps: int = Field(50, ge=1, le=1000)
+    scheduler: Literal["pndm", "ddim", "dpm", "euler"] = "pndm"
+    resolution: int = Field(512, ge=32, le=2048)
+    batch_size: int = Field(8, ge=1, le=256)
+    seed: int = 0
+    rows_per_shard: int = Field(64, ge=1, le=100_000)
+    cut_paste: CutPasteSettings = CutPasteSettings()
+    filter: FilterSettings = FilterSettings()
+
+    @field_validator("cfg")
+    @classmethod
+    def _cfg(cls, v: list[float]) -> list[float]:
+        for g in v:
+            if not (0.0 <= g <= 30.0):
+                raise ValueError(f"guidance scale {g} out of range: allowed 0 <= cfg <= 30 "
+                                 "(the paper uses 4, 5, 7.5)")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# personalisation
+class BackboneSettings(Section):
+    name: str = Field(..., description="timm model name, e.g. vit_base_patch14_dinov2")
+    weights: str = Field("offline", description="'offline' (packaged EfficientNet-Lite0), "
+                         "'tiny' (random), 'none' (timm init), a hub model id, or a local dir/file")
+    image_size: int = Field(224, ge=16, le=2048)
+
+
+class LoraSettings(Section):
+    rank: int = Field(16, ge=1, le=512)
+    alpha: float = Field(0.5, gt=0)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None = qkv for ViTs, the last "
+                                             "blocks' pointwise convs for CNNs")
+
+
+class PersonalizationSettings(Section):
+    backbones: list[BackboneSettings] = Field(
+        [BackboneSettings(name="tf_efficientnet_lite0", weights="offline")], min_length=1)
+    feature: GlobalFeature = "cls+mean"
+    lora: LoraSettings = LoraSettings()
+    learning_rate: float = Field(3e-4, gt=0, le=1.0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, ge=1, le=4096)
+    epochs: int = Field(2, ge=1, le=1000)
+    num_triplets: int = Field(4500, ge=1)
+    num_positives: int = Field(450, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (None = epochs)")
+    temperature: float = Field(0.07, gt=0, le=10)
+    loss: Literal["infonce", "infonce_symmetric"] = "infonce"
+    negatives: Literal["generated", "external", "in_pool"] = Field(
+        "generated", description="'in_pool' draws from evaluated instances: leaks (REFERENCE.md)")
+    external_negatives: str | None = None
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = 1234
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation, tracking, resources, storage
+class EvaluationSettings(Section):
+    tasks: list[Task] = Field(["classification", "retrieval", "detection", "segmentation"],
+                              min_length=1)
+    global_feature: GlobalFeature = "cls"
+    dense_input_size: int = Field(896, ge=32, le=4096)
+    batch_size: int = Field(32, ge=1, le=4096)
+    evaluate_pretrained: bool = True
+
+
+class TrackingSettings(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="None = sqlite:///<storage root>/mlflow.db or "
+                            "$MLFLOW_TRACKING_URI")
+    experiment: str = "persrep"
+    required: bool = False
+
+
+class ResourcesSettings(Section):
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    cpus_per_actor: float = Field(0.5, gt=0, le=64)
+    cpus_per_trial: float = Field(1.0, gt=0, le=64)
+    gpus_per_trial: float = Field(1.0, ge=0, le=8)
+    max_retries: int = Field(2, ge=0, le=20)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class StorageSettings(Section):
+    root: str = Field("runs/local", description="local path or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(None, description="None = $AWS_ENDPOINT_URL or AWS default")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        from persrep.storage import validate_root_uri
+
+        validate_root_uri(v)
+        return v
+
+
+class Settings(Section):
+    name: str = "custom"
+    data: DataSettings = DataSettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    synthesis: SynthesisSettings = SynthesisSettings()
+    personalization: PersonalizationSettings = PersonalizationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    resources: ResourcesSettings = ResourcesSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Settings":
+        if "captions" in self.synthesis.caption_sources and not self.synthesis.captions_file:
+            raise ValueError("synthesis.caption_sources contains 'captions' but "
+                             "synthesis.captions_file is not set: give a JSON file keyed by "
+                             "category, or use caption_sources=[template]")
+        if self.personalization.negatives == "external" and not self.personalization.external_negatives:
+            raise ValueError("personalization.negatives=external needs "
+                             "personalization.external_negatives (a folder of images)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+def available_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("persrep.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path}: not found")
+        text, origin = path.read_text(), str(path)
+    else:
+        res = resources.files("persrep.configs") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"config {name_or_path!r}: no such named configuration; "
+                              f"choose one of {available_configs()} or give a .yaml path")
+        text, origin = res.read_text(), f"persrep/configs/{name_or_path}.yaml"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data, origin
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value); the value is parsed as YAML (``[4,5]``, ``1e-4``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value, e.g. synthesis.cfg=[4,5]")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key part; expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        bad = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; `persrep config show` lists every key)"
+        shown = json.dumps(bad, default=str) if not isinstance(bad, dict) else "{...}"
+        lines.append(f"settings error ({origin}): {loc or '<root>'} = {shown[:80]}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(config: str = "local", overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Load a named configuration (or a YAML path) and apply ``key.sub=value`` overrides."""
+    data, origin = _read_yaml(config)
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply(data, path, value)
+    if overrides:
+        origin += " + overrides"
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def settings_to_dict(obj: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else dict(obj)
+
+
+def flatten(obj: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as JSON strings): for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in settings_to_dict(obj).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def content_key(*parts: BaseModel | dict[str, Any] | str | int | float | None, length: int = 16) -> str:
+    """A stable key for a settings subset plus input keys: the identity of a unit of work.
+
+    The same parts (by value, in order) always give the same key, across processes and machines;
+    dict key order does not matter. Used as ``<storage_root>/<stage>/<key>/``.
+    """
+    canon = [settings_to_dict(p) if isinstance(p, (BaseModel, dict)) else p for p in parts]
+    blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
