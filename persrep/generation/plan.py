@@ -1,0 +1,165 @@
+"""What to synthesise: data configurations, prompt sources and the row table.
+
+A *data configuration* is one way of making an instance's positives: (generator type, CFG,
+caption source). Types that use no diffusion (``real_only``, ``cut_paste``) ignore CFG and
+captions, so they collapse to one configuration each. Every row carries its own seed
+(``stable_seed`` of its identity), so any image can be regenerated alone.
+
+Negatives come from the *base* (un-personalised) generator with the category prompt and never
+contain the identifier; there is one negatives pool per (category, CFG, caption source), shared
+by every instance of the category and every personalised generator type.
+
+Captions files (reference format): a JSON object whose keys are instance names (the released
+PODS file) or category names (REFERENCE.md), each a list of captions containing ``<new1>``, e.g.
+``"A <new1> mug on a wooden desk"``. For negatives the identifier is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from persrep.config import Settings, content_key
+from persrep.generation.base import IDENTIFIER, SampleRow, stable_seed
+
+DIFFUSION_FREE = ("real_only", "cut_paste")
+NEGATIVE_GENERATOR = "base"
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    generator: str
+    cfg: float | None
+    caption_source: str
+
+    @property
+    def key(self) -> str:
+        return content_key("data-config", asdict(self))
+
+    @property
+    def label(self) -> str:
+        if self.cfg is None:
+            return self.generator
+        return f"{self.generator}/cfg{self.cfg:g}/{self.caption_source}"
+
+
+def data_configs(settings: Settings) -> list[DataConfig]:
+    """Every (generator, cfg, caption source) the settings ask for, diffusion-free ones once."""
+    out: list[DataConfig] = []
+    for gen in settings.generator.types:
+        if gen in DIFFUSION_FREE:
+            out.append(DataConfig(gen, None, "none"))
+            continue
+        for cfg in settings.synthesis.cfg:
+            for src in settings.synthesis.caption_sources:
+                out.append(DataConfig(gen, float(cfg), src))
+    return out
+
+
+def negative_configs(settings: Settings) -> list[tuple[float, str]]:
+    """(cfg, caption source) pools of negatives needed; diffusion-free configs use the first."""
+    pairs = {(float(c.cfg), c.caption_source) for c in data_configs(settings) if c.cfg is not None}
+    if not pairs:
+        pairs = {(float(settings.synthesis.cfg[0]), settings.synthesis.caption_sources[0])}
+    return sorted(pairs)
+
+
+def load_captions(path: str | Path) -> dict[str, list[str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"synthesis.captions_file {p}: not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"synthesis.captions_file {p}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise PlanError(f"synthesis.captions_file {p}: expected a non-empty object "
+                        "{instance or category: [captions with <new1>]}")
+    for key, caps in data.items():
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+            raise PlanError(f"synthesis.captions_file {p}: entry {key!r} must be a non-empty list of strings")
+        missing = [c for c in caps if IDENTIFIER not in c]
+        if missing:
+            raise PlanError(f"synthesis.captions_file {p}: entry {key!r} has captions without the "
+                            f"identifier {IDENTIFIER}, e.g. {missing[0]!r}: add it where the object is named")
+    return data
+
+
+def strip_identifier(prompt: str) -> str:
+    """``A <new1> mug on a desk`` -> ``A mug on a desk`` (the negative's prompt)."""
+    return re.sub(r"\s+", " ", prompt.replace(IDENTIFIER, "")).strip()
+
+
+def captions_for(captions: dict[str, list[str]], instance: str, category: str) -> list[str]:
+    caps = captions.get(instance) or captions.get(category)
+    if not caps:
+        raise PlanError(f"captions file has no entry for instance {instance!r} or category "
+                        f"{category!r}: add one, or use synthesis.caption_sources=[template]")
+    return caps
+
+
+def positive_prompt(settings: Settings, cfg: DataConfig, instance: str, category: str, i: int,
+                    captions: dict[str, list[str]] | None) -> str:
+    if cfg.caption_source == "captions":
+        caps = captions_for(captions or {}, instance, category)
+        return caps[i % len(caps)]
+    return settings.generator.dreambooth.instance_prompt.format(category=category)
+
+
+def negative_prompt(settings: Settings, caption_source: str, category: str, i: int,
+                    captions: dict[str, list[str]] | None, instances: list[str]) -> str:
+    if caption_source == "captions":
+        # any instance of the category has captions describing scenes for it
+        pools = [c for n in instances for c in (captions or {}).get(n, [])] or \
+            (captions or {}).get(category, [])
+        if not pools:
+            raise PlanError(f"captions file has no entry for category {category!r} or its instances")
+        return strip_identifier(pools[i % len(pools)])
+    prompt = settings.generator.dreambooth.class_prompt.format(category=category)
+    return strip_identifier(prompt)
+
+
+def build_rows(settings: Settings, instances: dict[str, str]) -> dict[str, list[SampleRow]]:
+    """The row table, grouped by unit: ``{"pos:<config key>:<instance>" | "neg:<cfg>:<src>:<category>": rows}``.
+
+    ``instances`` maps instance name -> category. Grouping rows by (generator, instance) lets
+    an actor load each personalised generator once per group, not once per batch.
+    """
+    syn = settings.synthesis
+    captions = load_captions(syn.captions_file) if "captions" in syn.caption_sources else None
+    groups: dict[str, list[SampleRow]] = {}
+    for cfg in data_configs(settings):
+        for name in sorted(instances):
+            cat = instances[name]
+            rows = []
+            for i in range(syn.num_positives):
+                prompt = positive_prompt(settings, cfg, name, cat, i, captions)
+                seed = stable_seed("pos", cfg.key, name, syn.seed, i)
+                rows.append(SampleRow(name, "positive", cfg.generator, prompt,
+                                      cfg.cfg if cfg.cfg is not None else 0.0, seed,
+                                      cfg.caption_source, i))
+            groups[f"pos:{cfg.key}:{name}"] = rows
+    by_cat: dict[str, list[str]] = {}
+    for name, cat in instances.items():
+        by_cat.setdefault(cat, []).append(name)
+    for gcfg, src in negative_configs(settings):
+        for cat in sorted(by_cat):
+            rows = []
+            for i in range(syn.num_negatives_per_category):
+                prompt = negative_prompt(settings, src, cat, i, captions, sorted(by_cat[cat]))
+                seed = stable_seed("neg", cat, gcfg, src, syn.seed, i)
+                rows.append(SampleRow(f"{cat}_negatives", "negative", NEGATIVE_GENERATOR, prompt,
+                                      gcfg, seed, src, i))
+            groups[f"neg:{gcfg:g}:{src}:{cat}"] = rows
+    return groups
+
+
+def row_to_dict(row: SampleRow) -> dict[str, Any]:
+    return asdict(row)
