@@ -1,0 +1,198 @@
+"""``train_one_instance``: LoRA + InfoNCE personalisation of one backbone for one instance.
+
+Plain PyTorch: no Ray here (the Tune stage in ``persrep.distributed`` calls this function).
+
+Determinism and resume: the triplets are a pure function of the seed; batch order per epoch is
+a seeded permutation; before each step the global torch RNG is re-seeded from (seed, step), so
+augmentation and LoRA dropout depend only on the step number. A run resumed from its last
+checkpoint therefore ends with exactly the weights of an uninterrupted run (CPU). Checkpoints
+hold only tensors and plain values and are read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from persrep.config import BackboneSettings, PersonalizationSettings, content_key
+from persrep.contrastive.losses import build_loss
+from persrep.contrastive.triplets import sample_triplets
+from persrep.generation.base import stable_seed
+from persrep.models.backbones import build_backbone, train_transform
+from persrep.models.lora import apply_lora, lora_parameters, lora_state_dict, save_adapter
+
+ImageLike = Image.Image | bytes
+CHECKPOINT = "checkpoint.pt"
+ADAPTER = "adapter.safetensors"
+
+
+@dataclass
+class TrainingData:
+    """An instance's training images: real anchors, positives (synthetic or real), negatives."""
+
+    instance: str
+    anchors: list[ImageLike]
+    positives: list[ImageLike]
+    negatives: list[ImageLike]
+    positives_source: str = "synthetic"  # synthetic | real (real-only)
+    negatives_source: str = "generated"  # generated | external | in_pool
+
+    def key(self) -> str:
+        """Identity of the data, by content (the pipeline passes shard keys instead when it has them)."""
+        fp = [_fingerprint(x) for x in (*self.anchors, *self.positives, *self.negatives)]
+        return content_key(self.instance, len(self.anchors), len(self.positives), fp)
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    seconds: float
+    resumed_from: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _fingerprint(x: ImageLike) -> str:
+    data = x if isinstance(x, bytes) else x.tobytes()
+    return content_key(len(data), data[:4096].hex(), data[-4096:].hex(), length=12)
+
+
+def _to_pil(x: ImageLike) -> Image.Image:
+    if isinstance(x, Image.Image):
+        return x
+    return Image.open(io.BytesIO(x)).convert("RGB")
+
+
+def total_steps(pz: PersonalizationSettings) -> int:
+    per_epoch = math.ceil(pz.num_triplets / pz.batch_size)
+    steps = per_epoch * pz.epochs
+    return min(steps, pz.max_steps) if pz.max_steps else steps
+
+
+def batch_indices(pz: PersonalizationSettings, step: int) -> np.ndarray:
+    """Triplet indices of optimiser step ``step`` (0-based): a seeded permutation per epoch."""
+    per_epoch = math.ceil(pz.num_triplets / pz.batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    order = np.random.default_rng([pz.seed, epoch, 0xBA7C]).permutation(pz.num_triplets)
+    return order[pos * pz.batch_size:(pos + 1) * pz.batch_size]
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    # from torch, never from Ray: fake GPUs in tests set CUDA_VISIBLE_DEVICES without a device
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneSettings,
+                       data: TrainingData, work_dir: str | Path, *,
+                       progress: Callable[[dict[str, Any]], None] | None = None,
+                       device: str | torch.device | None = None,
+                       stop_after: int | None = None) -> TrainResult:
+    """Personalise ``backbone_settings`` on ``data``; write the adapter under ``work_dir``.
+
+    ``stop_after`` ends the run early after that many steps *of this call* (tests use it to
+    simulate a crash; the checkpoint written at that point lets a re-run resume).
+    """
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    run_key = content_key(pz, backbone_settings, data.key())
+    torch.manual_seed(pz.seed)
+    backbone = apply_lora(build_backbone(backbone_settings), pz.lora).to(dev)
+    params = lora_parameters(backbone)
+    optim = torch.optim.Adam(params, lr=pz.learning_rate, betas=tuple(pz.betas),
+                             weight_decay=pz.weight_decay)
+    loss_fn = build_loss(pz.loss, pz.temperature)
+    augment = train_transform(backbone_settings)
+    triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
+                               list(range(len(data.negatives))), pz.num_triplets,
+                               pz.num_positives, pz.seed)
+    anchors = [_to_pil(x) for x in data.anchors]
+    positives = [_to_pil(x) for x in data.positives] if data.positives else anchors
+    negatives = [_to_pil(x) for x in data.negatives]
+    n_steps = total_steps(pz)
+
+    start, history = 0, {"loss": [], "accuracy": []}
+    ckpt_path = work / CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        if state.get("run_key") == run_key:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(backbone.model, state["lora"])
+            optim.load_state_dict(state["optim"])
+            start, history = int(state["step"]), state["history"]
+    use_amp = dev.type == "cuda"
+    backbone.train()
+    t0 = time.perf_counter()
+    for step in range(start, n_steps):
+        if stop_after is not None and step - start >= stop_after:
+            break
+        torch.manual_seed(stable_seed("train-step", pz.seed, step))
+        idx = batch_indices(pz, step)
+        a = torch.stack([augment(anchors[triplets[i][0]]) for i in idx])
+        p = torch.stack([augment(positives[triplets[i][1]]) for i in idx])
+        n = torch.stack([augment(negatives[triplets[i][2]]) for i in idx])
+        x = torch.cat([a, p, n]).to(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            emb = backbone.global_features(x, pz.feature).float()
+        ea, ep, en = emb.split(len(idx))
+        loss = loss_fn(ea, ep, en)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity
+            acc = (cos(ea, ep) > cos(ea, en)).float().mean().item()
+        history["loss"].append(float(loss.item()))
+        history["accuracy"].append(acc)
+        done = step + 1
+        if progress:
+            progress({"instance": data.instance, "step": done, "steps": n_steps,
+                      "loss": float(loss.item()), "triplet_accuracy": acc})
+        if done % pz.checkpoint_every == 0 or done == n_steps:
+            _save_checkpoint(ckpt_path, {"run_key": run_key, "step": done,
+                                         "lora": {k: v.detach().cpu() for k, v in lora_state_dict(backbone).items()},
+                                         "optim": optim.state_dict(), "history": history})
+    finished = len(history["loss"]) >= n_steps
+    seconds = time.perf_counter() - t0
+    adapter = work / ADAPTER
+    if finished:
+        save_adapter(backbone.cpu(), adapter)
+    losses = history["loss"]
+    k = max(1, min(10, len(losses) // 4))
+    metrics = {"final_loss": float(np.mean(losses[-k:])) if losses else float("nan"),
+               "initial_loss": float(np.mean(losses[:k])) if losses else float("nan"),
+               "final_triplet_accuracy": float(np.mean(history["accuracy"][-k:])) if losses else float("nan"),
+               "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
+               "finished": finished, "num_anchors": len(anchors), "num_positives": len(data.positives),
+               "num_negatives": len(negatives), "positives_source": data.positives_source,
+               "negatives_source": data.negatives_source, "loss_history": losses}
+    return TrainResult(adapter if finished else work / "unfinished", len(losses), seconds, start, metrics)
+
+
+def personalised_backbone(backbone_settings: BackboneSettings, adapter_path: str | Path) -> Any:
+    """A fresh base with the adapter loaded (eval mode): what evaluation embeds with."""
+    from persrep.models.lora import load_adapter
+
+    return load_adapter(build_backbone(backbone_settings), adapter_path)
+
