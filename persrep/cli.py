@@ -92,6 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, args.overrides)
     summary = run_pipeline(settings, progress=_progress)
+    print(summary.table)
+    print(f"results: {summary.run_uri}")
     return summary.exit_code
 
 

@@ -1,0 +1,66 @@
+"""Run a stage's units as Ray tasks: per-unit resources, bounded retries, progress, outcomes.
+
+Retries are driven from here (not by Ray's own ``max_retries``), so every retry, whether the
+unit raised or its worker died (node lost, OOM, killed), is counted and reported. A unit's
+function is idempotent (it skips a published unit and publishes atomically), so running it
+again after a crash is always safe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from persrep.distributed.session import cluster_gpus
+from persrep.pipeline.executor import Outcome, Resources, short_error
+
+
+@ray.remote
+def _run_unit(fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, unit: Any) -> dict[str, Any]:
+    return fn(ctx, unit)
+
+
+class RayExecutor:
+    def __init__(self, max_retries: int = 2, progress: Callable[[str], None] | None = None,
+                 cpus_when_no_gpu: float | None = None):
+        self.max_retries = max_retries
+        self.progress = progress or (lambda _m: None)
+        self.cpus_when_no_gpu = cpus_when_no_gpu
+
+    def _options(self, resources: Resources) -> dict[str, Any]:
+        if resources.gpus > 0 and cluster_gpus() > 0:
+            return {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
+        return {"num_cpus": self.cpus_when_no_gpu or resources.cpus, "num_gpus": 0}
+
+    def map(self, fn, ctx, units, labels, resources, stage) -> list[Outcome]:
+        if not units:
+            return []
+        opts = {**self._options(resources), "max_retries": 0, "name": f"persrep:{stage}"}
+        task = _run_unit.options(**opts)
+        ctx_ref = ray.put(ctx)
+        started = {i: time.perf_counter() for i in range(len(units))}
+        attempts = {i: 1 for i in range(len(units))}
+        pending = {task.remote(fn, ctx_ref, units[i]): i for i in range(len(units))}
+        outcomes: dict[int, Outcome] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            i = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+                outcomes[i] = Outcome(labels[i], value.get("status", "done"), value, None, attempts[i],
+                                      time.perf_counter() - started[i])
+            except Exception as exc:  # noqa: BLE001 - task error or lost worker: retry, then report
+                cause = getattr(exc, "cause", None) or exc
+                if attempts[i] <= self.max_retries:
+                    attempts[i] += 1
+                    self.progress(f"{stage}: retrying {labels[i]} (attempt {attempts[i]}): {short_error(cause)}")
+                    pending[task.remote(fn, ctx_ref, units[i])] = i
+                    continue
+                outcomes[i] = Outcome(labels[i], "failed", {}, short_error(cause), attempts[i],
+                                      time.perf_counter() - started[i])
+            self.progress(f"{stage}: {len(outcomes)}/{len(units)} {labels[i]} -> {outcomes[i].status}")
+        return [outcomes[i] for i in range(len(units))]

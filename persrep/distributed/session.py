@@ -1,0 +1,42 @@
+"""Attach to a running Ray cluster, or start a local one: the one place that calls ``ray.init``.
+
+Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) Ray attaches to that cluster. Otherwise a
+local cluster is started for this process, sized from the settings (default: every core), and
+shut down by :func:`release` when the job ends. Never ``ray stop``: other clusters may share the
+machine.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from persrep.config import ResourcesSettings
+
+
+def ensure_ray(resources: ResourcesSettings | None = None, **init_kwargs: Any) -> bool:
+    """Initialise Ray if needed. Returns True when this call started a local cluster."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **init_kwargs)
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if resources is not None and resources.num_cpus:
+        kwargs["num_cpus"] = resources.num_cpus
+    if resources is not None and resources.num_gpus is not None:
+        kwargs["num_gpus"] = resources.num_gpus
+    kwargs.update(init_kwargs)
+    ray.init(**kwargs)
+    return True
+
+
+def release(started: bool) -> None:
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))

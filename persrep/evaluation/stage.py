@@ -1,0 +1,163 @@
+"""Evaluate a backbone (pretrained, or one adapter per instance) on a data set: tidy rows.
+
+Joins the data layout, the model registry and the suite. The pools follow REFERENCE.md:
+
+- global pool: the test images of *every* instance of the data set (not only the evaluated
+  ones); retrieval gallery: the train images of every instance;
+- dense pool: ``test_dense`` where the data set has it, else the test images (documented
+  deviation for data sets without a dense split), masks required.
+
+A pretrained backbone embeds each pool once (cached by key) for all instances; a personalised
+backbone is instance-specific, so each adapter embeds the pools for its own instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from persrep.config import BackboneSettings, EvaluationSettings, content_key
+from persrep.data.layout import InstanceDataset
+from persrep.evaluation.cache import EmbeddingCache, StreamedDenseFeatures, image_list_key
+from persrep.evaluation.features import WithGlobalFeature
+from persrep.evaluation.suite import (GlobalPool, dense_train_sets, embed_global_pool,
+                                      evaluate_instance)
+from persrep.evaluation.dense_task import DensePool
+from persrep.models.backbones import build_backbone, eval_transform
+from persrep.models.lora import load_adapter
+
+
+class LazyImages(Sequence):
+    """Images of a data set, read and transformed on access (the cache batches them)."""
+
+    def __init__(self, ds: InstanceDataset, rels: list[str], transform: Callable):
+        self.ds, self.rels, self.transform = ds, rels, transform
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self.transform(self.ds.read_image(self.rels[i]))
+
+
+@dataclass
+class Pools:
+    """Which images make up each pool, with labels (index into ``names``), scenes and masks."""
+
+    names: list[str]
+    categories: list[str]
+    test: list[str]
+    test_labels: np.ndarray
+    test_scenes: np.ndarray | None
+    train: list[str]
+    train_labels: np.ndarray
+    dense: list[str]
+    dense_labels: np.ndarray
+    dense_split: str
+
+    @classmethod
+    def of(cls, ds: InstanceDataset) -> "Pools":
+        names = ds.names
+        idx = {n: i for i, n in enumerate(names)}
+        test = ds.test_pool("test")
+        train = [(n, p) for n in names for p in ds.instances[n].train]
+        dense_split = "test_dense" if any(ds.instances[n].test_dense for n in names) else "test"
+        dense = ds.test_pool(dense_split)
+        scenes = None
+        if ds.scenes:
+            scenes = np.asarray([ds.scene_of(p) or "unknown" for _, p in test])
+        return cls(names, [ds.instances[n].category for n in names],
+                   [p for _, p in test], np.asarray([idx[n] for n, _ in test]), scenes,
+                   [p for _, p in train], np.asarray([idx[n] for n, _ in train]),
+                   [p for _, p in dense], np.asarray([idx[n] for n, _ in dense]), dense_split)
+
+
+class Evaluator:
+    """Evaluates backbones on one data set; pools are embedded through one shared cache."""
+
+    def __init__(self, ds: InstanceDataset, ev: EvaluationSettings, cache_dir: str | Path | None = None,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.ds, self.ev = ds, ev
+        self.pools = Pools.of(ds)
+        self.cache = EmbeddingCache(cache_dir, batch_size=ev.batch_size, progress=progress)
+        self.dense_tasks = [t for t in ev.tasks if t in ("detection", "segmentation")]
+        self._dense_masks: list[np.ndarray | None] | None = None
+        self._train_masks: list[np.ndarray | None] | None = None
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _dense_gt(self) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+        if self._dense_masks is None:
+            self._dense_masks = [self.ds.read_mask(p) for p in self.pools.dense]
+            self._train_masks = [self.ds.read_mask(p) for p in self.pools.train]
+        return self._dense_masks, self._train_masks  # type: ignore[return-value]
+
+    def _image_sizes(self, rels: list[str]) -> np.ndarray:
+        return np.asarray([self.ds.read_image(p).size[::-1] for p in rels])
+
+    def _global_pool(self, extractor: Any, key: str, bs: BackboneSettings) -> GlobalPool:
+        tf = eval_transform(bs)
+        p = self.pools
+        return embed_global_pool(
+            self.cache, extractor, key,
+            LazyImages(self.ds, p.test, tf), p.test_labels, image_list_key([self.ds.listing_key, *p.test]),
+            LazyImages(self.ds, p.train, tf), p.train_labels, image_list_key([self.ds.listing_key, *p.train]),
+            p.test_scenes)
+
+    def _dense_inputs(self, extractor: Any, key: str, bs: BackboneSettings, shared: bool):
+        if not self.dense_tasks:
+            return None, None
+        masks, train_masks = self._dense_gt()
+        if not any(m is not None for m in masks):
+            return None, None  # the suite records "skipped: no dense pool" with its reason
+        tf = eval_transform(bs, size=self.ev.dense_input_size, center_crop=False)
+        p = self.pools
+        dense_imgs = LazyImages(self.ds, p.dense, tf)
+        train_imgs = LazyImages(self.ds, p.train, tf)
+        if shared:  # pretrained: cache the dense pool once for every instance
+            feats = self.cache.dense_features(extractor, key, dense_imgs,
+                                              image_list_key([self.ds.listing_key, "dense", *p.dense]))
+            train_feats = self.cache.dense_features(extractor, key, train_imgs,
+                                                    image_list_key([self.ds.listing_key, "dense", *p.train]))
+        else:  # per adapter: stream, never keep a full pool per instance
+            feats = StreamedDenseFeatures(extractor, dense_imgs, self.ev.batch_size)
+            train_feats = StreamedDenseFeatures(extractor, train_imgs, self.ev.batch_size)
+        pool = DensePool(feats, p.dense_labels, self._image_sizes(p.dense), masks)
+        return pool, dense_train_sets(train_feats, p.train_labels, train_masks)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate_pretrained(self, bs: BackboneSettings, instances: list[str],
+                            keys: dict[str, Any]) -> list[dict[str, Any]]:
+        backbone = build_backbone(bs).eval()
+        extractor = WithGlobalFeature(backbone, self.ev.global_feature)
+        key = content_key("pretrained", bs, self.ev.global_feature)
+        gpool = self._global_pool(extractor, key, bs)
+        dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=True)
+        return self._rows(instances, gpool, dpool, dtrain, {**keys, "model": "pretrained"})
+
+    def evaluate_adapter(self, bs: BackboneSettings, instance: str, adapter_path: str | Path,
+                         keys: dict[str, Any]) -> list[dict[str, Any]]:
+        backbone = load_adapter(build_backbone(bs), adapter_path).eval()
+        extractor = WithGlobalFeature(backbone, self.ev.global_feature)
+        key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)))
+        gpool = self._global_pool(extractor, key, bs)
+        dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
+        rows = self._rows([instance], gpool, dpool, dtrain, {**keys, "model": "personalised"})
+        self.cache.forget(key)  # an adapter's pool embeddings are never reused
+        return rows
+
+    def _rows(self, instances, gpool, dpool, dtrain, keys) -> list[dict[str, Any]]:
+        p = self.pools
+        rows: list[dict[str, Any]] = []
+        for name in instances:
+            i = p.names.index(name)
+            rows += evaluate_instance(i, name, p.categories[i], global_pool=gpool,
+                                      dense_pool=dpool, dense_train=dtrain(i) if dtrain else None,
+                                      tasks=self.ev.tasks,
+                                      keys={**keys, "global_feature": self.ev.global_feature,
+                                            "dense_split": p.dense_split})
+        return rows

@@ -1,0 +1,146 @@
+"""Everything a run needs before compute: storage, the data set, instances, model sources.
+
+``prepare_run`` fails in seconds, not after an hour: settings are already validated; here the
+storage root is probed, the data set is materialised (toy world, PODS parquet) and checked, the
+backbones' and the diffusion model's weights are located. The resulting :class:`RunContext` is
+small and picklable: executors ship it to workers, which reopen the data set from its path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persrep.config import Settings, content_key
+from persrep.data.check import check_dataset
+from persrep.data.layout import DatasetError, InstanceDataset, open_dataset, select_instances
+from persrep.storage import Storage
+
+Progress = Callable[[str], None]
+DEEP_CHECK_LIMIT = 5000  # decode every image below this many; headers only above (PODS: 12k)
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    storage: Storage
+    data_path: str
+    instances: dict[str, str]  # evaluated/personalised instance -> category
+    dataset_key: str
+    run_id: str
+    notes: list[str] = field(default_factory=list)
+    _ds: InstanceDataset | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_ds"] = None  # workers reopen it (cheap listing) instead of pickling a cache
+        return state
+
+    @property
+    def dataset(self) -> InstanceDataset:
+        if self._ds is None:
+            self._ds = open_dataset(self.data_path, self.settings.storage.s3_endpoint)
+        return self._ds
+
+    def resolve_data_path(self, value: str) -> str:
+        """``@data/x`` -> ``<data set root>/x``; relative local paths made absolute for workers."""
+        if value.startswith("@data/"):
+            return f"{self.data_path.rstrip('/')}/{value[len('@data/'):]}"
+        if "://" in value:
+            return value
+        return str(Path(value).expanduser().absolute())
+
+
+def _toy_dataset(settings: Settings, storage: Storage, progress: Progress | None) -> str:
+    from persrep.data.toy import write_toy_from_settings
+
+    key = content_key("toy", settings.data.toy)
+    if storage.is_s3:
+        # build locally, then upload; the unit's manifest makes the upload atomic for readers
+        local = Path.home() / ".cache" / "persrep" / f"toy-{key}"
+        write_toy_from_settings(local, settings.data.toy, progress=progress)
+        stage = "datasets"
+        if not storage.is_finished(stage, f"toy-{key}"):
+            with storage.unit_writer(stage, f"toy-{key}", {"kind": "toy"}) as w:
+                for f in sorted(local.rglob("*")):
+                    if f.is_file():
+                        w.write(str(f.relative_to(local)), f.read_bytes())
+        return storage.uri(stage, f"toy-{key}")
+    dest = Path(storage.path("datasets", f"toy-{key}"))
+    write_toy_from_settings(dest, settings.data.toy, progress=progress)
+    return str(dest)
+
+
+def materialise_data(settings: Settings, storage: Storage, progress: Progress | None = None) -> str:
+    """The data set's path in the reference layout (generating or converting it if needed)."""
+    path = settings.data.path
+    if path == "toy":
+        return _toy_dataset(settings, storage, progress)
+    if "://" not in path:
+        from persrep.data.pods import is_pods_export, materialize_pods
+
+        local = Path(path).expanduser().absolute()
+        if not local.exists():
+            raise DatasetError(f"data.path {path}: not found (give a directory in the reference "
+                               "layout, a PODS parquet export, an s3:// URI, or 'toy')")
+        if is_pods_export(local):
+            if storage.is_s3:
+                raise DatasetError("data.path is a PODS parquet export but storage.root is s3://: "
+                                   "run `persrep data pods SRC DEST` once and point data.path at DEST")
+            dest = Path(storage.path("datasets", f"pods-{content_key(str(local))}"))
+            return str(materialize_pods(local, dest, progress=progress))
+        return str(local)
+    return path
+
+
+def preflight_models(settings: Settings) -> list[str]:
+    """Locate every model's weights now (one clear line each when missing). Returns notes."""
+    from persrep.models.backbones import backbone_identity
+
+    notes = []
+    for bs in settings.personalization.backbones:
+        ident = backbone_identity(bs)  # raises WeightsUnavailableError with the fix
+        notes.append(f"backbone {bs.name}: weights {ident.get('weights_source')}")
+    diffusion_needed = (any(t in ("dreambooth", "masked_dreambooth") for t in settings.generator.types)
+                        or settings.personalization.negatives == "generated"
+                        or settings.synthesis.cut_paste.backgrounds == "generated"
+                        and "cut_paste" in settings.generator.types)
+    if diffusion_needed:
+        from persrep.models.diffusion import component_identity
+
+        component_identity(settings.generator.base_model)  # raises ModelUnavailableError
+        notes.append(f"diffusion base model: {settings.generator.base_model}")
+    return notes
+
+
+def prepare_run(settings: Settings, progress: Progress | None = None, run_id: str | None = None) -> RunContext:
+    say = progress or (lambda _m: None)
+    storage = Storage.from_settings(settings.storage)
+    storage.check_writable()
+    notes = preflight_models(settings)
+    t0 = time.perf_counter()
+    data_path = materialise_data(settings, storage, progress)
+    ds = open_dataset(data_path, settings.storage.s3_endpoint)
+    n_images = sum(len(v) for i in ds.instances.values() for v in i.images.values())
+    dense = any(t in ("detection", "segmentation") for t in settings.evaluation.tasks)
+    report = check_dataset(ds, deep=n_images <= DEEP_CHECK_LIMIT, dense_tasks=dense)
+    report.raise_on_errors()
+    for f in report.of("warning")[:10]:
+        notes.append(f"data warning: {f.line()}")
+    names = select_instances(ds, settings.data.instances, settings.data.split, settings.data.max_instances)
+    needs_masks = [t for t in settings.generator.types if t in ("cut_paste", "masked_dreambooth")]
+    if needs_masks and not ds.has_masks("train"):
+        raise DatasetError(f"generator types {needs_masks} need train masks, but {data_path} has none: "
+                           "add train_masks/ (see `persrep data import --masks`) or use "
+                           "generator.types=[real_only, dreambooth]")
+    say(f"data: {data_path} ({len(ds.instances)} instances, {n_images} images, "
+        f"{len(names)} selected; checked in {time.perf_counter() - t0:.1f} s)")
+    ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},
+                     ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, ds)
+    if settings.personalization.negatives == "in_pool":
+        ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
+                         "instances; classification gains are inflated by leakage (REFERENCE.md)")
+    return ctx

@@ -1,0 +1,68 @@
+"""Executors run a stage's units and report an outcome for each: done, skipped or failed.
+
+:class:`LocalExecutor` runs units one after another in this process (tests, debugging, a
+laptop without Ray). ``persrep.distributed.ray_executor.RayExecutor`` runs the same functions
+as Ray tasks with resources and retries. Both retry a failing unit ``max_retries`` times and
+never stop the stage for one failure: the summary says what failed and why.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class Outcome:
+    label: str
+    status: str  # done | skipped | failed
+    value: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    attempts: int = 1
+    seconds: float = 0.0
+
+
+@dataclass
+class Resources:
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+class Executor(Protocol):
+    def map(self, fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, units: Sequence[Any],
+            labels: Sequence[str], resources: Resources, stage: str) -> list[Outcome]: ...
+
+
+def short_error(exc: BaseException) -> str:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {line}"[:300]
+
+
+class LocalExecutor:
+    def __init__(self, max_retries: int = 0, progress: Callable[[str], None] | None = None,
+                 verbose_errors: bool = False):
+        self.max_retries = max_retries
+        self.progress = progress or (lambda _m: None)
+        self.verbose_errors = verbose_errors
+
+    def map(self, fn, ctx, units, labels, resources, stage):
+        outcomes = []
+        for i, (unit, label) in enumerate(zip(units, labels)):
+            t0 = time.perf_counter()
+            for attempt in range(1, self.max_retries + 2):
+                try:
+                    value = fn(ctx, unit)
+                    outcomes.append(Outcome(label, value.get("status", "done"), value, None, attempt,
+                                            time.perf_counter() - t0))
+                    break
+                except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
+                    if self.verbose_errors:
+                        traceback.print_exc()
+                    if attempt > self.max_retries:
+                        outcomes.append(Outcome(label, "failed", {}, short_error(exc), attempt,
+                                                time.perf_counter() - t0))
+            self.progress(f"{stage}: {i + 1}/{len(units)} {label} -> {outcomes[-1].status}")
+        return outcomes

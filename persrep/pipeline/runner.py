@@ -1,0 +1,185 @@
+"""The whole job: generator prep -> synthesis -> personalisation -> evaluation -> summary.
+
+Stages run through an executor (in-process, or Ray tasks); every unit is keyed and skipped when
+already published, so a re-run after a crash redoes only what is missing. The run's results
+land at ``<root>/runs/<run_id>/`` (results.parquet, summary.json, summary.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from persrep.config import Settings, content_key, settings_to_dict
+from persrep.generation.base import generator_class
+from persrep.generation.plan import DataConfig, build_rows, data_configs
+from persrep.pipeline.context import RunContext, prepare_run
+from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
+from persrep.pipeline.summary import format_summary, headline_table
+from persrep.pipeline.work import (PersonalizeUnit, SynthesisUnit, generator_key, personalize_key,
+                                   read_rows, run_evaluation_unit, run_generator_unit,
+                                   run_personalize_unit, run_synthesis_unit, synthesis_key)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run_uri: str = ""
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    table: str = ""
+
+    def record(self, stage: str, outcomes: list[Outcome], seconds: float) -> None:
+        counts = {"done": 0, "skipped": 0, "failed": 0, "retried": 0}
+        for o in outcomes:
+            counts[o.status] = counts.get(o.status, 0) + 1
+            counts["retried"] += o.attempts > 1
+            if o.status == "failed":
+                self.failures.append({"stage": stage, "unit": o.label, "error": o.error, "attempts": o.attempts})
+        self.stages[stage] = counts
+        self.timings[stage] = round(seconds, 2)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+
+def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, labels,
+           resources: Resources, say: Progress) -> list[Outcome]:
+    t0 = time.perf_counter()
+    say(f"stage {name}: {len(units)} units")
+    outcomes = executor.map(fn, ctx, units, labels, resources, name) if units else []
+    summary.record(name, outcomes, time.perf_counter() - t0)
+    c = summary.stages[name]
+    say(f"stage {name}: {c['done']} done, {c['skipped']} skipped (finished earlier), "
+        f"{c['failed']} failed in {summary.timings[name]:.1f} s")
+    return outcomes
+
+
+def run_pipeline(settings: Settings, progress: Progress | None = None,
+                 executor: Executor | None = None, run_id: str | None = None) -> RunSummary:
+    say = progress or (lambda _m: None)
+    t_start = time.perf_counter()
+    ctx = prepare_run(settings, say, run_id)
+    for note in ctx.notes:
+        say(note)
+    executor = executor or LocalExecutor(settings.resources.max_retries, say)
+    summary = RunSummary(ctx.run_id, notes=list(ctx.notes))
+    res = settings.resources
+    heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
+    instances = sorted(ctx.instances)
+
+    # 1. generator prep: one unit per (instance, trained generator type)
+    trained = [t for t in settings.generator.types if generator_class(t).needs_training]
+    gen_units = [{"generator": t, "instance": n, "key": generator_key(ctx, t, n)}
+                 for t in trained for n in instances]
+    outs = _stage(summary, executor, "generator_prep", run_generator_unit, ctx, gen_units,
+                  [f"{u['generator']}:{u['instance']}" for u in gen_units], heavy, say)
+    ready = {(u["generator"], u["instance"]): u["key"] for u, o in zip(gen_units, outs) if o.status != "failed"}
+
+    # 2. synthesis: one unit per group of rows (a generator loaded once per group)
+    configs = {c.key: c for c in data_configs(settings)}
+    syn_units: list[SynthesisUnit] = []
+    for group, rows in build_rows(settings, ctx.instances).items():
+        kind = group.split(":")[0]
+        if kind == "neg":
+            if settings.personalization.negatives != "generated":
+                continue
+            unit = SynthesisUnit(group, "base", rows[0].instance, rows, None)
+        else:
+            cfg = configs[group.split(":")[1]]
+            name = group.split(":", 2)[2]
+            if cfg.generator == "real_only":
+                continue  # real-only positives are the real photos themselves, augmented in training
+            gkey = ready.get((cfg.generator, name)) if generator_class(cfg.generator).needs_training else None
+            if generator_class(cfg.generator).needs_training and gkey is None:
+                continue  # its generator failed: recorded in generator_prep
+            unit = SynthesisUnit(group, cfg.generator, name, rows, gkey)
+        unit.key = synthesis_key(ctx, group, rows, unit.generator_key,
+                                 {"cut_paste": settings.synthesis.cut_paste} if unit.generator == "cut_paste" else {})
+        syn_units.append(unit)
+    outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
+                  [u.group for u in syn_units], heavy, say)
+    synthesized = {u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"}
+
+    # 3. personalisation: one unit per (instance, data configuration, backbone)
+    pz_units: list[PersonalizeUnit] = []
+    for cfg in configs.values():
+        for name in instances:
+            cat = ctx.instances[name]
+            pos_key = None
+            if cfg.generator != "real_only":
+                pos_key = synthesized.get(f"pos:{cfg.key}:{name}")
+                if pos_key is None:
+                    continue
+            neg_keys = [k for g, k in synthesized.items() if g.startswith("neg:") and g.endswith(f":{cat}")]
+            if settings.personalization.negatives == "generated" and not neg_keys:
+                continue
+            for bs in settings.personalization.backbones:
+                u = PersonalizeUnit(name, cat, cfg, bs, pos_key, sorted(neg_keys))
+                u.key = personalize_key(ctx, u)
+                pz_units.append(u)
+    outs = _stage(summary, executor, "personalization", run_personalize_unit, ctx, pz_units,
+                  [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units], heavy, say)
+    adapters = [u for u, o in zip(pz_units, outs) if o.status != "failed"]
+
+    # 4. evaluation: pretrained once per backbone (all instances), then each adapter
+    ev = settings.evaluation
+    ev_units = []
+    common = {"negatives_source": settings.personalization.negatives}
+    if ev.evaluate_pretrained:
+        for bs in settings.personalization.backbones:
+            ev_units.append({"kind": "pretrained", "backbone": bs, "key": content_key(
+                "eval-pretrained", bs, ev, ctx.dataset_key, instances),
+                "keys": {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
+                         "caption_source": "-", "adapter_key": "-", **common}})
+    for u in adapters:
+        ev_units.append({"kind": "adapter", "backbone": u.backbone, "instance": u.instance,
+                         "adapter_key": u.key, "key": content_key("eval-adapter", u.key, ev, ctx.dataset_key),
+                         "keys": {"backbone": u.backbone.name, "data_config": u.config.label,
+                                  "generator": u.config.generator,
+                                  "cfg": u.config.cfg if u.config.cfg is not None else float("nan"),
+                                  "caption_source": u.config.caption_source, "adapter_key": u.key, **common}})
+    outs = _stage(summary, executor, "evaluation", run_evaluation_unit, ctx, ev_units,
+                  [f"{u['kind']}:{u['backbone'].name}:{u.get('instance', 'all')}" for u in ev_units],
+                  Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial), say)
+
+    # 5. results
+    rows = [r for u, o in zip(ev_units, outs) if o.status != "failed" for r in read_rows(ctx.storage, u["key"])]
+    summary.timings["total"] = round(time.perf_counter() - t_start, 2)
+    _write_results(ctx, summary, rows)
+    for f in summary.failures:
+        say(f"FAILED {f['stage']} {f['unit']} after {f['attempts']} attempt(s): {f['error']}")
+    return summary
+
+
+def _write_results(ctx: RunContext, summary: RunSummary, rows: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+
+    from persrep.evaluation.aggregate import results_frame
+    from persrep.generation.shards import table_bytes
+
+    frame = results_frame(rows)
+    table = headline_table(frame)
+    summary.table = format_summary(table)
+    base = f"runs/{ctx.run_id}"
+    st = ctx.storage
+    st.write_bytes(f"{base}/results.parquet", table_bytes(pa.Table.from_pandas(frame, preserve_index=False)))
+    st.write_bytes(f"{base}/settings.yaml", yaml.safe_dump(settings_to_dict(ctx.settings), sort_keys=False).encode())
+    st.write_bytes(f"{base}/summary.md", summary.table.encode())
+    doc = {"run_id": ctx.run_id, "config": ctx.settings.name, "data": ctx.data_path,
+           "instances": len(ctx.instances), "stages": summary.stages, "failures": summary.failures,
+           "timings": summary.timings, "notes": summary.notes,
+           "leakage_warning": ctx.settings.personalization.negatives == "in_pool",
+           "headline": json.loads(table.to_json(orient="records")) if len(table) else []}
+    st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())
+    summary.run_uri = st.uri(base)

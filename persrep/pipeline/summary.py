@@ -1,0 +1,53 @@
+"""The final summary table: per backbone x data configuration x task, pretrained vs personalised.
+
+Headline metric per task (as in the paper's tables): classification AP (PR-AUC), retrieval NDCG,
+detection and segmentation mAP@[.5:.95]; scene "all"; mean over instances. The pretrained
+baseline is computed once per backbone and compared with each data configuration's adapters
+on the same instances.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+HEADLINE = {"classification": "ap", "retrieval": "ndcg", "detection": "map", "segmentation": "map"}
+COLUMNS = ["backbone", "data_config", "task", "metric", "pretrained", "personalised", "delta",
+           "improved", "n"]
+
+
+def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    ok = frame[(frame["status"] == "ok") & (frame["scene"] == "all")]
+    ok = ok[[HEADLINE.get(t) == m for t, m in zip(ok["task"], ok["metric"])]]
+    pre = ok[ok["model"] == "pretrained"]
+    per = ok[ok["model"] == "personalised"]
+    out = []
+    for (bb, cfg, task), grp in per.groupby(["backbone", "data_config", "task"], sort=True):
+        base = pre[(pre["backbone"] == bb) & (pre["task"] == task) & pre["instance"].isin(grp["instance"])]
+        merged = grp.merge(base[["instance", "value"]], on="instance", suffixes=("", "_pre"))
+        if merged.empty:
+            continue
+        out.append({"backbone": bb, "data_config": cfg, "task": task, "metric": HEADLINE[task],
+                    "pretrained": merged["value_pre"].mean(), "personalised": merged["value"].mean(),
+                    "delta": (merged["value"] - merged["value_pre"]).mean(),
+                    "improved": int((merged["value"] > merged["value_pre"]).sum()), "n": len(merged)})
+    if not out and not pre.empty:  # pretrained only (e.g. every adapter failed)
+        for (bb, task), grp in pre.groupby(["backbone", "task"]):
+            out.append({"backbone": bb, "data_config": "-", "task": task, "metric": HEADLINE[task],
+                        "pretrained": grp["value"].mean(), "personalised": float("nan"),
+                        "delta": float("nan"), "improved": 0, "n": len(grp)})
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "no results"
+    head = (f"{'backbone':24s} {'data config':28s} {'task':14s} {'metric':6s} "
+            f"{'pretrained':>10s} {'personal.':>10s} {'delta':>8s} {'improved':>9s}")
+    lines = [head, "-" * len(head)]
+    for r in table.itertuples():
+        lines.append(f"{r.backbone[:24]:24s} {r.data_config[:28]:28s} {r.task:14s} {r.metric:6s} "
+                     f"{100 * r.pretrained:10.1f} {100 * r.personalised:10.1f} {100 * r.delta:+8.1f} "
+                     f"{r.improved:>4d}/{r.n:<4d}")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""One unit of work per function: generator prep, synthesis, personalisation, evaluation.
+
+Each function takes the :class:`RunContext` and a small unit description, skips a unit that is
+already published, and otherwise computes it and publishes it atomically to the storage root.
+They run the same in-process, in a Ray task or in a Tune trial: no Ray here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from persrep.config import BackboneSettings, content_key
+from persrep.data.layout import is_image_name
+from persrep.generation.base import (GeneratorArtifact, InstanceData, SampleRow, generator_class,
+                                     get_generator, instance_data_key)
+from persrep.generation.plan import DataConfig
+from persrep.generation.shards import publish_unit, read_unit, record
+from persrep.generation import shards
+from persrep.pipeline.context import RunContext
+from persrep.storage import Storage
+
+GENERATORS, ADAPTERS, EVALUATIONS = "generators", "adapters", "evaluations"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def instance_data(ctx: RunContext, name: str) -> InstanceData:
+    ds = ctx.dataset
+    inst = ds.instances[name]
+    images = [ds.read_image(p) for p in inst.train]
+    masks = None
+    if all(p in ds.masks for p in inst.train):
+        masks = [Image.fromarray(ds.read_mask(p).astype("uint8") * 255, mode="L") for p in inst.train]
+    return InstanceData(name, inst.category, images, masks)
+
+
+def scratch_dir(ctx: RunContext, *parts: str) -> Path:
+    """Local scratch space that survives a crash (checkpoints), beside a local root or in ~/.cache."""
+    base = Path(ctx.storage.base) / ".scratch" if not ctx.storage.is_s3 else \
+        Path.home() / ".cache" / "persrep" / "scratch" / content_key(ctx.storage.root)
+    path = base.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- generator prep -----------------------------------------------------------------------------
+def generator_key(ctx: RunContext, gtype: str, name: str) -> str:
+    return get_generator(gtype, ctx.settings).artifact_key(instance_data(ctx, name))
+
+
+def run_generator_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
+    """Train a personalised generator for one instance; publish its weights."""
+    gtype, name, key = unit["generator"], unit["instance"], unit["key"]
+    if ctx.storage.is_finished(GENERATORS, key):
+        return {"status": "skipped", "key": key}
+    t0 = time.perf_counter()
+    gen = get_generator(gtype, ctx.settings)
+    artifact = gen.prepare(instance_data(ctx, name), scratch_dir(ctx, "class_images"))
+    if artifact.key != key:
+        raise RuntimeError(f"{gtype} {name}: artifact key {artifact.key} != planned {key}")
+    meta = {"generator": gtype, "instance": name, "settings": artifact.settings.get("settings", {}),
+            "seconds": time.perf_counter() - t0}
+    ctx.storage.publish(GENERATORS, key, artifact.files, meta)
+    return {"status": "done", "key": key, "seconds": meta["seconds"]}
+
+
+def load_artifact(storage: Storage, gtype: str, name: str, key: str) -> GeneratorArtifact:
+    man = storage.verify_unit(GENERATORS, key)
+    files = {f: storage.read_unit_file(GENERATORS, key, f, man) for f in man.files}
+    return GeneratorArtifact(gtype, name, files, man.meta, key)
+
+
+# -- synthesis ----------------------------------------------------------------------------------
+@dataclass
+class SynthesisUnit:
+    group: str
+    generator: str  # a generator type, or "base" for negatives
+    instance: str  # instance, or "<category>_negatives"
+    rows: list[SampleRow]
+    generator_key: str | None
+    key: str = ""
+    sampler_settings: dict[str, Any] = field(default_factory=dict)
+
+
+def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_key: str | None,
+                  sampler_settings: dict[str, Any]) -> str:
+    syn = ctx.settings.synthesis
+    rows_id = [(r.prompt, r.cfg, r.seed, r.index) for r in rows]
+    return content_key("synthesis", group, rows_id, generator_key, sampler_settings,
+                       {"steps": syn.inference_steps, "scheduler": syn.scheduler,
+                        "resolution": syn.resolution, "filter": syn.filter, "base": ctx.settings.generator.base_model})
+
+
+def _sampler(ctx: RunContext, unit: SynthesisUnit):
+    if unit.generator == "base":
+        from persrep.generation.dreambooth import BaseModelSampler
+
+        return BaseModelSampler(ctx.settings)
+    cls = generator_class(unit.generator)
+    if unit.generator == "cut_paste":
+        gen = cls(ctx.settings, data_root=ctx.data_path)
+    else:
+        gen = get_generator(unit.generator, ctx.settings)
+    if cls.needs_training:
+        gen.load(load_artifact(ctx.storage, unit.generator, unit.instance, unit.generator_key or ""))
+    else:
+        gen.load(gen.prepare(instance_data(ctx, unit.instance), scratch_dir(ctx, "prep")))
+    return gen
+
+
+def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
+    """Sample one group of rows (one generator loaded once for all of them); publish shards."""
+    if ctx.storage.is_finished(shards.STAGE, unit.key):
+        return {"status": "skipped", "key": unit.key, "rows": len(unit.rows)}
+    t0 = time.perf_counter()
+    sampler = _sampler(ctx, unit)
+    bs = ctx.settings.synthesis.batch_size
+    records: list[dict[str, Any]] = []
+    for i in range(0, len(unit.rows), bs):
+        batch = unit.rows[i:i + bs]
+        try:
+            samples = sampler.sample(batch)
+            records += [record(s, r, unit.key) for s, r in zip(samples, batch)]
+        except Exception:  # noqa: BLE001 - retry the batch's rows alone, so one bad row
+            for r in batch:  # does not sink its batch-mates; failures are recorded per row
+                try:
+                    records.append(record(sampler.sample([r])[0], r, unit.key))
+                except Exception as row_exc:  # noqa: BLE001
+                    records.append(record(None, r, unit.key, error=f"{type(row_exc).__name__}: {row_exc}"[:500]))
+    publish_unit(ctx.storage, unit.key, records, ctx.settings.synthesis.rows_per_shard,
+                 {"group": unit.group, "generator": unit.generator, "instance": unit.instance,
+                  "seconds": time.perf_counter() - t0})
+    errors = sum(r["error"] is not None for r in records)
+    return {"status": "done", "key": unit.key, "rows": len(records), "errors": errors,
+            "seconds": time.perf_counter() - t0}
+
+
+# -- personalisation ----------------------------------------------------------------------------
+@dataclass
+class PersonalizeUnit:
+    instance: str
+    category: str
+    config: DataConfig
+    backbone: BackboneSettings
+    positives_key: str | None  # synthesis unit (None: real-only positives)
+    negatives_keys: list[str]  # synthesis units of generated negatives
+    key: str = ""
+
+
+def personalize_key(ctx: RunContext, u: PersonalizeUnit) -> str:
+    pz = ctx.settings.personalization.model_dump(mode="json")
+    pz.pop("backbones")
+    return content_key("adapter", pz, u.backbone, u.config.key, u.positives_key, u.negatives_keys,
+                       ctx.dataset_key, u.instance)
+
+
+def _folder_images(ctx: RunContext, location: str, category: str) -> list[bytes]:
+    st = Storage(ctx.resolve_data_path(location), ctx.settings.storage.s3_endpoint)
+    files = [f for f, _ in st.list_files() if is_image_name(f.rsplit("/", 1)[-1])]
+    own = [f for f in files if f.startswith(f"{category}_negatives/")]
+    if not files:
+        raise ValueError(f"personalization.external_negatives={location}: no images found")
+    return [st.read_bytes(f) for f in (own or files)]
+
+
+def negatives_for(ctx: RunContext, u: PersonalizeUnit) -> tuple[list[bytes | Image.Image], str]:
+    pz = ctx.settings.personalization
+    if pz.negatives == "generated":
+        imgs = [b for k in u.negatives_keys for b in shards.images_of(read_unit(ctx.storage, k))]
+        return imgs, "generated"
+    if pz.negatives == "external":
+        return _folder_images(ctx, pz.external_negatives or "", u.category), "external"
+    ds = ctx.dataset  # in_pool: other evaluated instances' photos (leaks; flagged in results)
+    return [ds.read_image(p) for n in ds.names if n != u.instance for p in ds.instances[n].train], "in_pool"
+
+
+def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit) -> dict[str, Any]:
+    from persrep.contrastive.train import ADAPTER, TrainingData, train_one_instance
+
+    if ctx.storage.is_finished(ADAPTERS, u.key):
+        return {"status": "skipped", "key": u.key}
+    anchors = instance_data(ctx, u.instance).train_images
+    positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else []
+    negatives, neg_source = negatives_for(ctx, u)
+    data = TrainingData(u.instance, anchors, positives, negatives,
+                        "synthetic" if u.positives_key else "real", neg_source)
+    work = scratch_dir(ctx, "train", u.key)
+    res = train_one_instance(ctx.settings.personalization, u.backbone, data, work)
+    metrics = {k: v for k, v in res.metrics.items() if k != "loss_history"}
+    meta = {"instance": u.instance, "data_config": u.config.label, "backbone": u.backbone.name,
+            "metrics": metrics, "seconds": res.seconds, "resumed_from": res.resumed_from}
+    ctx.storage.publish(ADAPTERS, u.key, {
+        ADAPTER: res.adapter_path.read_bytes(),
+        "metrics.json": json.dumps({**meta, "loss_history": res.metrics["loss_history"]}).encode()}, meta)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"status": "done", "key": u.key, "seconds": res.seconds, **metrics}
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def _publish_rows(ctx: RunContext, key: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    import pyarrow as pa
+
+    from persrep.evaluation.aggregate import results_frame
+
+    table = pa.Table.from_pandas(results_frame(rows), preserve_index=False)
+    ctx.storage.publish(EVALUATIONS, key, {"results.parquet": shards.table_bytes(table)}, meta)
+
+
+def read_rows(storage: Storage, key: str) -> list[dict[str, Any]]:
+    data = storage.read_unit_file(EVALUATIONS, key, "results.parquet")
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the pretrained backbone (all instances) or one adapter (its instance)."""
+    from persrep.evaluation.stage import Evaluator
+
+    key = unit["key"]
+    if ctx.storage.is_finished(EVALUATIONS, key):
+        return {"status": "skipped", "key": key}
+    t0 = time.perf_counter()
+    bs: BackboneSettings = unit["backbone"]
+    ev = Evaluator(ctx.dataset, ctx.settings.evaluation)
+    if unit["kind"] == "pretrained":
+        rows = ev.evaluate_pretrained(bs, sorted(ctx.instances), unit["keys"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "adapter.safetensors"
+            path.write_bytes(ctx.storage.read_unit_file(ADAPTERS, unit["adapter_key"], "adapter.safetensors"))
+            rows = ev.evaluate_adapter(bs, unit["instance"], path, unit["keys"])
+    _publish_rows(ctx, key, rows, {"kind": unit["kind"], "backbone": bs.name,
+                                   "seconds": time.perf_counter() - t0})
+    return {"status": "done", "key": key, "rows": len(rows), "seconds": time.perf_counter() - t0}
+
+
+def instance_key(ctx: RunContext, name: str) -> str:
+    return instance_data_key(instance_data(ctx, name))
