@@ -97,6 +97,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from persrep.report import main_report
+
+    main_report(args.run, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persrep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,7 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the whole pipeline (same as ray_jobs/run_all.py)")
     _add_settings_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="HTML + markdown report of a finished run")
+    p.add_argument("run", help="run directory: <storage root>/runs/<run_id> (local or s3://)")
+    p.add_argument("--out", default=None, help="output directory (default RUN/report)")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def _model_errors() -> tuple[type[Exception], ...]:
+    """One-line user errors from the model registries and tracking (no traceback)."""
+    from persrep.models.diffusion import ModelUnavailableError
+    from persrep.models.errors import ModelError
+    from persrep.tracking import TrackingError
+
+    return (ModelError, ModelUnavailableError, TrackingError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, DatasetError, StorageError) as exc:
+    except (ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
         print(f"persrep: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

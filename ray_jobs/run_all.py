@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from persrep.cli import _model_errors
     from persrep.config import ConfigError, load_settings
     from persrep.data.layout import DatasetError
     from persrep.storage import StorageError
@@ -55,14 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_pipeline(settings, say, executor, run_id=args.run_id)
             finally:
                 release(started)
-    except (ConfigError, DatasetError, StorageError) as exc:
+    except (ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
         print(f"run_all: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # model weights unavailable and similar one-line errors
-        if type(exc).__name__ in ("WeightsUnavailableError", "ModelUnavailableError"):
-            print(f"run_all: {exc}", file=sys.stderr)
-            return 2
-        raise
     print(summary.table)
     print(f"\nresults: {summary.run_uri}   stages: {summary.stages}   total {summary.timings.get('total')} s")
     for f in summary.failures:

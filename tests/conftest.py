@@ -7,6 +7,12 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread per test process: Ray tasks run with OMP_NUM_THREADS=1, so in-process and Ray runs
+# then round identically (results compared bit for bit), and tests sharing 2 cores with Ray
+# workers do not oversubscribe them.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,3 +74,17 @@ def s3_bucket(s3_server, request):
     name = "persrep-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + "-" + os.urandom(3).hex()
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole test run (2 CPUs, one fake GPU), ours alone."""
+    ray = pytest.importorskip("ray")
+    started = False
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+                 log_to_driver=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()

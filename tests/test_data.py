@@ -82,7 +82,8 @@ def test_missing_layout_is_clear(tmp_path):
 
 def test_select_instances(tmp_path):
     ds = open_dataset(str(make_dataset(tmp_path / "d", names=("a_0", "a_1", "b_0"))))
-    assert select_instances(ds, max_instances=2) == ["a_0", "a_1"]
+    assert select_instances(ds, max_instances=2) == ["a_0", "b_0"]  # one per category first
+    assert select_instances(ds, max_instances=3) == ["a_0", "a_1", "b_0"]
     assert select_instances(ds, ["b_0"]) == ["b_0"]
     with pytest.raises(DatasetError, match="unknown instance"):
         select_instances(ds, ["zzz"])

@@ -250,8 +250,18 @@ def select_instances(ds: InstanceDataset, names: list[str] | None = None,
             raise DatasetError(f"data.split={split}: {ds.root} has no class_to_split in its info "
                                "file; use data.split=all")
         chosen = [n for n in chosen if ds.splits.get(n) == split]
-    if max_instances:
-        chosen = chosen[:max_instances]
+    if max_instances and len(chosen) > max_instances:
+        # round-robin over categories, so "the first N" covers every category evenly
+        by_cat: dict[str, list[str]] = {}
+        for n in chosen:
+            by_cat.setdefault(ds.instances[n].category, []).append(n)
+        queues = [by_cat[c] for c in sorted(by_cat)]
+        picked: list[str] = []
+        while len(picked) < max_instances:
+            for q in queues:
+                if q and len(picked) < max_instances:
+                    picked.append(q.pop(0))
+        chosen = sorted(picked)
     if not chosen:
         raise DatasetError(f"{ds.root}: no instances selected (split={split}, instances={names})")
     return chosen

@@ -23,7 +23,8 @@ def ensure_ray(resources: ResourcesSettings | None = None, **init_kwargs: Any) -
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **init_kwargs)
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    # address="local": always a new cluster of our own, never one another user started here
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": True}
     if resources is not None and resources.num_cpus:
         kwargs["num_cpus"] = resources.num_cpus
     if resources is not None and resources.num_gpus is not None:

@@ -45,6 +45,24 @@ class LazyImages(Sequence):
         return self.transform(self.ds.read_image(self.rels[i]))
 
 
+class OnDemandDense(Sequence):
+    """Dense features computed only for the indices asked for (an adapter needs its own
+    instance's 3 train images, not the whole gallery), one image at a time, memoised."""
+
+    def __init__(self, extractor: Any, images: Sequence):
+        self.extractor, self.images, self._memo = extractor, images, {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        if i not in self._memo:
+            with torch.inference_mode():
+                out = self.extractor.dense_features(self.images[i].unsqueeze(0))[0]
+            self._memo[i] = torch.nn.functional.normalize(out.float(), dim=0).numpy()
+        return self._memo[i]
+
+
 @dataclass
 class Pools:
     """Which images make up each pool, with labels (index into ``names``), scenes and masks."""
@@ -123,9 +141,9 @@ class Evaluator:
                                               image_list_key([self.ds.listing_key, "dense", *p.dense]))
             train_feats = self.cache.dense_features(extractor, key, train_imgs,
                                                     image_list_key([self.ds.listing_key, "dense", *p.train]))
-        else:  # per adapter: stream, never keep a full pool per instance
+        else:  # per adapter: stream the pool once; embed only the train images it needs
             feats = StreamedDenseFeatures(extractor, dense_imgs, self.ev.batch_size)
-            train_feats = StreamedDenseFeatures(extractor, train_imgs, self.ev.batch_size)
+            train_feats = OnDemandDense(extractor, train_imgs)
         pool = DensePool(feats, p.dense_labels, self._image_sizes(p.dense), masks)
         return pool, dense_train_sets(train_feats, p.train_labels, train_masks)
 

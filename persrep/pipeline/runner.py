@@ -17,7 +17,7 @@ import yaml
 
 from persrep.config import Settings, content_key, settings_to_dict
 from persrep.generation.base import generator_class
-from persrep.generation.plan import DataConfig, build_rows, data_configs
+from persrep.generation.plan import build_rows, data_configs
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
 from persrep.pipeline.summary import format_summary, headline_table
@@ -37,6 +37,7 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     table: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def record(self, stage: str, outcomes: list[Outcome], seconds: float) -> None:
         counts = {"done": 0, "skipped": 0, "failed": 0, "retried": 0}
@@ -67,13 +68,35 @@ def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, l
 
 def run_pipeline(settings: Settings, progress: Progress | None = None,
                  executor: Executor | None = None, run_id: str | None = None) -> RunSummary:
+    from persrep.tracking import Tracker
+
     say = progress or (lambda _m: None)
     t_start = time.perf_counter()
+    tracker = Tracker.from_settings(settings, say=say).connect()  # required + down: fails here
     ctx = prepare_run(settings, say, run_id)
     for note in ctx.notes:
         say(note)
     executor = executor or LocalExecutor(settings.resources.max_retries, say)
     summary = RunSummary(ctx.run_id, notes=list(ctx.notes))
+    if tracker.degraded and tracker.warning:
+        summary.notes.append(f"tracking degraded: {tracker.warning}")
+    tracker.start_parent(f"{settings.name}-{ctx.run_id}", settings, tags={"persrep.run_id": ctx.run_id})
+    try:
+        _run_stages(ctx, executor, summary, tracker, say)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    summary.timings["total"] = round(time.perf_counter() - t_start, 2)
+    _write_results(ctx, summary, tracker)
+    tracker.end("FINISHED" if not summary.failures else "FAILED")
+    for f in summary.failures:
+        say(f"FAILED {f['stage']} {f['unit']} after {f['attempts']} attempt(s): {f['error']}")
+    return summary
+
+
+def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracker: Any,
+                say: Progress) -> None:
+    settings = ctx.settings
     res = settings.resources
     heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
     instances = sorted(ctx.instances)
@@ -131,6 +154,14 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     outs = _stage(summary, executor, "personalization", run_personalize_unit, ctx, pz_units,
                   [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units], heavy, say)
     adapters = [u for u, o in zip(pz_units, outs) if o.status != "failed"]
+    for u, o in zip(pz_units, outs):  # one nested MLflow run per trained adapter
+        if o.status == "done":
+            tracker.child_run(o.label, {"instance": u.instance, "data_config": u.config.label,
+                                        "backbone": u.backbone.name, "adapter_key": u.key},
+                              {k: float(v) for k, v in o.value.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                              references={"adapter": ctx.storage.uri("adapters", u.key)},
+                              tags={"persrep.stage": "personalization"})
 
     # 4. evaluation: pretrained once per backbone (all instances), then each adapter
     ev = settings.evaluation
@@ -153,22 +184,17 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
                   [f"{u['kind']}:{u['backbone'].name}:{u.get('instance', 'all')}" for u in ev_units],
                   Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial), say)
 
-    # 5. results
-    rows = [r for u, o in zip(ev_units, outs) if o.status != "failed" for r in read_rows(ctx.storage, u["key"])]
-    summary.timings["total"] = round(time.perf_counter() - t_start, 2)
-    _write_results(ctx, summary, rows)
-    for f in summary.failures:
-        say(f"FAILED {f['stage']} {f['unit']} after {f['attempts']} attempt(s): {f['error']}")
-    return summary
+    summary.rows = [r for u, o in zip(ev_units, outs) if o.status != "failed"
+                    for r in read_rows(ctx.storage, u["key"])]
 
 
-def _write_results(ctx: RunContext, summary: RunSummary, rows: list[dict[str, Any]]) -> None:
+def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
     import pyarrow as pa
 
     from persrep.evaluation.aggregate import results_frame
     from persrep.generation.shards import table_bytes
 
-    frame = results_frame(rows)
+    frame = results_frame(summary.rows)
     table = headline_table(frame)
     summary.table = format_summary(table)
     base = f"runs/{ctx.run_id}"
@@ -183,3 +209,12 @@ def _write_results(ctx: RunContext, summary: RunSummary, rows: list[dict[str, An
            "headline": json.loads(table.to_json(orient="records")) if len(table) else []}
     st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())
     summary.run_uri = st.uri(base)
+    tracker.log_results(frame)
+    if not st.is_s3:  # local run dir: render the report beside the results and track both
+        from persrep.report import write_report
+
+        try:
+            write_report(st.path(base), st.path(base, "report"))
+        except Exception as exc:  # noqa: BLE001 - a plotting problem must not lose the results
+            summary.notes.append(f"report not written: {exc}")
+        tracker.log_run_dir(st.path(base))

@@ -117,30 +117,47 @@ def _sampler(ctx: RunContext, unit: SynthesisUnit):
     return gen
 
 
+def _filtered(sampler, scorer, rows: list[SampleRow], key: str, flt) -> list[dict[str, Any]]:
+    """Every attempt becomes a row with its score; rejected attempts keep no pixels."""
+    from persrep.generation.filtering import filter_until
+
+    result = filter_until(sampler.sample, scorer, rows, flt.threshold, flt.max_attempts_per_image)
+    return [record(a.sample, a.row, key, filter_score=a.score, kept=a.kept) for a in result.attempts]
+
+
 def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
     """Sample one group of rows (one generator loaded once for all of them); publish shards."""
     if ctx.storage.is_finished(shards.STAGE, unit.key):
         return {"status": "skipped", "key": unit.key, "rows": len(unit.rows)}
     t0 = time.perf_counter()
     sampler = _sampler(ctx, unit)
-    bs = ctx.settings.synthesis.batch_size
+    syn = ctx.settings.synthesis
+    scorer = None
+    if syn.filter.enabled and unit.generator != "base":  # negatives are never filtered
+        from persrep.generation.filtering import scorer_from_settings
+
+        scorer = scorer_from_settings(syn.filter, instance_data(ctx, unit.instance))
     records: list[dict[str, Any]] = []
-    for i in range(0, len(unit.rows), bs):
-        batch = unit.rows[i:i + bs]
+    for i in range(0, len(unit.rows), syn.batch_size):
+        batch = unit.rows[i:i + syn.batch_size]
         try:
-            samples = sampler.sample(batch)
-            records += [record(s, r, unit.key) for s, r in zip(samples, batch)]
+            if scorer is not None:
+                records += _filtered(sampler, scorer, batch, unit.key, syn.filter)
+            else:
+                records += [record(s, r, unit.key) for s, r in zip(sampler.sample(batch), batch)]
         except Exception:  # noqa: BLE001 - retry the batch's rows alone, so one bad row
             for r in batch:  # does not sink its batch-mates; failures are recorded per row
                 try:
-                    records.append(record(sampler.sample([r])[0], r, unit.key))
+                    records += (_filtered(sampler, scorer, [r], unit.key, syn.filter) if scorer is not None
+                                else [record(sampler.sample([r])[0], r, unit.key)])
                 except Exception as row_exc:  # noqa: BLE001
                     records.append(record(None, r, unit.key, error=f"{type(row_exc).__name__}: {row_exc}"[:500]))
-    publish_unit(ctx.storage, unit.key, records, ctx.settings.synthesis.rows_per_shard,
+    publish_unit(ctx.storage, unit.key, records, syn.rows_per_shard,
                  {"group": unit.group, "generator": unit.generator, "instance": unit.instance,
                   "seconds": time.perf_counter() - t0})
     errors = sum(r["error"] is not None for r in records)
-    return {"status": "done", "key": unit.key, "rows": len(records), "errors": errors,
+    kept = sum(bool(r["kept"]) for r in records)
+    return {"status": "done", "key": unit.key, "rows": len(records), "kept": kept, "errors": errors,
             "seconds": time.perf_counter() - t0}
 
 
