@@ -121,8 +121,10 @@ class SynthesisSettings(Section):
     num_positives: int = Field(450, ge=0, le=100_000)
     num_negatives_per_category: int = Field(450, ge=0, le=100_000)
     cfg: list[float] = Field([5.0], min_length=1)
-    caption_sources: list[Literal["template", "captions"]] = Field(["template"], min_length=1)
+    caption_sources: list[Literal["template", "captions", "prompts"]] = Field(["template"], min_length=1)
     captions_file: str | None = None
+    prompts: list[str] | None = Field(None, description="user prompts for caption source 'prompts': "
+                                      "each names the object with <new1>; {category} is filled in")
     inference_steps: int = Field(50, ge=1, le=1000)
     scheduler: Literal["pndm", "ddim", "dpm", "euler"] = "pndm"
     resolution: int = Field(512, ge=32, le=2048)
@@ -131,6 +133,18 @@ class SynthesisSettings(Section):
     rows_per_shard: int = Field(64, ge=1, le=100_000)
     cut_paste: CutPasteSettings = CutPasteSettings()
     filter: FilterSettings = FilterSettings()
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("empty list: give at least one prompt, or leave it unset")
+            missing = [p for p in v if "<new1>" not in p]
+            if missing:
+                raise ValueError(f"prompt {missing[0]!r} lacks the identifier <new1> "
+                                 "(e.g. 'a <new1> {category} on a desk')")
+        return v
 
     @field_validator("cfg")
     @classmethod
@@ -240,6 +254,9 @@ class Settings(Section):
             raise ValueError("synthesis.caption_sources contains 'captions' but "
                              "synthesis.captions_file is not set: give a JSON file keyed by "
                              "category, or use caption_sources=[template]")
+        if "prompts" in self.synthesis.caption_sources and not self.synthesis.prompts:
+            raise ValueError("synthesis.caption_sources contains 'prompts' but synthesis.prompts "
+                             "is not set: give a list like ['a <new1> {category} on a desk']")
         if self.personalization.negatives == "external" and not self.personalization.external_negatives:
             raise ValueError("personalization.negatives=external needs "
                              "personalization.external_negatives (a folder of images)")

@@ -77,3 +77,25 @@ def test_bad_captions_files(tmp_path, content, needle):
 def test_strip_identifier():
     assert strip_identifier("A <new1> mug on a desk") == "A mug on a desk"
     assert strip_identifier("a photo of <new1> mug") == "a photo of mug"
+
+
+def test_user_prompt_list_source():
+    s = _settings("synthesis.caption_sources=[prompts]",
+                  "synthesis.prompts=['a <new1> {category} on a desk', 'a <new1> {category} at night']")
+    groups = build_rows(s, INSTANCES)
+    key = next(g for g in groups if g.endswith(":bottle_0") and groups[g][0].generator == "dreambooth")
+    assert [r.prompt for r in groups[key][:3]] == ["a <new1> bottle on a desk", "a <new1> bottle at night",
+                                                  "a <new1> bottle on a desk"]
+    assert [r.prompt for r in groups["neg:5:prompts:mug"][:2]] == ["a mug on a desk", "a mug at night"]
+
+
+@pytest.mark.parametrize("over, needle", [
+    (["synthesis.caption_sources=[prompts]"], "synthesis.prompts is not set"),
+    (["synthesis.prompts=['a mug on a desk']"], "lacks the identifier"),
+    (["synthesis.prompts=[]"], "empty list"),
+])
+def test_user_prompt_list_errors(over, needle):
+    from persrep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        _settings(*over)

@@ -9,6 +9,9 @@ Negatives come from the *base* (un-personalised) generator with the category pro
 contain the identifier; there is one negatives pool per (category, CFG, caption source), shared
 by every instance of the category and every personalised generator type.
 
+Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a file, below) and
+``prompts`` (a list given in the settings, ``synthesis.prompts``, ``{category}`` filled in).
+
 Captions files (reference format): a JSON object whose keys are instance names (the released
 PODS file) or category names (REFERENCE.md), each a list of captions containing ``<new1>``, e.g.
 ``"A <new1> mug on a wooden desk"``. For negatives the identifier is removed.
@@ -110,6 +113,9 @@ def positive_prompt(settings: Settings, cfg: DataConfig, instance: str, category
     if cfg.caption_source == "captions":
         caps = captions_for(captions or {}, instance, category)
         return caps[i % len(caps)]
+    if cfg.caption_source == "prompts":
+        user = settings.synthesis.prompts or []
+        return user[i % len(user)].replace("{category}", category)
     return settings.generator.dreambooth.instance_prompt.format(category=category)
 
 
@@ -122,6 +128,9 @@ def negative_prompt(settings: Settings, caption_source: str, category: str, i: i
         if not pools:
             raise PlanError(f"captions file has no entry for category {category!r} or its instances")
         return strip_identifier(pools[i % len(pools)])
+    if caption_source == "prompts":
+        user = settings.synthesis.prompts or []
+        return strip_identifier(user[i % len(user)].replace("{category}", category))
     prompt = settings.generator.dreambooth.class_prompt.format(category=category)
     return strip_identifier(prompt)
 
