@@ -123,9 +123,10 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
                              weight_decay=pz.weight_decay)
     loss_fn = build_loss(pz.loss, pz.temperature)
     augment = train_transform(backbone_settings)
+    # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
+    n_pos = len(data.positives) if data.positives_source == "real" else pz.num_positives
     triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
-                               list(range(len(data.negatives))), pz.num_triplets,
-                               pz.num_positives, pz.seed)
+                               list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
     anchors = [_to_pil(x) for x in data.anchors]
     positives = [_to_pil(x) for x in data.positives] if data.positives else anchors
     negatives = [_to_pil(x) for x in data.negatives]

@@ -206,7 +206,8 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit) -> dict[str, Any]:
     if ctx.storage.is_finished(ADAPTERS, u.key):
         return {"status": "skipped", "key": u.key}
     anchors = instance_data(ctx, u.instance).train_images
-    positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else []
+    # real-only: the positives *are* the real photos (augmentation makes them differ from the anchor)
+    positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else list(anchors)
     negatives, neg_source = negatives_for(ctx, u)
     data = TrainingData(u.instance, anchors, positives, negatives,
                         "synthetic" if u.positives_key else "real", neg_source)
