@@ -538,7 +538,7 @@ code{background:#eef1f5;padding:1px 4px;border-radius:3px}
 def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequence[Any] | None = None,
                  summary: dict[str, Any] | None = None, title: str | None = None) -> Path:
     """Write ``report.html``, ``report.md`` and ``plots/*.png`` into ``out_dir``; return the HTML path."""
-    from persrep.tracking import redact_obj, redact_text
+    from persrep.redaction import redact_obj, redact_text
 
     run = load_run(run_dir_or_results)
     if summary:

@@ -7,8 +7,8 @@ nests runs). Ray Tune's ``MLflowLoggerCallback`` gets the same tag from :meth:`p
 so its per-trial runs nest under the same parent; workers never open the SQLite store
 themselves (SQLite locks under many writers, see docs/ENVIRONMENT.md).
 
-Nothing secret reaches MLflow: every param, tag and text artifact goes through :func:`redact_text`
-/ :func:`redact_value` (keys like ``*secret*``/``*token*``/``*password*``, URL user-info, AWS
+Nothing secret reaches MLflow: every param, tag and text artifact goes through
+:mod:`persrep.redaction` (keys like ``*secret*``/``*token*``/``*password*``, URL user-info, AWS
 key shapes, the values of secret-named environment variables). Binary artifacts that contain a
 secret environment value are not uploaded at all. Adapters and other large outputs are logged
 *by reference* (their storage URI as a tag), never as bytes.
@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["Tracker", "TrackingError", "resolve_tracking_uri", "redact_text", "redact_value",
-           "redact_params", "redact_obj", "secret_env_values", "mlflow_key", "mlflow_param_value",
-           "REDACTED"]
+__all__ = ["Tracker", "TrackingError", "resolve_tracking_uri", "mlflow_key", "mlflow_param_value"]
+
+from persrep.redaction import (redact_obj, redact_text,
+                               redact_value, secret_env_values)
 
 log = logging.getLogger("persrep.tracking")
 
-REDACTED = "***"
 MAX_KEY = 250          # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH (3.17)
 MAX_PARAM_VALUE = 6000  # MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000    # MAX_TAG_VAL_LENGTH
@@ -51,86 +51,8 @@ PARENT_TAG = "mlflow.parentRunId"
 TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".csv", ".tsv", ".html", ".htm",
                  ".log", ".py", ".cfg", ".ini", ".toml", ".svg"}
 
-SECRET_KEY_RE = re.compile(r"(?i)(secret|token|password|passwd|credential|access_key|api_key|"
-                           r"apikey|private_key|auth)")
-_FLAG_WORDS = {"", "0", "1", "true", "false", "yes", "no", "none", "null", "on", "off",
-               "token", "disabled", "enabled", "default", "testing"}
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/\s@]+)@")
-_AWS_KEY_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}(?![A-Z0-9])")
-_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
-_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)",
-                          re.S)
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}")
-_KV_SECRET = re.compile(
-    r"(?i)([\w.\-]*(?:secret|token|password|passwd|credential|access_key|api_key|apikey|"
-    r"private_key|signature)[\w.\-]*[\"']?\s*[:=]\s*[\"']?)"
-    r"(?!(?:null|none|true|false)\b)([^\s\"',&}\]]+)")
-
-
 class TrackingError(RuntimeError):
     """Tracking was required (``tracking.required=true``) but is not available."""
-
-
-# ---------------------------------------------------------------------------------------------
-# redaction
-def secret_env_values() -> list[str]:
-    """Values of environment variables whose names look secret (longest first)."""
-    vals = {v for k, v in os.environ.items()
-            if SECRET_KEY_RE.search(k) and v and len(v) >= 4 and v.strip().lower() not in _FLAG_WORDS}
-    return sorted(vals, key=len, reverse=True)
-
-
-def _looks_like_aws_secret(s: str) -> bool:
-    return (any(c.isupper() for c in s) and any(c.islower() for c in s)
-            and any(c.isdigit() for c in s))
-
-
-def redact_text(text: str, env_values: Iterable[str] | None = None) -> str:
-    """Remove secrets from free text: env secret values, URL user-info, key=value secrets, AWS keys."""
-    if not text:
-        return text
-    for v in (secret_env_values() if env_values is None else env_values):
-        if v in text:
-            text = text.replace(v, REDACTED)
-    text = _PRIVATE_KEY.sub(REDACTED, text)
-    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    text = _KV_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
-    text = _AWS_KEY_ID.sub(REDACTED, text)
-    text = _AWS_SECRET.sub(lambda m: REDACTED if _looks_like_aws_secret(m.group(0)) else m.group(0),
-                           text)
-    return text
-
-
-def redact_value(key: str, value: Any, env_values: Iterable[str] | None = None) -> Any:
-    """A value safe to log under ``key``: secret-named keys lose their value entirely."""
-    if value is None or isinstance(value, bool):
-        return value
-    if SECRET_KEY_RE.search(str(key).rsplit(".", 1)[-1]) or SECRET_KEY_RE.search(str(key)):
-        return REDACTED
-    if isinstance(value, (int, float)):
-        return value
-    return redact_text(str(value), env_values)
-
-
-def redact_obj(obj: Any, env_values: Iterable[str] | None = None, key: str = "") -> Any:
-    """Recursively redact a JSON/YAML-like structure (dicts, lists, scalars)."""
-    env_values = secret_env_values() if env_values is None else list(env_values)
-    if isinstance(obj, Mapping):
-        return {k: (REDACTED if SECRET_KEY_RE.search(str(k)) and v is not None
-                    and not isinstance(v, (Mapping, list, tuple, bool))
-                    else redact_obj(v, env_values, str(k)))
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_obj(v, env_values, key) for v in obj]
-    if isinstance(obj, str):
-        return redact_text(obj, env_values)
-    return obj
-
-
-def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    env_values = secret_env_values()
-    return {k: redact_value(k, v, env_values) for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from persrep.config import TrackingSettings, flatten, load_settings
-from persrep.tracking import (REDACTED, Tracker, TrackingError, mlflow_key, redact_text,
+from persrep.redaction import REDACTED, redact_text
+from persrep.tracking import (Tracker, TrackingError, mlflow_key,
                               resolve_tracking_uri)
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # shaped like an AWS secret access key
