@@ -1,0 +1,520 @@
+"""The synthesis stage on Ray Data: one row table, an actor pool that keeps generators loaded.
+
+:func:`run_synthesis_stage` is what the runner calls for stage 2 when it runs on Ray, instead of
+one Ray task per unit. It produces exactly what :func:`persrep.pipeline.work.run_synthesis_unit`
+produces for each unit (same rows, same pixels, same parquet layout and manifest), so
+:func:`persrep.generation.shards.read_unit` and every later stage read either.
+
+How it runs
+-----------
+1. Units already published (``storage.is_finished``) are skipped up front; when nothing is
+   left the stage says so and starts no Ray work at all.
+2. The remaining units become a row table, one row per image to draw: unit key, group, the unit's
+   generator / instance / generator key, the row's position in its unit (``pos``) and every
+   :class:`~persrep.generation.base.SampleRow` field. Units are ordered by sampler, i.e.
+   ``(generator, instance, generator_key)``, so rows that need the same loaded generator are
+   contiguous. Each *block* of the dataset holds one sampling chunk of one unit, aligned exactly
+   like ``run_synthesis_unit``'s chunks (``pos // synthesis.batch_size``), so an actor draws the
+   same batches the in-process loop draws.
+3. ``map_batches`` runs :class:`SynthesisWorker` on ``ActorPoolStrategy(size=n)``: one actor per
+   GPU (``num_gpus=1``) when the cluster has GPUs, else one per CPU with fractional
+   ``num_cpus=resources.cpus_per_actor`` (default 0.5; a pool of 1-CPU actors on a 2-CPU machine
+   deadlocks Ray Data). Fake GPUs are fine: the device is picked from ``torch.cuda`` inside the
+   generator, never from Ray. Each actor sets ``torch.set_num_threads`` explicitly (its whole CPUs,
+   at least 1): on CPU, PyTorch's reductions depend on the thread count (measured: the tiny
+   DreamBooth UNet gives 1 of 3072 pixel values off by 1 at 1 vs 2 threads), so images are
+   bit-identical to the in-process path *at the same thread count*.
+4. An actor keeps a small LRU cache of loaded samplers keyed by ``(generator, generator_key,
+   instance)``. It loads a generator the first time it sees one of its rows and reuses it for every
+   later batch: loads per stage are at most (actors x distinct generators), independent of the
+   number of batches. Every output row carries the id of the load that drew it, so the driver
+   counts loads exactly (including reloads after an actor restart) and reports them per instance.
+5. Within a batch the actor replicates ``run_synthesis_unit``'s row logic: sample the chunk (through
+   :func:`persrep.pipeline.work._filtered` when filtering is on); if the chunk raises, each row is
+   retried alone, and a row that still raises is recorded with its error, its batch-mates complete.
+   A generator that cannot be loaded fails its unit (nothing published, retried in the next pass),
+   as a raising ``run_synthesis_unit`` would.
+
+Where rows are collected, and why on the driver
+-----------------------------------------------
+The driver streams the pool's output with ``iter_batches`` and publishes a unit (shards, then the
+manifest, through :func:`~persrep.generation.shards.publish_unit`) as soon as its last row arrives,
+then drops its rows. Driver memory is bounded by the units in flight (rows are contiguous per unit,
+so that is about one unit per actor), not by the stage. Publishing on the driver keeps three
+properties simple and testable: (a) exactly-once rows: a batch's output reaches the driver only if
+its actor task completed, and the driver also drops any repeat of a ``(unit, pos, attempt)``;
+(b) the shards of a unit are written in the in-process order whatever actor drew which part;
+(c) the manifest is written last by one process. At the paper's scale (512 px PNGs, ~0.4 MB each,
+450 rows per unit) a unit is ~0.2 GB in flight; writing shards from the actors and publishing
+only manifests on the driver would be the next step if that ever became a bottleneck.
+
+Faults
+------
+- A dead actor (OOM, segfault, killed node) is restarted (``max_restarts``) and its in-flight
+  batch re-run on it (``max_task_retries``); both are set explicitly from ``max_retries`` (Ray
+  Data's own default is unbounded: a row that kills its process every time would loop). Ray 2.60
+  has no named ``map_batches`` parameter for them and deprecates passing them as remote args
+  (removal planned for 2.64): when upgrading, drop them and rely on the defaults plus the timeouts
+  below. Output of a batch whose task died never reaches the driver, and the driver drops any
+  repeat of a ``(unit, pos, attempt)``, so no row is lost or doubled.
+- Exceptions from user code never escape the UDF (they are recorded per row, or fail a unit), so
+  Ray Data's "no retry of user exceptions" default is kept on purpose: anything escaping is a bug
+  and fails the pass fast instead of silently dropping blocks.
+- If a pass fails anyway (retries exhausted, execution timeout), the units published so far stay
+  published; the stage re-runs only the missing units, up to ``max_retries`` more passes, then
+  reports what is still missing as failed. A killed driver is the same story one level up: a re-run
+  finds the published units finished and regenerates only the rest.
+- ``DataContext.execution_no_progress_timeout_s`` and ``wait_for_min_actors_s`` are set so a pool
+  that hangs (a known upstream failure mode with dead actors) ends the pass instead of the job.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import warnings
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import pyarrow as pa
+
+from persrep.generation import shards
+from persrep.generation.base import SampleRow
+from persrep.pipeline.executor import Outcome, short_error
+from persrep.pipeline.work import SynthesisUnit
+
+Progress = Callable[[str], None]
+SamplerFactory = Callable[[Any, SynthesisUnit], Any]
+
+ROW_FIELDS = [f.name for f in fields(SampleRow)]
+INPUT_SCHEMA = pa.schema([
+    ("unit_key", pa.string()), ("unit_group", pa.string()), ("unit_generator", pa.string()),
+    ("unit_instance", pa.string()), ("generator_key", pa.string()), ("pos", pa.int32()),
+    ("instance", pa.string()), ("role", pa.string()), ("generator", pa.string()), ("prompt", pa.string()),
+    ("cfg", pa.float64()), ("seed", pa.int64()), ("caption_source", pa.string()), ("index", pa.int64()),
+])
+# bookkeeping columns the workers add to each shard row (dropped before publishing)
+EXTRA_SCHEMA = pa.schema([
+    ("unit_key", pa.string()), ("pos", pa.int32()), ("attempt", pa.int32()), ("last", pa.bool_()),
+    ("fallback", pa.bool_()), ("fatal", pa.string()), ("load_id", pa.string()), ("actor", pa.string()),
+    ("node", pa.string()),
+])
+OUTPUT_SCHEMA = pa.schema(list(shards.SCHEMA) + [f for f in EXTRA_SCHEMA])
+EXTRA_NAMES = set(EXTRA_SCHEMA.names) - set(shards.SCHEMA.names)
+
+
+class StageOutcomes(list):
+    """``list[Outcome]`` (one per unit, in input order) plus ``stats`` for the whole stage."""
+
+    stats: dict[str, Any]
+
+
+@dataclass
+class _UnitState:
+    unit: SynthesisUnit
+    attempts: int = 0
+    records: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    final: set[int] = field(default_factory=set)
+    fallback_chunks: set[int] = field(default_factory=set)
+    fatal: str | None = None
+    first_seen: float | None = None
+    published: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# the actor
+class SynthesisWorker:
+    """Ray Data callable class: draws a batch of rows with cached samplers (one LRU per actor)."""
+
+    def __init__(self, ctx: Any, sampler_factory: SamplerFactory | None = None, cache_size: int = 2,
+                 torch_threads: int | None = None):
+        import ray
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)  # explicit: CPU pixels depend on it (see module doc)
+        self.ctx = ctx
+        self.factory = sampler_factory
+        self.cache_size = max(1, int(cache_size))
+        self.cache: OrderedDict[tuple[str, str, str], tuple[Any, Any, str]] = OrderedDict()
+        self.failed: dict[tuple[str, str, str], str] = {}
+        self.loads = 0
+        self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # new after each restart
+        try:
+            self.node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - only informative
+            self.node = ""
+
+    def _sampler(self, unit: SynthesisUnit) -> tuple[Any, Any, str]:
+        key = (unit.generator, unit.generator_key or "", unit.instance)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        if key in self.failed:  # one load attempt per actor and pass: the unit fails and is retried
+            raise RuntimeError(self.failed[key])
+        from persrep.pipeline import work
+
+        try:
+            sampler = (self.factory or work._sampler)(self.ctx, unit)
+            scorer = None
+            syn = self.ctx.settings.synthesis
+            if syn.filter.enabled and unit.generator != "base":  # negatives are never filtered
+                from persrep.generation.filtering import scorer_from_settings
+
+                scorer = scorer_from_settings(syn.filter, work.instance_data(self.ctx, unit.instance))
+        except Exception as exc:  # fails the unit (recorded by the caller), not the actor
+            self.failed[key] = short_error(exc)
+            raise
+        self.loads += 1
+        entry = (sampler, scorer, f"{self.incarnation}/{self.loads}")
+        self.cache[key] = entry
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)  # least recently used
+        return entry
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out: list[dict[str, Any]] = []
+        syn = self.ctx.settings.synthesis
+        # group the batch by (unit, in-process chunk), keeping order
+        chunks: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["unit_key"]:  # blank rows only pad a unit's last chunk
+                chunks.setdefault((r["unit_key"], r["pos"] // syn.batch_size), []).append(r)
+        for part in chunks.values():
+            head = part[0]
+            unit = SynthesisUnit(head["unit_group"], head["unit_generator"], head["unit_instance"], [],
+                                 head["generator_key"] or None, head["unit_key"])
+            sample_rows = [SampleRow(**{k: r[k] for k in ROW_FIELDS}) for r in part]
+            try:
+                sampler, scorer, load_id = self._sampler(unit)
+            except Exception as exc:  # noqa: BLE001
+                fatal = self.failed.get((unit.generator, unit.generator_key or "", unit.instance)) or short_error(exc)
+                for r, sr in zip(part, sample_rows):
+                    out.append(self._extra(shards.record(None, sr, unit.key, error=fatal), r, 0, True,
+                                           False, fatal, ""))
+                continue
+            out += self._draw(sampler, scorer, unit.key, part, sample_rows, load_id)
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def _draw(self, sampler, scorer, key: str, part: list[dict[str, Any]], sample_rows: list[SampleRow],
+              load_id: str) -> list[dict[str, Any]]:
+        """``run_synthesis_unit``'s inner loop for one chunk (or part of one)."""
+        from persrep.generation.shards import record
+        from persrep.pipeline.work import _filtered
+
+        flt = self.ctx.settings.synthesis.filter
+
+        def tag(records: list[dict[str, Any]], rows_in: list[dict[str, Any]], fallback: bool) -> list[dict[str, Any]]:
+            # records come per row in attempt order; the k-th record of a row is attempt k
+            by_index = {r["index"]: r for r in rows_in}
+            seen: dict[int, int] = defaultdict(int)
+            last_at: dict[int, int] = {}
+            tagged = []
+            for rec in records:
+                src = by_index[rec["index"]]
+                attempt = seen[src["pos"]]
+                seen[src["pos"]] += 1
+                last_at[src["pos"]] = len(tagged)
+                tagged.append(self._extra(rec, src, attempt, False, fallback, None, load_id))
+            for i in last_at.values():
+                tagged[i]["last"] = True
+            return tagged
+
+        try:
+            if scorer is not None:
+                return tag(_filtered(sampler, scorer, sample_rows, key, flt), part, False)
+            return tag([record(s, r, key) for s, r in zip(sampler.sample(sample_rows), sample_rows)], part, False)
+        except Exception:  # noqa: BLE001 - retry each row alone, like run_synthesis_unit
+            out = []
+            for src, r in zip(part, sample_rows):
+                try:
+                    recs = (_filtered(sampler, scorer, [r], key, flt) if scorer is not None
+                            else [record(sampler.sample([r])[0], r, key)])
+                except Exception as row_exc:  # noqa: BLE001
+                    recs = [record(None, r, key, error=f"{type(row_exc).__name__}: {row_exc}"[:500])]
+                out += tag(recs, [src], True)
+            return out
+
+    def _extra(self, rec: dict[str, Any], src: dict[str, Any], attempt: int, last: bool, fallback: bool,
+               fatal: str | None, load_id: str) -> dict[str, Any]:
+        return {**rec, "unit_key": src["unit_key"], "pos": src["pos"], "attempt": attempt, "last": last,
+                "fallback": fallback, "fatal": fatal, "load_id": load_id, "actor": self.incarnation,
+                "node": self.node}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+def _sampler_key(u: SynthesisUnit) -> tuple[str, str, str]:
+    return (u.generator, u.instance, u.generator_key or "")
+
+
+def row_blocks(units: Sequence[SynthesisUnit], batch_size: int) -> list[pa.Table]:
+    """The row table as blocks: units sorted by sampler, one block per in-process sampling chunk.
+
+    A unit's last chunk is padded to ``batch_size`` with blank rows (``unit_key == ""``, skipped by
+    the workers): every block then holds exactly one batch, so Ray Data never bundles the tail of
+    one unit with the head of the next and the actors draw exactly ``run_synthesis_unit``'s batches.
+    """
+    blocks = []
+    pad = {name: None for name in INPUT_SCHEMA.names} | {"unit_key": "", "pos": -1}
+    for u in sorted(units, key=lambda u: (_sampler_key(u), u.group, u.key)):
+        base = {"unit_key": u.key, "unit_group": u.group, "unit_generator": u.generator,
+                "unit_instance": u.instance, "generator_key": u.generator_key or ""}
+        for start in range(0, len(u.rows), batch_size):
+            items = [{**base, "pos": start + j, **asdict(r)}
+                     for j, r in enumerate(u.rows[start:start + batch_size])]
+            items += [pad] * (batch_size - len(items))
+            blocks.append(pa.Table.from_pylist(items, schema=INPUT_SCHEMA))
+    return blocks
+
+
+def pool_shape(ctx: Any, n_blocks: int, num_actors: int | None = None,
+               use_gpus: bool | None = None) -> tuple[int, dict[str, float]]:
+    """(actors, per-actor resources): one actor per GPU, else one per CPU at fractional CPUs."""
+    import ray
+
+    res = ctx.settings.resources
+    cluster = ray.cluster_resources()
+    gpus = int(cluster.get("GPU", 0))
+    if use_gpus is None:
+        use_gpus = gpus > 0
+    if use_gpus:
+        if gpus < 1:
+            raise ValueError("use_gpus=True but the Ray cluster has no GPU")
+        n = num_actors or gpus
+        per = {"num_gpus": 1.0, "num_cpus": res.cpus_per_actor}
+    else:
+        n = num_actors or max(1, int(cluster.get("CPU", 1)))
+        per = {"num_gpus": 0.0, "num_cpus": res.cpus_per_actor}
+    return max(1, min(n, n_blocks)), per
+
+
+def _order_key(batch_size: int, fallback_chunks: set[int]):
+    def key(rec: dict[str, Any]) -> tuple[int, int, int]:
+        chunk = rec["pos"] // batch_size
+        # in-process order: (attempt, row) within a chunk, or (row, attempt) if the chunk fell back
+        if chunk in fallback_chunks:
+            return (chunk, rec["pos"], rec["attempt"])
+        return (chunk, rec["attempt"], rec["pos"])
+    return key
+
+
+def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress | None = None,
+                        max_retries: int | None = None, *, num_actors: int | None = None,
+                        use_gpus: bool | None = None, cache_size: int = 2,
+                        sampler_factory: SamplerFactory | None = None,
+                        no_progress_timeout_s: float = 1800.0,
+                        torch_threads: int | None = None) -> StageOutcomes:
+    """Draw every unpublished unit's rows on a Ray Data actor pool; publish each unit when complete.
+
+    Returns one :class:`Outcome` per unit (input order): ``skipped`` (published before),
+    ``done`` (value as ``run_synthesis_unit``'s: key, rows, kept, errors, seconds) or ``failed``
+    (its generator could not be loaded, or it was still missing after ``max_retries`` extra passes).
+    ``.stats`` has the stage's totals (rows, errors, generator loads, actors, passes, ...).
+    ``num_actors`` / ``use_gpus`` override the pool sizing; ``sampler_factory(ctx, unit)``
+    replaces :func:`persrep.pipeline.work._sampler` (tests inject faults through it).
+    ``torch_threads``: intra-op threads per actor (default: the actor's whole CPUs, at least 1).
+    """
+    from persrep.distributed.session import ensure_ray
+
+    say = progress or (lambda _m: None)
+    if max_retries is None:
+        max_retries = ctx.settings.resources.max_retries
+    t_stage = time.perf_counter()
+    keys = [u.key for u in units]
+    if len(set(keys)) != len(keys) or not all(keys):
+        raise ValueError("synthesis units need distinct, non-empty keys (set unit.key = synthesis_key(...))")
+    syn = ctx.settings.synthesis
+    outcomes: dict[str, Outcome] = {}
+    states: dict[str, _UnitState] = {}
+    for u in units:
+        if ctx.storage.is_finished(shards.STAGE, u.key):
+            outcomes[u.key] = Outcome(u.group, "skipped", {"status": "skipped", "key": u.key, "rows": len(u.rows)})
+        else:
+            states[u.key] = _UnitState(u)
+    stats: dict[str, Any] = {"units": len(units), "skipped": len(units) - len(states), "rows": 0, "kept": 0,
+                             "errors": 0, "loads": 0, "actors": 0, "incarnations": 0, "nodes": 0,
+                             "duplicates": 0, "passes": 0, "batches": 0, "per_instance": {}, "load_ids": {}}
+    if not states:
+        say(f"synthesis: all {len(units)} units already published; nothing to generate")
+        return _finish(units, outcomes, stats, t_stage, say)
+
+    load_ids: dict[str, set[str]] = defaultdict(set)  # "generator:instance" -> load ids
+    actors: set[str] = set()
+    nodes: set[str] = set()
+    per_instance: dict[str, dict[str, int]] = defaultdict(lambda: {"rows": 0, "kept": 0, "errors": 0})
+
+    def publish(st: _UnitState) -> None:
+        u = st.unit
+        recs = sorted(st.records.values(), key=_order_key(syn.batch_size, st.fallback_chunks))
+        name = f"{u.generator}:{u.instance}"
+        for r in recs:
+            if r["load_id"]:
+                load_ids[name].add(r["load_id"])
+            if r["actor"]:
+                actors.add(r["actor"])
+            if r["node"]:
+                nodes.add(r["node"])
+        clean = [{k: v for k, v in r.items() if k not in EXTRA_NAMES} for r in recs]
+        seconds = time.perf_counter() - (st.first_seen or t_stage)
+        shards.publish_unit(ctx.storage, u.key, clean, syn.rows_per_shard,
+                            {"group": u.group, "generator": u.generator, "instance": u.instance,
+                             "seconds": seconds, "runner": "ray-data"})
+        errors = sum(r["error"] is not None for r in clean)
+        kept = sum(bool(r["kept"]) for r in clean)
+        outcomes[u.key] = Outcome(u.group, "done", {"status": "done", "key": u.key, "rows": len(clean),
+                                                    "kept": kept, "errors": errors, "seconds": seconds},
+                                  None, st.attempts, time.perf_counter() - t_stage)
+        pi = per_instance[name]
+        pi["rows"] += len(clean)
+        pi["kept"] += kept
+        pi["errors"] += errors
+        stats["rows"] += len(clean)
+        stats["kept"] += kept
+        stats["errors"] += errors
+        st.records.clear()
+        st.published = True
+
+    ensure_ray(ctx.settings.resources)
+    pending = list(states)
+    for pass_no in range(max_retries + 1):
+        if not pending:
+            break
+        stats["passes"] += 1
+        for k in pending:
+            st = states[k]
+            st.attempts += 1
+            st.records.clear()
+            st.final.clear()
+            st.fallback_chunks.clear()
+            st.fatal = None
+        for k in [k for k in pending if not states[k].unit.rows]:  # an empty unit: publish it now
+            publish(states[k])
+        todo = [states[k].unit for k in pending if states[k].unit.rows]
+        pass_error = None
+        if todo:
+            say(f"synthesis: pass {pass_no + 1}: {len(todo)} units, {sum(len(u.rows) for u in todo)} rows")
+            try:
+                _run_pass(ctx, todo, states, publish, stats, max_retries, num_actors, use_gpus, cache_size,
+                          sampler_factory, no_progress_timeout_s, torch_threads, say)
+            except Exception as exc:  # noqa: BLE001 - a failed pass keeps what it published
+                pass_error = short_error(getattr(exc, "cause", None) or exc)
+                say(f"synthesis: pass {pass_no + 1} stopped: {pass_error}; published units are kept")
+        pending = []
+        for u in todo:
+            st = states[u.key]
+            if st.published:
+                continue
+            error = st.fatal or pass_error or f"{len(u.rows) - len(st.final)} of {len(u.rows)} rows missing"
+            if pass_no < max_retries:
+                say(f"synthesis: retrying {u.group} (attempt {st.attempts + 1}): {error}")
+                pending.append(u.key)
+            else:
+                outcomes[u.key] = Outcome(u.group, "failed", {}, error, st.attempts, time.perf_counter() - t_stage)
+    stats["per_instance"] = {k: {**v, "loads": len(load_ids[k])} for k, v in per_instance.items()}
+    stats["loads"] = len(set().union(*load_ids.values())) if load_ids else 0
+    stats["load_ids"] = {k: sorted(v) for k, v in load_ids.items()}
+    stats["incarnations"] = len(actors)
+    stats["nodes"] = len(nodes)
+    return _finish(units, outcomes, stats, t_stage, say)
+
+
+def _run_pass(ctx, todo, states, publish, stats, max_retries, num_actors, use_gpus, cache_size,
+              sampler_factory, no_progress_timeout_s, torch_threads, say) -> None:
+    import ray
+
+    syn = ctx.settings.synthesis
+    blocks = row_blocks(todo, syn.batch_size)
+    n, per = pool_shape(ctx, len(blocks), num_actors, use_gpus)
+    stats["actors"] = max(stats["actors"], n)
+    stats["batches"] += len(blocks)
+    retries = max(1, max_retries)
+    each = "1 GPU" if per["num_gpus"] else f"{per['num_cpus']:g} CPU"
+    say(f"synthesis: {len(blocks)} batches on {n} actor(s) ({each} each)")
+    dctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(dctx, k) for k in ("execution_no_progress_timeout_s", "wait_for_min_actors_s",
+                                           "max_consecutive_actor_init_deaths", "actor_task_retry_on_errors")}
+    try:
+        dctx.execution_no_progress_timeout_s = float(no_progress_timeout_s)
+        dctx.wait_for_min_actors_s = int(no_progress_timeout_s)
+        dctx.max_consecutive_actor_init_deaths = retries
+        dctx.actor_task_retry_on_errors = False  # user errors are handled per row inside the UDF
+        ds = ray.data.from_arrow(blocks)
+        with warnings.catch_warnings():
+            # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; passing
+            # them as remote args is deprecated (removal planned for 2.64), still the only explicit way
+            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            out = _map(ds, ctx, n, per, retries, sampler_factory, cache_size, torch_threads)
+        t_pass = time.perf_counter()
+        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if "first_output_s" not in stats:  # cold start: actors up, generators loaded, first batch drawn
+                stats["first_output_s"] = round(time.perf_counter() - t_pass, 2)
+            _collect(batch.to_pylist(), states, publish, stats, syn.batch_size)
+    finally:
+        for k, v in saved.items():
+            setattr(dctx, k, v)
+
+
+def _map(ds, ctx, n: int, per: dict[str, float], retries: int, sampler_factory, cache_size: int,
+         torch_threads: int | None):
+    import ray
+
+    return ds.map_batches(
+        SynthesisWorker, batch_size=ctx.settings.synthesis.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=n),
+        fn_constructor_kwargs={"ctx": ctx, "sampler_factory": sampler_factory, "cache_size": cache_size,
+                               "torch_threads": torch_threads or max(1, int(per["num_cpus"]))},
+        num_cpus=per["num_cpus"], num_gpus=per["num_gpus"] or None,
+        max_restarts=2 * retries + 1, max_task_retries=retries)
+
+
+def _collect(rows: list[dict[str, Any]], states: dict[str, _UnitState], publish, stats: dict[str, Any],
+             batch_size: int) -> None:
+    touched = set()
+    for r in rows:
+        st = states.get(r["unit_key"])
+        if st is None:
+            continue
+        if st.published:  # a repeat of a row whose unit is already out: never written twice
+            stats["duplicates"] += 1
+            continue
+        if st.first_seen is None:
+            st.first_seen = time.perf_counter()
+        if r["fatal"]:
+            st.fatal = st.fatal or r["fatal"]
+            st.final.add(r["pos"])
+            continue
+        ident = (r["pos"], r["attempt"])
+        if ident in st.records:
+            stats["duplicates"] += 1
+            continue
+        st.records[ident] = r
+        if r["last"]:
+            st.final.add(r["pos"])
+        if r["fallback"]:
+            st.fallback_chunks.add(r["pos"] // batch_size)
+        touched.add(r["unit_key"])
+    for key in touched:
+        st = states[key]
+        if st.fatal is None and len(st.final) == len(st.unit.rows) and st.records:
+            publish(st)
+
+
+def _finish(units, outcomes, stats, t_stage, say) -> StageOutcomes:
+    result = StageOutcomes(outcomes[u.key] for u in units)
+    stats["seconds"] = round(time.perf_counter() - t_stage, 2)
+    stats["done"] = sum(o.status == "done" for o in result)
+    stats["failed"] = sum(o.status == "failed" for o in result)
+    result.stats = stats
+    for name, v in sorted(stats["per_instance"].items()):
+        say(f"synthesis {name}: {v['rows']} rows ({v['kept']} kept, {v['errors']} errors), "
+            f"{v['loads']} generator load(s)")
+    say(f"synthesis (ray data): {stats['done']} done, {stats['skipped']} skipped, {stats['failed']} failed; "
+        f"{stats['rows']} rows, {stats['errors']} row errors; {stats['loads']} generator loads on "
+        f"{stats['actors']} actor(s) in {stats['seconds']:.1f} s")
+    return result
