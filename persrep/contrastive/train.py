@@ -167,13 +167,15 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
         history["loss"].append(float(loss.item()))
         history["accuracy"].append(acc)
         done = step + 1
-        if progress:
-            progress({"instance": data.instance, "step": done, "steps": n_steps,
-                      "loss": float(loss.item()), "triplet_accuracy": acc})
-        if done % pz.checkpoint_every == 0 or done == n_steps:
+        saved = done % pz.checkpoint_every == 0 or done == n_steps
+        if saved:
             _save_checkpoint(ckpt_path, {"run_key": run_key, "step": done,
                                          "lora": {k: v.detach().cpu() for k, v in lora_state_dict(backbone).items()},
                                          "optim": optim.state_dict(), "history": history})
+        if progress:  # after the checkpoint, so a caller sees each checkpoint at its own step
+            progress({"instance": data.instance, "step": done, "steps": n_steps,
+                      "loss": float(loss.item()), "triplet_accuracy": acc,
+                      "checkpoint": str(ckpt_path) if saved else None})
     finished = len(history["loss"]) >= n_steps
     seconds = time.perf_counter() - t0
     adapter = work / ADAPTER

@@ -30,10 +30,25 @@ class RayExecutor:
         self.progress = progress or (lambda _m: None)
         self.cpus_when_no_gpu = cpus_when_no_gpu
 
+    def synthesis_stage(self, ctx: Any, units: list[Any], progress: Callable[[str], None]) -> list[Outcome]:
+        """Stage 2 on a Ray Data actor pool (generators stay loaded across batches)."""
+        from persrep.distributed.synthesis import run_synthesis_stage
+
+        return run_synthesis_stage(ctx, units, progress, self.max_retries)
+
     def _options(self, resources: Resources) -> dict[str, Any]:
         if resources.gpus > 0 and cluster_gpus() > 0:
             return {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
         return {"num_cpus": self.cpus_when_no_gpu or resources.cpus, "num_gpus": 0}
+
+    def run_personalization(self, ctx: Any, units: list[Any], labels: list[str],
+                            tracker: Any = None) -> list[Outcome]:
+        """Stage 3 as Ray Tune trials (persrep.distributed.tune_stage); the runner calls this."""
+        from persrep.distributed.tune_stage import run_personalization_stage
+
+        return run_personalization_stage(
+            ctx, units, self.progress, self.max_retries, labels=labels,
+            tracking_tags=tracker.parent_run_tags() if tracker is not None else None)
 
     def map(self, fn, ctx, units, labels, resources, stage) -> list[Outcome]:
         if not units:

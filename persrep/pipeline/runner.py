@@ -54,16 +54,24 @@ class RunSummary:
         return 1 if self.failures else 0
 
 
-def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, labels,
-           resources: Resources, say: Progress) -> list[Outcome]:
+def _special_stage(summary: RunSummary, name: str, how: str, n_units: int, say: Progress,
+                   run: Callable[[], list[Outcome]]) -> list[Outcome]:
+    """Time a stage, record its outcomes in the summary, and say how it went."""
     t0 = time.perf_counter()
-    say(f"stage {name}: {len(units)} units")
-    outcomes = executor.map(fn, ctx, units, labels, resources, name) if units else []
-    summary.record(name, outcomes, time.perf_counter() - t0)
+    say(f"stage {name}: {n_units} units{f' ({how})' if how else ''}")
+    outs = run()
+    summary.record(name, outs, time.perf_counter() - t0)
     c = summary.stages[name]
     say(f"stage {name}: {c['done']} done, {c['skipped']} skipped (finished earlier), "
         f"{c['failed']} failed in {summary.timings[name]:.1f} s")
-    return outcomes
+    return outs
+
+
+def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, labels,
+           resources: Resources, say: Progress) -> list[Outcome]:
+    """A stage whose units the executor maps over (in-process loop or Ray tasks)."""
+    return _special_stage(summary, name, "", len(units), say,
+                          lambda: executor.map(fn, ctx, units, labels, resources, name) if units else [])
 
 
 def run_pipeline(settings: Settings, progress: Progress | None = None,
@@ -130,8 +138,17 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
         unit.key = synthesis_key(ctx, group, rows, unit.generator_key,
                                  {"cut_paste": settings.synthesis.cut_paste} if unit.generator == "cut_paste" else {})
         syn_units.append(unit)
-    outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
-                  [u.group for u in syn_units], heavy, say)
+    synthesis_stage = getattr(executor, "synthesis_stage", None)  # Ray: a Ray Data actor pool
+    if synthesis_stage is not None and syn_units:
+        outs = _special_stage(summary, "synthesis", "Ray Data", len(syn_units), say,
+                              lambda: synthesis_stage(ctx, syn_units, say))
+        st = getattr(outs, "stats", None)
+        if st:
+            summary.notes.append(f"synthesis: {st['rows']} rows, {st['errors']} row errors, "
+                                 f"{st['loads']} generator loads on {st['actors']} actor(s)")
+    else:
+        outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
+                      [u.group for u in syn_units], heavy, say)
     synthesized = {u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"}
 
     # 3. personalisation: one unit per (instance, data configuration, backbone)
@@ -151,8 +168,14 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
                 u = PersonalizeUnit(name, cat, cfg, bs, pos_key, sorted(neg_keys))
                 u.key = personalize_key(ctx, u)
                 pz_units.append(u)
-    outs = _stage(summary, executor, "personalization", run_personalize_unit, ctx, pz_units,
-                  [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units], heavy, say)
+    pz_labels = [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units]
+    stage3 = getattr(executor, "run_personalization", None)  # RayExecutor: one Tune trial per unit
+    if stage3 is not None and pz_units:
+        outs = _special_stage(summary, "personalization", "Ray Tune", len(pz_units), say,
+                              lambda: stage3(ctx, pz_units, pz_labels, tracker))
+    else:
+        outs = _stage(summary, executor, "personalization", run_personalize_unit, ctx, pz_units,
+                      pz_labels, heavy, say)
     adapters = [u for u, o in zip(pz_units, outs) if o.status != "failed"]
     for u, o in zip(pz_units, outs):  # one nested MLflow run per trained adapter
         if o.status == "done":

@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,19 +201,29 @@ def negatives_for(ctx: RunContext, u: PersonalizeUnit) -> tuple[list[bytes | Ima
     return [ds.read_image(p) for n in ds.names if n != u.instance for p in ds.instances[n].train], "in_pool"
 
 
-def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit) -> dict[str, Any]:
-    from persrep.contrastive.train import ADAPTER, TrainingData, train_one_instance
+def training_data(ctx: RunContext, u: PersonalizeUnit):
+    """A unit's anchors, positives and negatives (single-process and data-parallel training)."""
+    from persrep.contrastive.train import TrainingData
 
-    if ctx.storage.is_finished(ADAPTERS, u.key):
-        return {"status": "skipped", "key": u.key}
     anchors = instance_data(ctx, u.instance).train_images
     # real-only: the positives *are* the real photos (augmentation makes them differ from the anchor)
     positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else list(anchors)
     negatives, neg_source = negatives_for(ctx, u)
-    data = TrainingData(u.instance, anchors, positives, negatives,
+    return TrainingData(u.instance, anchors, positives, negatives,
                         "synthetic" if u.positives_key else "real", neg_source)
+
+
+def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
+                         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train and publish one adapter; ``progress`` is called after every training step
+    (``train_one_instance``): the Tune stage reports it and surfaces its checkpoints."""
+    from persrep.contrastive.train import ADAPTER, train_one_instance
+
+    if ctx.storage.is_finished(ADAPTERS, u.key):
+        return {"status": "skipped", "key": u.key}
+    data = training_data(ctx, u)
     work = scratch_dir(ctx, "train", u.key)
-    res = train_one_instance(ctx.settings.personalization, u.backbone, data, work)
+    res = train_one_instance(ctx.settings.personalization, u.backbone, data, work, progress=progress)
     metrics = {k: v for k, v in res.metrics.items() if k != "loss_history"}
     meta = {"instance": u.instance, "data_config": u.config.label, "backbone": u.backbone.name,
             "metrics": metrics, "seconds": res.seconds, "resumed_from": res.resumed_from}

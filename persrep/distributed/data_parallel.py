@@ -1,0 +1,265 @@
+"""One large personalisation job, data-parallel over several workers (Ray Train V2 ``TorchTrainer``).
+
+For a backbone too slow for one GPU (ViT-B at 224 px, thousands of triplets) the unit's global
+batch is split over ``num_workers`` processes, DDP all-reduces the gradients of the LoRA
+parameters (the only trainable ones; the frozen base is never synchronised), and rank 0 publishes
+the adapter exactly as :func:`persrep.pipeline.work.run_personalize_unit` does (same files, same
+metadata), so evaluation cannot tell the two apart.
+
+Same optimisation problem as :func:`persrep.contrastive.train.train_one_instance`, not an
+approximation of it:
+
+* the InfoNCE loss couples the whole batch (every anchor sees every positive and negative of the
+  batch), so each rank embeds its shard, all-gathers the embeddings (its own shard keeps its
+  graph) and computes the *full-batch* loss; the sum over ranks of the shard gradients is the
+  full-batch gradient, hence ``(loss * world_size).backward()`` under DDP's averaging;
+* the batches, the per-step RNG seeding and the augmentation draws are those of
+  ``train_one_instance`` (every rank augments the whole batch in the same order and keeps its
+  shard), the initial LoRA weights come from the same seed; BatchNorm is frozen (eval mode), so a
+  sample's embedding does not depend on its shard;
+* hence with ``lora.dropout=0`` the adapter equals single-process training up to floating-point
+  summation order (tested); with dropout the masks are drawn per shard (statistically the same).
+
+Checkpoints have ``train_one_instance``'s format (rank 0 reports them with ``ray.train.report``);
+relaunching with the same (storage_path, name) resumes from the latest one (Train V2 semantics),
+and ``FailureConfig(max_failures)`` restarts the worker group from it after a worker failure.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persrep.config import content_key
+from persrep.contrastive.train import ADAPTER, CHECKPOINT, TrainingData, batch_indices, total_steps
+from persrep.pipeline.work import (ADAPTERS, PersonalizeUnit, instance_data, negatives_for, read_unit)
+from persrep.generation import shards
+
+
+def training_data(ctx: Any, u: PersonalizeUnit) -> TrainingData:
+    """The unit's anchors, positives and negatives, as ``run_personalize_unit`` assembles them.
+
+    (A copy of the lines inside ``run_personalize_unit``; ``persrep.pipeline.work.training_data``
+    is used instead once it exists, so the two cannot drift apart.)
+    """
+    from persrep.pipeline import work
+
+    shared = getattr(work, "training_data", None)
+    if shared is not None:
+        return shared(ctx, u)
+    anchors = instance_data(ctx, u.instance).train_images
+    # real-only: the positives *are* the real photos (augmentation makes them differ)
+    positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else list(anchors)
+    negatives, neg_source = negatives_for(ctx, u)
+    return TrainingData(u.instance, anchors, positives, negatives,
+                        "synthetic" if u.positives_key else "real", neg_source)
+
+
+def shard_positions(batch: int, world: int) -> list[np.ndarray]:
+    """Contiguous, near-equal shards of a batch's positions (a rank may get none)."""
+    return np.array_split(np.arange(batch), world)
+
+
+def _gather_full(local: Any, sizes: Sequence[int], rank: int) -> Any:
+    """All-gather (3, k_r, d) shards into (3, sum k_r, d); only the own shard keeps its graph."""
+    import torch
+    import torch.distributed as dist
+
+    width = max(sizes)
+    pad = width - local.shape[1]
+    padded = torch.cat([local, local.new_zeros(local.shape[0], pad, local.shape[2])], 1) if pad else local
+    bufs = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(bufs, padded.detach().contiguous())
+    parts = [local if r == rank else bufs[r][:, :k] for r, k in enumerate(sizes)]
+    return torch.cat(parts, 1)
+
+
+def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train worker
+    import ray.train
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from persrep.contrastive.losses import build_loss
+    from persrep.contrastive.train import _save_checkpoint, _to_pil
+    from persrep.contrastive.triplets import sample_triplets
+    from persrep.generation.base import stable_seed
+    from persrep.models.backbones import build_backbone, train_transform
+    from persrep.models.lora import apply_lora, lora_parameters, lora_state_dict, save_adapter
+
+    ctx, unit = config["ctx"], config["unit"]
+    pz, bs = ctx.settings.personalization, unit.backbone
+    tctx = ray.train.get_context()
+    rank, world = tctx.get_world_rank(), tctx.get_world_size()
+    dev = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+
+    data = training_data(ctx, unit)
+    run_key = content_key(pz, bs, data.key())  # == train_one_instance's: checkpoints interchange
+    torch.manual_seed(pz.seed)
+    backbone = apply_lora(build_backbone(bs), pz.lora).to(dev)
+    params = lora_parameters(backbone)
+    optim = torch.optim.Adam(params, lr=pz.learning_rate, betas=tuple(pz.betas),
+                             weight_decay=pz.weight_decay)
+    loss_fn = build_loss(pz.loss, pz.temperature)
+    augment = train_transform(bs)
+    # as train_one_instance: real-only positives are the few real photos, num_positives caps nothing
+    n_pos = len(data.positives) if data.positives_source == "real" else pz.num_positives
+    triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
+                               list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
+    anchors = [_to_pil(x) for x in data.anchors]
+    positives = [_to_pil(x) for x in data.positives] if data.positives else anchors
+    negatives = [_to_pil(x) for x in data.negatives]
+    n_steps = total_steps(pz)
+
+    start, history = 0, {"loss": [], "accuracy": []}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        from peft import set_peft_model_state_dict
+
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT, map_location=dev, weights_only=True)
+        if state.get("run_key") == run_key:
+            set_peft_model_state_dict(backbone.model, state["lora"])
+            optim.load_state_dict(state["optim"])
+            start, history = int(state["step"]), state["history"]
+
+    class Embed(nn.Module):  # DDP hooks forward(); the backbone's feature is a method
+        def __init__(self, b: nn.Module):
+            super().__init__()
+            self.b = b
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b.global_features(x, pz.feature)
+
+    backbone.train()  # frozen BatchNorm stays in eval mode (persrep.models.lora)
+    # frozen BatchNorm: buffers are identical on every rank and never change; don't sync them
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+            inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+    model = DistributedDataParallel(Embed(backbone), device_ids=[dev.index] if dev.type == "cuda" else None,
+                                    **sync)
+    use_amp = dev.type == "cuda"
+    every = max(1, int(config.get("report_every") or pz.checkpoint_every))
+    t0 = time.perf_counter()
+    for step in range(start, n_steps):
+        torch.manual_seed(stable_seed("train-step", pz.seed, step))
+        idx = batch_indices(pz, step)
+        # the whole batch's augmentations, in train_one_instance's order; keep this rank's shard
+        a = [augment(anchors[triplets[i][0]]) for i in idx]
+        p = [augment(positives[triplets[i][1]]) for i in idx]
+        n = [augment(negatives[triplets[i][2]]) for i in idx]
+        shards_ = shard_positions(len(idx), world)
+        sizes = [len(s) for s in shards_]
+        mine = shards_[rank]
+        if len(mine):
+            x = torch.stack([a[j] for j in mine] + [p[j] for j in mine] + [n[j] for j in mine])
+        else:  # an empty shard still runs forward/backward (DDP needs every rank), with no weight
+            x = a[0].unsqueeze(0)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            emb = model(x.to(dev)).float()
+        local = emb.reshape(3, len(mine), emb.shape[1]) if len(mine) else \
+            (emb * 0)[:0].reshape(3, 0, emb.shape[1])
+        full = _gather_full(local, sizes, rank)
+        ea, ep, en = full[0], full[1], full[2]
+        loss = loss_fn(ea, ep, en)
+        optim.zero_grad(set_to_none=True)
+        (loss * world).backward()  # DDP averages over ranks; the shards' gradients must add up
+        optim.step()
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity
+            acc = (cos(ea, ep) > cos(ea, en)).float().mean().item()
+        history["loss"].append(float(loss.item()))
+        history["accuracy"].append(acc)
+        done = step + 1
+        save = done % pz.checkpoint_every == 0 or done == n_steps
+        if save or done % every == 0:
+            metrics = {"loss": float(loss.item()), "triplet_accuracy": acc, "step": done, "steps": n_steps}
+            with tempfile.TemporaryDirectory(prefix="persrep-dp-") as d:
+                checkpoint = None
+                if save and rank == 0:
+                    _save_checkpoint(Path(d) / CHECKPOINT, {
+                        "run_key": run_key, "step": done,
+                        "lora": {k: v.detach().cpu() for k, v in lora_state_dict(backbone).items()},
+                        "optim": optim.state_dict(), "history": history})
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=checkpoint)  # a barrier for all ranks
+        if config.get("fail_at_step") == done and rank == world - 1 and not Path(config["fail_marker"]).exists():
+            Path(config["fail_marker"]).write_text(str(done))  # fault injection (tests)
+            raise RuntimeError(f"injected worker failure at step {done}")
+    seconds = time.perf_counter() - t0
+    if rank != 0:
+        return
+    losses = history["loss"]
+    k = max(1, min(10, len(losses) // 4))
+    metrics = {"final_loss": float(np.mean(losses[-k:])), "initial_loss": float(np.mean(losses[:k])),
+               "final_triplet_accuracy": float(np.mean(history["accuracy"][-k:])),
+               "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
+               "finished": True, "num_anchors": len(anchors), "num_positives": len(data.positives),
+               "num_negatives": len(negatives), "positives_source": data.positives_source,
+               "negatives_source": data.negatives_source, "data_parallel_workers": world}
+    meta = {"instance": unit.instance, "data_config": unit.config.label, "backbone": bs.name,
+            "metrics": metrics, "seconds": seconds, "resumed_from": start}
+    with tempfile.TemporaryDirectory(prefix="persrep-dp-") as d:
+        path = Path(d) / ADAPTER
+        save_adapter(backbone.cpu(), path)
+        ctx.storage.publish(ADAPTERS, unit.key, {
+            ADAPTER: path.read_bytes(),
+            "metrics.json": json.dumps({**meta, "loss_history": losses}).encode()}, meta)
+
+
+def train_data_parallel(ctx: Any, unit: PersonalizeUnit, num_workers: int, use_gpu: bool = False, *,
+                        cpus_per_worker: float | None = None, name: str | None = None,
+                        storage_path: str | None = None, storage_filesystem: Any = None,
+                        max_failures: int | None = None, callbacks: Sequence[Any] | None = None,
+                        report_every: int | None = None,
+                        _fault: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and publish one unit over ``num_workers`` Ray Train workers; the unit's outcome dict.
+
+    Skips a published unit. ``name`` defaults to ``dp-<unit key>``: a relaunch resumes. Call from
+    a driver with Ray initialised, or from inside a Tune trial (pass
+    ``callbacks=[ray.tune.integration.ray_train.TuneReportCallback()]``).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from persrep.distributed.tune_stage import tune_storage
+
+    if ctx.storage.is_finished(ADAPTERS, unit.key):
+        return {"status": "skipped", "key": unit.key}
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: need at least 1")
+    if storage_path is None:
+        storage_path, storage_filesystem = tune_storage(ctx)
+    res = ctx.settings.resources
+    per_worker: dict[str, float] = {"CPU": cpus_per_worker or (res.cpus_per_trial if use_gpu else
+                                                               res.cpus_per_actor)}
+    if use_gpu:
+        per_worker["GPU"] = 1.0
+    config = {"ctx": ctx, "unit": unit, "use_gpu": use_gpu, "report_every": report_every, **(_fault or {})}
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name or f"dp-{unit.key}", storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(
+                max_failures=res.max_retries if max_failures is None else max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=list(callbacks or [])))
+    result = trainer.fit()
+    meta = ctx.storage.verify_unit(ADAPTERS, unit.key).meta
+    value = {"status": "done", "key": unit.key, "seconds": meta.get("seconds", time.perf_counter() - t0),
+             **meta.get("metrics", {}), "resumed_from": meta.get("resumed_from", 0)}
+    if result.metrics:
+        value["last_reported_step"] = result.metrics.get("step")
+    return {k: v for k, v in value.items() if not (isinstance(v, float) and math.isnan(v))}

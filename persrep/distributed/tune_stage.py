@@ -1,0 +1,545 @@
+"""Stage 3 (personalisation) on Ray Tune: one trial per unit, retries, checkpoints, progress.
+
+``run_personalization_stage`` is what the runner calls for stage 3 when it runs on Ray:
+
+* units whose adapter is already published are skipped up front (no trial, no actor);
+* every remaining unit becomes one trial of a *function trainable* (``tune.with_resources``:
+  ``resources.gpus_per_trial`` GPUs when the cluster has GPUs, else
+  ``resources.cpus_per_trial`` CPUs, which may be fractional), at most
+  ``resources.max_concurrent_trials`` at a time;
+* inside the trial the library's unit function (:func:`persrep.pipeline.work.run_personalize_unit`,
+  which skips or publishes atomically) trains the adapter; every step is reported with
+  ``ray.tune.report`` (``loss``, ``triplet_accuracy``, ``step``) and every training checkpoint
+  that ``train_one_instance`` writes is surfaced as a ``ray.tune.Checkpoint``;
+* a trial that raises or whose worker dies is retried up to ``max_retries`` times
+  (``FailureConfig``); the retried trial gets its last ``ray.tune.Checkpoint`` and copies it into
+  the unit's scratch work dir when it is newer than what that dir holds, so it resumes where the
+  failed attempt stopped even on another node (the scratch dir is node-local when the storage
+  root is ``s3://``); ``train_one_instance``'s per-step seeding makes the resumed adapter equal
+  an uninterrupted run's;
+* the experiment's name is a content key of the stage's units, so relaunching the job with the
+  same units restores the same experiment (``Tuner.restore``: unfinished and errored trials
+  resume from their checkpoints);
+* the result is one :class:`Outcome` per unit, in the order given (done / skipped / failed, the
+  error, ``attempts`` = failures + 1), exactly what the runner's summary counts.
+
+Tune's own files (experiment state, trial checkpoints) live under ``<root>/.scratch/tune`` for a
+local storage root, ``<root>/.tune`` for an ``s3://`` root. On a multi-node cluster the Tune
+storage path must be reachable from every node (an ``s3://`` root, or a local root on a shared
+file system), otherwise a retry on another node cannot read the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.callback import CallbackList
+
+from persrep.config import content_key
+from persrep.contrastive.train import CHECKPOINT
+from persrep.distributed.session import cluster_gpus
+from persrep.pipeline.executor import Outcome, short_error
+from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, scratch_dir
+
+STAGE = "personalization"
+StepHook = Callable[[PersonalizeUnit, dict[str, Any]], None]
+
+
+# -- names, storage, resources ------------------------------------------------------------------
+def unit_label(u: PersonalizeUnit) -> str:
+    """The label the runner uses for a personalisation unit (summary, MLflow run names)."""
+    return f"{u.config.label}:{u.backbone.name}:{u.instance}"
+
+
+def experiment_name(units: Sequence[PersonalizeUnit]) -> str:
+    """Stable across relaunches of the same stage: a content key of the units' keys."""
+    return "personalize-" + content_key(sorted({u.key for u in units}))
+
+
+def tune_storage(ctx: Any) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Tune's experiment state and trial checkpoints."""
+    if ctx.storage.is_s3:
+        return f"{ctx.storage.base}/.tune", ctx.storage.fs
+    path = Path(ctx.storage.base) / ".scratch" / "tune"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path), None
+
+
+def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
+                    data_parallel_workers: int = 0) -> dict[str, float]:
+    """Resources of one trial: GPUs when the cluster has them, else (fractional) CPUs.
+
+    A data-parallel trial only drives a ``TorchTrainer`` (whose workers reserve their own
+    resources), so it asks for a sliver of a CPU.
+    """
+    res = settings.resources
+    if data_parallel_workers > 1:
+        return {"cpu": 0.01}
+    gpus = cluster_gpus() if gpus_in_cluster is None else gpus_in_cluster
+    if res.gpus_per_trial > 0 and gpus > 0:
+        return {"cpu": res.cpus_per_trial, "gpu": min(res.gpus_per_trial, gpus)}
+    return {"cpu": res.cpus_per_trial}
+
+
+def _dirname(label: str, key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label)[:80] + "-" + key[:8]
+
+
+class _TrialNamer:
+    """Trial names = unit labels (the MLflow run names); picklable for the experiment state."""
+
+    def __init__(self, labels: Mapping[str, str], dirs: bool = False):
+        self.labels = dict(labels)
+        self.dirs = dirs
+
+    def __call__(self, trial: Any) -> str:
+        key = trial.config["unit"]
+        label = self.labels.get(key, key)
+        return _dirname(label, key) if self.dirs else label
+
+
+# -- inside a trial ---------------------------------------------------------------------------
+def _checkpoint_step(path: Path) -> int:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is no checkpoint
+        return -1
+
+
+def restore_into(checkpoint: Any, work: Path) -> int | None:
+    """Copy a Tune checkpoint's training checkpoint into ``work`` when it is newer.
+
+    Returns the step it holds when it was copied, else None (no checkpoint, or the local one
+    is at least as far: a retry on the same node).
+    """
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        src = Path(d) / CHECKPOINT
+        if not src.exists():
+            return None
+        step = _checkpoint_step(src)
+        dest = work / CHECKPOINT
+        if dest.exists() and _checkpoint_step(dest) >= step:
+            return None
+        tmp = dest.with_name(dest.name + ".restore")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return step
+
+
+class TrialReporter:
+    """The ``progress`` callback given to training inside a trial.
+
+    Reports every ``report_every``-th step (and the last) with ``ray.tune.report``; whenever
+    training wrote a checkpoint (``info["checkpoint"]``) it is attached as a
+    ``ray.tune.Checkpoint`` (Tune persists a copy to its storage path before ``report``
+    returns). Then calls ``step_hook``.
+    """
+
+    def __init__(self, unit: PersonalizeUnit, checkpoint_file: Path, report_every: int = 1,
+                 step_hook: StepHook | None = None):
+        self.unit = unit
+        self.file = checkpoint_file
+        self.report_every = max(1, int(report_every))
+        self.step_hook = step_hook
+        self.reports = 0
+        self.checkpoints = 0
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        step, steps = int(info["step"]), int(info.get("steps", 0))
+        metrics = {"loss": float(info["loss"]), "triplet_accuracy": float(info["triplet_accuracy"]),
+                   "step": step, "steps": steps}
+        # train_one_instance names the checkpoint it wrote at this step (None when it wrote none)
+        if info.get("checkpoint") is not None and self.file.exists():
+            with tempfile.TemporaryDirectory(prefix="persrep-ckpt-") as d:
+                shutil.copyfile(self.file, Path(d) / CHECKPOINT)
+                (Path(d) / "unit.json").write_text(json.dumps({"key": self.unit.key, "seen_at_step": step}))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            self.checkpoints += 1
+            self.reports += 1
+        elif step % self.report_every == 0 or step == steps:
+            tune.report(metrics)
+            self.reports += 1
+        if self.step_hook is not None:
+            self.step_hook(self.unit, info)
+
+
+def call_unit(ctx: Any, unit: PersonalizeUnit, progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The library's unit function, reporting each training step (and checkpoint) to ``progress``."""
+    from persrep.pipeline import work
+
+    return work.run_personalize_unit(ctx, unit, progress=progress)
+
+
+def _final_metrics(value: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"unit_status": value.get("status", "done"),
+                           "outcome": json.dumps(value, default=str)}
+    for k, v in value.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[f"final_{k}" if not k.startswith("final_") else k] = float(v)
+    return out
+
+
+def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[str, PersonalizeUnit] | None = None,
+                      report_every: int = 1, step_hook: StepHook | None = None,
+                      data_parallel_workers: int = 0, use_gpu: bool = False) -> None:
+    """The Tune function trainable: one personalisation unit."""
+    unit = (units or {})[config["unit"]]
+    if ctx.storage.is_finished(ADAPTERS, unit.key):  # published meanwhile (another job)
+        tune.report(_final_metrics({"status": "skipped", "key": unit.key}))
+        return
+    if data_parallel_workers > 1:
+        from persrep.distributed.data_parallel import train_data_parallel
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        value = train_data_parallel(ctx, unit, data_parallel_workers, use_gpu,
+                                    callbacks=[TuneReportCallback()])
+        tune.report(_final_metrics(value))
+        return
+    work = scratch_dir(ctx, "train", unit.key)
+    restored = restore_into(tune.get_checkpoint(), work)
+    reporter = TrialReporter(unit, work / CHECKPOINT, report_every, step_hook)
+    value = call_unit(ctx, unit, reporter)
+    if restored is not None:
+        value = {**value, "restored_from_tune_checkpoint": restored}
+    import torch
+
+    tune.report(_final_metrics({**value, "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (the trial's actor) so far, in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+# -- on the driver ----------------------------------------------------------------------------
+@dataclass
+class _TrialRecord:
+    label: str
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    status: str = "running"  # running | complete | error
+    num_failures: int = 0
+    last_result: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _StageState:
+    labels: dict[str, str]
+    progress: Callable[[str], None]
+    callbacks: list[Any]
+    records: dict[str, _TrialRecord] = field(default_factory=dict)
+    total: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATES: dict[str, _StageState] = {}  # experiment name -> this driver's state (never pickled)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the user's exception inside a Ray wrapper (RayTaskError, actor died)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return short_error(cause)
+    text = short_error(exc)
+    if text.startswith("RayTaskError"):  # not unpicklable to its cause: its last line names it
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        text = (lines[-1] if lines else text)[:300]
+    return text
+
+
+def _trial_error(trial: Any) -> str:
+    """The latest error of a trial, in one line (read from the driver's copy of its error files)."""
+    import ray.cloudpickle as cloudpickle
+
+    for path in (getattr(trial, "pickled_error_file", None),):
+        if path and os.path.exists(path):
+            try:
+                with open(path, "rb") as f:
+                    return _root_cause(cloudpickle.load(f))
+            except Exception:  # noqa: BLE001 - fall back to the text trace
+                pass
+    try:
+        exc = trial.get_pickled_error()
+        if exc is not None:
+            return _root_cause(exc)
+    except Exception:  # noqa: BLE001
+        pass
+    txt = ""
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        txt = Path(path).read_text(errors="replace")
+    lines = [ln for ln in txt.strip().splitlines() if ln.strip() and not ln.startswith("Failure #")]
+    return (lines[-1] if lines else "trial failed")[:300]
+
+
+class StageCallback(CallbackList):
+    """Driver-side hook: records each trial's fate and prints progress; runs the user callbacks.
+
+    It pickles (into Tune's experiment state) as a bare token: a relaunch that restores the
+    experiment finds *this* driver's progress function, labels and callbacks (e.g. an
+    ``MLflowLoggerCallback`` nesting under this job's parent run), never stale copies.
+    """
+
+    def __init__(self, token: str):
+        self.token = token
+        super().__init__([])
+
+    @property
+    def _callbacks(self) -> list[Any]:  # CallbackList forwards every hook to these
+        state = _STATES.get(self.token)
+        return state.callbacks if state else []
+
+    @_callbacks.setter
+    def _callbacks(self, _value: list[Any]) -> None:
+        pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.token = state["token"]
+
+    def _state(self) -> _StageState | None:
+        return _STATES.get(self.token)
+
+    def _record(self, trial: Any) -> _TrialRecord | None:
+        st = self._state()
+        if st is None:
+            return None
+        key = trial.config["unit"]
+        with st.lock:
+            if key not in st.records:
+                st.records[key] = _TrialRecord(st.labels.get(key, key))
+            return st.records[key]
+
+    def on_trial_start(self, **info: Any) -> None:
+        rec = self._record(info["trial"])
+        if rec is not None:
+            rec.status = "running"
+        super().on_trial_start(**info)
+
+    def on_trial_recover(self, **info: Any) -> None:
+        trial = info["trial"]
+        rec, st = self._record(trial), self._state()
+        if rec is not None and st is not None:
+            rec.num_failures = trial.num_failures
+            err = _trial_error(trial)
+            rec.errors.append(err)
+            st.progress(f"{STAGE}: retrying {rec.label} (attempt {trial.num_failures + 1}): {err}")
+        super().on_trial_recover(**info)
+
+    def on_trial_complete(self, **info: Any) -> None:
+        trial = info["trial"]
+        rec, st = self._record(trial), self._state()
+        if rec is not None and st is not None:
+            rec.status, rec.finished = "complete", time.perf_counter()
+            rec.num_failures = trial.num_failures
+            rec.last_result = dict(trial.last_result or {})
+            self._done_line(st, rec, rec.last_result.get("unit_status", "done"))
+        super().on_trial_complete(**info)
+
+    def on_trial_error(self, **info: Any) -> None:
+        trial = info["trial"]
+        rec, st = self._record(trial), self._state()
+        if rec is not None and st is not None:
+            rec.status, rec.finished = "error", time.perf_counter()
+            rec.num_failures = trial.num_failures
+            rec.errors.append(_trial_error(trial))
+            rec.last_result = dict(trial.last_result or {})
+            self._done_line(st, rec, "failed")
+        super().on_trial_error(**info)
+
+    @staticmethod
+    def _done_line(st: _StageState, rec: _TrialRecord, status: str) -> None:
+        with st.lock:
+            n = sum(r.status != "running" for r in st.records.values())
+        st.progress(f"{STAGE}: {n}/{st.total} {rec.label} -> {status}"
+                    + (f" after {rec.num_failures + (status != 'failed')} attempts"
+                       if rec.num_failures else ""))
+
+
+def _prior_trials(exp_path: str, fs: Any) -> dict[str, str]:
+    """unit key -> status of the trials of an existing experiment."""
+    try:
+        analysis = tune.ExperimentAnalysis(exp_path, storage_filesystem=fs)
+    except Exception:  # noqa: BLE001 - unreadable state: start afresh
+        return {}
+    return {t.config.get("unit"): t.status for t in analysis.trials if t.config.get("unit")}
+
+
+def _mlflow_callback(mlflow: Mapping[str, Any], tags: Mapping[str, str] | None) -> Any:
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    kwargs = dict(mlflow)
+    kwargs["tags"] = {**(kwargs.get("tags") or {}), **(tags or {})}
+    return MLflowLoggerCallback(**kwargs)
+
+
+def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
+                              progress: Callable[[str], None] | None = None,
+                              max_retries: int | None = None,
+                              tracking_tags: Mapping[str, str] | None = None, *,
+                              callbacks: Sequence[Any] | None = None,
+                              mlflow: Mapping[str, Any] | None = None,
+                              labels: Sequence[str] | None = None,
+                              name: str | None = None,
+                              storage_path: str | None = None,
+                              storage_filesystem: Any = None,
+                              report_every: int = 1,
+                              step_hook: StepHook | None = None,
+                              data_parallel_workers: int = 0,
+                              max_concurrent_trials: int | None = None) -> list[Outcome]:
+    """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit.
+
+    ``tracking_tags`` (e.g. ``{"mlflow.parentRunId": id}``) are merged into the tags of every
+    ``MLflowLoggerCallback`` in ``callbacks`` and of the one built from ``mlflow`` (keyword
+    arguments of ``MLflowLoggerCallback``, e.g. ``Tracker.tune_callback_kwargs()``), so each
+    trial's run nests under the job's parent run. ``step_hook(unit, info)`` runs inside the trial
+    after each step is reported (fault injection in tests, custom stopping). With
+    ``data_parallel_workers > 1`` each trial fits a ``TorchTrainer`` over that many workers
+    (:mod:`persrep.distributed.data_parallel`). Ray must be initialised.
+    """
+    say = progress or (lambda _m: None)
+    settings = ctx.settings
+    max_retries = settings.resources.max_retries if max_retries is None else max_retries
+    labels = list(labels) if labels is not None else [unit_label(u) for u in units]
+    if len(labels) != len(units):
+        raise ValueError(f"{len(labels)} labels for {len(units)} units")
+
+    outcomes: list[Outcome | None] = [None] * len(units)
+    todo: dict[str, PersonalizeUnit] = {}
+    label_of: dict[str, str] = {}
+    for i, u in enumerate(units):
+        if not u.key:
+            raise ValueError(f"unit {labels[i]} has no key (set it with personalize_key)")
+        if u.key in todo:
+            continue
+        if ctx.storage.is_finished(ADAPTERS, u.key):
+            outcomes[i] = Outcome(labels[i], "skipped", {"status": "skipped", "key": u.key})
+        else:
+            todo[u.key], label_of[u.key] = u, labels[i]
+    say(f"{STAGE}: {len(units) - len(todo)} of {len(units)} units already published; "
+        f"{len(todo)} to train as Tune trials")
+
+    if todo:
+        records = _run_trials(ctx, todo, label_of, say, max_retries, tracking_tags,
+                              list(callbacks or []), mlflow, name or experiment_name(units),
+                              storage_path, storage_filesystem, report_every, step_hook,
+                              data_parallel_workers, max_concurrent_trials)
+        by_key = {k: _outcome(ctx, k, label_of[k], records.get(k)) for k in todo}
+        for i, u in enumerate(units):
+            if outcomes[i] is None:
+                o = by_key[u.key]
+                outcomes[i] = Outcome(labels[i], o.status, o.value, o.error, o.attempts, o.seconds)
+    return [o for o in outcomes if o is not None]
+
+
+def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcome:
+    if rec is None or rec.status == "running":
+        # no trial ran for it in this launch (e.g. it finished in an earlier, restored launch)
+        if ctx.storage.is_finished(ADAPTERS, key):
+            return Outcome(label, "done", {"status": "done", "key": key})
+        return Outcome(label, "failed", {}, "no Tune trial ran for this unit", 1)
+    seconds = (rec.finished or time.perf_counter()) - rec.started
+    if rec.status == "complete":
+        try:
+            value = json.loads(rec.last_result.get("outcome", "{}"))
+        except (TypeError, ValueError):
+            value = {}
+        value = value or {"status": "done", "key": key}
+        return Outcome(label, value.get("status", "done"), value, None, rec.num_failures + 1, seconds)
+    err = rec.errors[-1] if rec.errors else "trial failed"
+    return Outcome(label, "failed", {}, err, max(1, rec.num_failures), seconds)
+
+
+def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, str],
+                say: Callable[[str], None], max_retries: int, tracking_tags: Mapping[str, str] | None,
+                callbacks: list[Any], mlflow: Mapping[str, Any] | None, name: str,
+                storage_path: str | None, fs: Any, report_every: int, step_hook: StepHook | None,
+                dp_workers: int, max_concurrent: int | None) -> dict[str, _TrialRecord]:
+    settings = ctx.settings
+    if storage_path is None:
+        storage_path, fs = tune_storage(ctx)
+    if tracking_tags:
+        for cb in callbacks:  # MLflowLoggerCallback keeps its tags in .tags
+            if isinstance(getattr(cb, "tags", None), dict):
+                cb.tags.update(tracking_tags)
+    if mlflow:
+        callbacks.append(_mlflow_callback(mlflow, tracking_tags))
+
+    gpus = cluster_gpus()
+    resources = trial_resources(settings, gpus, dp_workers)
+    use_gpu = gpus > 0 and settings.resources.gpus_per_trial > 0
+    if dp_workers > 1 and use_gpu and gpus < dp_workers:
+        # Train would wait for the GPUs forever: say so now
+        raise ValueError(f"data_parallel_workers={dp_workers} needs {dp_workers} GPUs, the cluster has "
+                         f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 to train on CPUs")
+    trainable = tune.with_resources(
+        tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=report_every,
+                             step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu),
+        resources)
+
+    keys = sorted(todo)
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
+    restore = False
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        prior = _prior_trials(exp_path, fs)
+        resumable = {k for k, status in prior.items() if status != "TERMINATED"}
+        if set(keys) <= resumable:
+            restore = True
+        else:  # the old experiment does not cover what is left: a fresh one beside it
+            name = f"{name}-{content_key(keys, length=8)}"
+            exp_path = f"{storage_path.rstrip('/')}/{name}"
+            restore = tune.Tuner.can_restore(exp_path, storage_filesystem=fs) and \
+                set(keys) <= {k for k, s in _prior_trials(exp_path, fs).items() if s != "TERMINATED"}
+
+    # the token is the experiment's name: a restored run config (which holds the StageCallback
+    # pickled by the earlier launch) finds this launch's state under the same token
+    token = name
+    if token in _STATES:
+        raise RuntimeError(f"Tune experiment {name} is already running in this process")
+    state = _StageState(dict(label_of), say, callbacks, total=len(keys))
+    _STATES[token] = state
+    try:
+        if restore:
+            say(f"{STAGE}: resuming Tune experiment {exp_path}")
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"unit": tune.grid_search(keys)},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=max_concurrent or settings.resources.max_concurrent_trials,
+                    reuse_actors=True, trial_name_creator=_TrialNamer(label_of),
+                    trial_dirname_creator=_TrialNamer(label_of, dirs=True)),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage_path, storage_filesystem=fs,
+                    failure_config=tune.FailureConfig(max_failures=max_retries),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[StageCallback(token)], verbose=0))
+        tuner.fit()
+        return dict(state.records)
+    finally:
+        _STATES.pop(token, None)
