@@ -222,6 +222,8 @@ class ResourcesSettings(Section):
     gpus_per_trial: float = Field(1.0, ge=0, le=8)
     max_retries: int = Field(2, ge=0, le=20)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    data_parallel_workers: int = Field(0, ge=0, le=512, description="> 1: each personalisation "
+                                       "trial trains data-parallel over this many workers (TorchTrainer)")
 
 
 class StorageSettings(Section):

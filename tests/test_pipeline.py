@@ -106,3 +106,24 @@ def test_pipeline_on_ray_matches_in_process(tmp_path, ray_local):
     key = ["instance", "task", "metric", "scene", "model", "data_config"]
     pd.testing.assert_frame_equal(a[cols].sort_values(key).reset_index(drop=True),
                                   b[cols].sort_values(key).reset_index(drop=True))
+
+
+def test_a_row_that_raises_is_reported_and_fails_the_exit_code(tmp_path, monkeypatch):
+    from persrep.generation import cut_paste
+
+    real = cut_paste.CutPasteGenerator.sample
+
+    def sample(self, rows):
+        if any(r.instance == "mug_1" and r.index == 2 for r in rows):
+            raise RuntimeError("simulated bad row")
+        return real(self, rows)
+
+    monkeypatch.setattr(cut_paste.CutPasteGenerator, "sample", sample)
+    s = _settings(tmp_path / "root", "generator.types=[cut_paste]", "evaluation.tasks=[classification]")
+    summary = run_pipeline(s)
+    assert summary.exit_code == 1
+    [fail] = summary.failures
+    assert fail["stage"] == "synthesis" and fail["unit"].endswith(":mug_1")
+    assert fail["error"].startswith("1 of 4 rows failed")
+    # the other rows were generated, and the instance was still personalised and evaluated
+    assert summary.stages["personalization"]["done"] == 4

@@ -48,7 +48,8 @@ class RayExecutor:
 
         return run_personalization_stage(
             ctx, units, self.progress, self.max_retries, labels=labels,
-            tracking_tags=tracker.parent_run_tags() if tracker is not None else None)
+            tracking_tags=tracker.parent_run_tags() if tracker is not None else None,
+            data_parallel_workers=ctx.settings.resources.data_parallel_workers)
 
     def map(self, fn, ctx, units, labels, resources, stage) -> list[Outcome]:
         if not units:

@@ -116,6 +116,8 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
     outs = _stage(summary, executor, "generator_prep", run_generator_unit, ctx, gen_units,
                   [f"{u['generator']}:{u['instance']}" for u in gen_units], heavy, say)
     ready = {(u["generator"], u["instance"]): u["key"] for u, o in zip(gen_units, outs) if o.status != "failed"}
+    for u, o in zip(gen_units, outs):  # the per-instance status table of generator prep
+        say(f"  {u['instance']:24s} {u['generator']:18s} {o.status:8s} {o.error or ''}")
 
     # 2. synthesis: one unit per group of rows (a generator loaded once per group)
     configs = {c.key: c for c in data_configs(settings)}
@@ -150,6 +152,11 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
         outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
                       [u.group for u in syn_units], heavy, say)
     synthesized = {u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"}
+    for u, o in zip(syn_units, outs):  # rows that raised: kept in the shards with their error
+        if o.value.get("errors"):
+            summary.failures.append({"stage": "synthesis", "unit": u.group, "attempts": o.attempts,
+                                     "error": f"{o.value['errors']} of {o.value.get('rows', '?')} rows "
+                                              "failed to generate (their error is in the shard rows)"})
 
     # 3. personalisation: one unit per (instance, data configuration, backbone)
     pz_units: list[PersonalizeUnit] = []
