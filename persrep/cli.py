@@ -78,6 +78,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_data_composite(args: argparse.Namespace) -> int:
+    from persrep.data.composite import cmd_data_composite as run
+
+    return run(args)
+
+
 def cmd_data_pods(args: argparse.Namespace) -> int:
     from persrep.data.pods import materialize_pods
 
@@ -141,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-train", type=int, default=3)
     p.add_argument("--dense", action="store_true", help="warn when dense-task masks are missing")
     p.set_defaults(func=cmd_data_check)
+
+    p = data.add_parser("composite", help="harder test scenes: objects pasted (exact masks) on real "
+                        "backgrounds in the four PODS scenes; disjoint training backgrounds")
+    p.add_argument("src", help="data set with train/test masks (e.g. imported COIL)")
+    p.add_argument("backgrounds", help="folder of background photos (split into disjoint halves)")
+    p.add_argument("dest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=224, help="side of the composited images (px)")
+    p.add_argument("--test-per-instance", type=int, default=24)
+    p.add_argument("--dense-per-instance", type=int, default=0)
+    p.add_argument("--distractor-instances", default="3",
+                   help="held-out instances used only as distractors: a count or comma-separated names")
+    p.add_argument("--negative-instances", default="0",
+                   help="held-out instances written only as negatives: a count or names")
+    p.add_argument("--negatives-per-instance", type=int, default=24)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_data_composite)
 
     p = data.add_parser("pods", help="PODS parquet export -> reference layout")
     p.add_argument("src")
