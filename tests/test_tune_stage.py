@@ -247,7 +247,8 @@ def test_data_parallel_matches_single_process_and_survives_a_worker_failure(toy_
     import numpy as np
 
     from persrep.contrastive.train import personalised_backbone, train_one_instance
-    from persrep.distributed.data_parallel import train_data_parallel, training_data
+    from persrep.distributed.data_parallel import train_data_parallel
+    from persrep.pipeline.work import training_data
 
     ctx = _ctx(toy_data, tmp_path / "root", "personalization.lora.dropout=0", "personalization.max_steps=4",
                "personalization.batch_size=5", "personalization.checkpoint_every=2")

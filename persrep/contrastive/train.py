@@ -102,6 +102,40 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class TrainingSetup:
+    """Everything a training loop starts from; shared by ``train_one_instance`` and the
+    data-parallel trainer, so both draw the same triplets and start from the same weights."""
+
+    run_key: str
+    backbone: Any
+    optim: torch.optim.Optimizer
+    loss_fn: Any
+    augment: Any
+    triplets: list[tuple[int, int, int]]
+    anchors: list[Image.Image]
+    positives: list[Image.Image]
+    negatives: list[Image.Image]
+
+    @classmethod
+    def build(cls, pz: PersonalizationSettings, backbone_settings: BackboneSettings,
+              data: TrainingData, device: torch.device) -> "TrainingSetup":
+        run_key = content_key(pz, backbone_settings, data.key())  # checkpoints carry it
+        torch.manual_seed(pz.seed)
+        backbone = apply_lora(build_backbone(backbone_settings), pz.lora).to(device)
+        optim = torch.optim.Adam(lora_parameters(backbone), lr=pz.learning_rate,
+                                 betas=tuple(pz.betas), weight_decay=pz.weight_decay)
+        # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
+        n_pos = len(data.positives) if data.positives_source == "real" else pz.num_positives
+        triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
+                                   list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
+        anchors = [_to_pil(x) for x in data.anchors]
+        return cls(run_key, backbone, optim, build_loss(pz.loss, pz.temperature),
+                   train_transform(backbone_settings), triplets, anchors,
+                   [_to_pil(x) for x in data.positives] if data.positives else anchors,
+                   [_to_pil(x) for x in data.negatives])
+
+
 def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneSettings,
                        data: TrainingData, work_dir: str | Path, *,
                        progress: Callable[[dict[str, Any]], None] | None = None,
@@ -115,21 +149,10 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    run_key = content_key(pz, backbone_settings, data.key())
-    torch.manual_seed(pz.seed)
-    backbone = apply_lora(build_backbone(backbone_settings), pz.lora).to(dev)
-    params = lora_parameters(backbone)
-    optim = torch.optim.Adam(params, lr=pz.learning_rate, betas=tuple(pz.betas),
-                             weight_decay=pz.weight_decay)
-    loss_fn = build_loss(pz.loss, pz.temperature)
-    augment = train_transform(backbone_settings)
-    # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
-    n_pos = len(data.positives) if data.positives_source == "real" else pz.num_positives
-    triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
-                               list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
-    anchors = [_to_pil(x) for x in data.anchors]
-    positives = [_to_pil(x) for x in data.positives] if data.positives else anchors
-    negatives = [_to_pil(x) for x in data.negatives]
+    setup = TrainingSetup.build(pz, backbone_settings, data, dev)
+    run_key, backbone, optim, loss_fn, augment = (setup.run_key, setup.backbone, setup.optim,
+                                                  setup.loss_fn, setup.augment)
+    triplets, anchors, positives, negatives = setup.triplets, setup.anchors, setup.positives, setup.negatives
     n_steps = total_steps(pz)
 
     start, history = 0, {"loss": [], "accuracy": []}

@@ -38,29 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from persrep.config import content_key
-from persrep.contrastive.train import ADAPTER, CHECKPOINT, TrainingData, batch_indices, total_steps
-from persrep.pipeline.work import (ADAPTERS, PersonalizeUnit, instance_data, negatives_for, read_unit)
-from persrep.generation import shards
-
-
-def training_data(ctx: Any, u: PersonalizeUnit) -> TrainingData:
-    """The unit's anchors, positives and negatives, as ``run_personalize_unit`` assembles them.
-
-    (A copy of the lines inside ``run_personalize_unit``; ``persrep.pipeline.work.training_data``
-    is used instead once it exists, so the two cannot drift apart.)
-    """
-    from persrep.pipeline import work
-
-    shared = getattr(work, "training_data", None)
-    if shared is not None:
-        return shared(ctx, u)
-    anchors = instance_data(ctx, u.instance).train_images
-    # real-only: the positives *are* the real photos (augmentation makes them differ)
-    positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else list(anchors)
-    negatives, neg_source = negatives_for(ctx, u)
-    return TrainingData(u.instance, anchors, positives, negatives,
-                        "synthetic" if u.positives_key else "real", neg_source)
+from persrep.contrastive.train import ADAPTER, CHECKPOINT, batch_indices, total_steps
+from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, training_data
 
 
 def shard_positions(batch: int, world: int) -> list[np.ndarray]:
@@ -88,12 +67,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from persrep.contrastive.losses import build_loss
-    from persrep.contrastive.train import _save_checkpoint, _to_pil
-    from persrep.contrastive.triplets import sample_triplets
+    from persrep.contrastive.train import TrainingSetup, _save_checkpoint
     from persrep.generation.base import stable_seed
-    from persrep.models.backbones import build_backbone, train_transform
-    from persrep.models.lora import apply_lora, lora_parameters, lora_state_dict, save_adapter
+    from persrep.models.lora import lora_state_dict, save_adapter
 
     ctx, unit = config["ctx"], config["unit"]
     pz, bs = ctx.settings.personalization, unit.backbone
@@ -102,21 +78,11 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     dev = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
     data = training_data(ctx, unit)
-    run_key = content_key(pz, bs, data.key())  # == train_one_instance's: checkpoints interchange
-    torch.manual_seed(pz.seed)
-    backbone = apply_lora(build_backbone(bs), pz.lora).to(dev)
-    params = lora_parameters(backbone)
-    optim = torch.optim.Adam(params, lr=pz.learning_rate, betas=tuple(pz.betas),
-                             weight_decay=pz.weight_decay)
-    loss_fn = build_loss(pz.loss, pz.temperature)
-    augment = train_transform(bs)
-    # as train_one_instance: real-only positives are the few real photos, num_positives caps nothing
-    n_pos = len(data.positives) if data.positives_source == "real" else pz.num_positives
-    triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
-                               list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
-    anchors = [_to_pil(x) for x in data.anchors]
-    positives = [_to_pil(x) for x in data.positives] if data.positives else anchors
-    negatives = [_to_pil(x) for x in data.negatives]
+    # the same setup as train_one_instance (same run key, so checkpoints interchange)
+    setup = TrainingSetup.build(pz, bs, data, dev)
+    run_key, backbone, optim, loss_fn, augment = (setup.run_key, setup.backbone, setup.optim,
+                                                  setup.loss_fn, setup.augment)
+    triplets, anchors, positives, negatives = setup.triplets, setup.anchors, setup.positives, setup.negatives
     n_steps = total_steps(pz)
 
     start, history = 0, {"loss": [], "accuracy": []}
