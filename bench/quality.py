@@ -268,9 +268,46 @@ def summarise(frame: pd.DataFrame, runs: list[dict], tasks: list[tuple[str, str]
     return out
 
 
+def add_leak_comparison(summary: dict[str, Any]) -> None:
+    """For each LEAKY variant: the non-leaky variant with the same positives on the *same*
+    instances, so the inflation reads as leaky minus honest, not leaky minus pretrained."""
+    for res in summary.values():
+        variants = res["variants"]
+        for name, e in variants.items():
+            if not e.get("leaky"):
+                continue
+            honest = next((v for v in ("cut_paste", "real_only") if v in name and v in variants), None)
+            if honest is None:
+                continue
+            for key, te in e["tasks"].items():
+                ref = variants[honest]["tasks"].get(key, {}).get("per_instance", {})
+                pairs = [(te["per_instance"][i], ref[i]) for i in te["per_instance"] if i in ref]
+                if pairs:
+                    te["non_leaky_same_instances"] = {
+                        "variant": honest, "mean": float(np.mean([b for _, b in pairs])),
+                        "inflation": float(np.mean([a - b for a, b in pairs])), "n": len(pairs)}
+
+
+def format_scenes(summary: dict[str, Any], tasks: list[tuple[str, str]]) -> str:
+    lines = ["per scene (mean over the variant's instances):"]
+    for dataset, res in summary.items():
+        for task, metric in tasks:
+            key = f"{task}.{metric}"
+            scenes = sorted({s for e in res["variants"].values() for s in e["tasks"].get(key, {}).get("per_scene", {})})
+            if not scenes:
+                continue
+            lines.append(f"  {dataset} {key:20s} " + " ".join(f"{s:>21s}" for s in scenes))
+            for variant, e in res["variants"].items():
+                ps = e["tasks"].get(key, {}).get("per_scene", {})
+                lines.append(f"    {variant[:28]:28s}    " + " ".join(
+                    f"{ps[s]['mean']:21.3f}" if s in ps else f"{'-':>21s}" for s in scenes))
+    return "\n".join(lines)
+
+
 def format_table(summary: dict[str, Any], tasks: list[tuple[str, str]]) -> str:
     lines = []
     cols = [f"{t}.{m}" for t, m in tasks]
+    notes_after: list[str] = []
     head = f"{'dataset':10s} {'variant':28s} {'n':>3s} " + " ".join(f"{c:>26s}" for c in cols) + f" {'s/inst':>7s}"
     lines.append(head)
     lines.append("-" * len(head))
@@ -287,10 +324,17 @@ def format_table(summary: dict[str, Any], tasks: list[tuple[str, str]]) -> str:
                 dtxt = f" ({delta['mean']:+.3f} {delta['n_improved']}/{delta['n']})" if delta else ""
                 cells.append(f"{te['mean']:.3f}±{std}{dtxt}".rjust(26))
             label = variant + ("  [LEAKY]" if e.get("leaky") else "")
+            if e.get("leaky"):
+                infl = [f"{c} {te['non_leaky_same_instances']['inflation']:+.3f}" for c, te in e["tasks"].items()
+                        if "non_leaky_same_instances" in te]
+                if infl:
+                    label_note = "inflation vs the honest variant on the same instances: " + ", ".join(infl)
+                    notes_after.append(f"{dataset} {variant}: {label_note}")
             tpi = e.get("time_per_instance_s", {}).get("total")
             lines.append(f"{dataset:10s} {label:28s} {e['n_instances']:3d} " + " ".join(cells)
                          + (f" {tpi:7.0f}" if tpi else f" {'-':>7s}"))
         lines.append("")
+    lines += notes_after
     lines.append("mean±std over instances (paired delta vs pretrained on the same instances, "
                  "instances improved / n); s/inst = synthesis + training + evaluation")
     return "\n".join(lines)
@@ -393,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     frame = results_frame(rows)
     head = [(t, m) for t, m in HEADLINE if t in tasks]
     summary = summarise(frame, runs, head)
-    table = format_table(summary, head)
+    add_leak_comparison(summary)
+    table = format_table(summary, head) + "\n\n" + format_scenes(summary, head)
     print(table)
     comp_info = json.loads((comp / "composite_info.json").read_text())["composite"]
     record = {

@@ -387,7 +387,6 @@ def plan_composite(ds: InstanceDataset, backgrounds: str | Path,
     planner = _Planner(ds, sources, cs, bg_test, bg_train, distractors)
     test: dict[str, ScenePlan] = {}
     dense: dict[str, ScenePlan] = {}
-    notes: list[str] = []
     for name in evaluated:
         inst = ds.instances[name]
         if not inst.test:
@@ -422,7 +421,7 @@ def plan_composite(ds: InstanceDataset, backgrounds: str | Path,
                 negs[f"{NEGATIVES_DIR}/{cat}_negatives/{n}_{k:02d}.png"] = planner.negative(srng, view)
     return {"evaluated": evaluated, "distractors": distractors, "negatives_instances": negatives,
             "bg_train": bg_train, "bg_test": bg_test, "test": test, "dense": dense,
-            "negatives": negs, "sources": sources, "notes": notes}
+            "negatives": negs, "sources": sources}
 
 
 # ---------------------------------------------------------------------------------------------
