@@ -227,7 +227,7 @@ def test_uri_resolution(tmp_path, monkeypatch):
 
 
 def test_retries_while_database_is_locked(monkeypatch):
-    import persrep.tracking as tr
+    import persrep.tracking.tracker as tr
 
     monkeypatch.setattr(tr.time, "sleep", lambda s: None)
     tracker = Tracker(TrackingSettings(enabled=False))

@@ -1,23 +1,4 @@
-"""MLflow tracking: one parent run per job or sweep, a nested child per trial/instance, no secrets.
-
-A :class:`Tracker` lives on the driver. It resolves the tracking URI (``tracking.uri``, else
-``$MLFLOW_TRACKING_URI``, else ``sqlite:///<storage root>/mlflow.db``), creates the experiment
-and ONE parent run, and logs children with the ``mlflow.parentRunId`` tag (how the MLflow UI
-nests runs). Ray Tune's ``MLflowLoggerCallback`` gets the same tag from :meth:`parent_run_tags`,
-so its per-trial runs nest under the same parent; workers never open the SQLite store
-themselves (SQLite locks under many writers, see docs/ENVIRONMENT.md).
-
-Nothing secret reaches MLflow: every param, tag and text artifact goes through
-:mod:`persrep.redaction` (keys like ``*secret*``/``*token*``/``*password*``, URL user-info, AWS
-key shapes, the values of secret-named environment variables). Binary artifacts that contain a
-secret environment value are not uploaded at all. Adapters and other large outputs are logged
-*by reference* (their storage URI as a tag), never as bytes.
-
-If the server cannot be reached the job goes on: the tracker turns ``degraded`` and says so in
-ONE warning line naming the URI and the fix; with ``tracking.required=true`` it raises
-:class:`TrackingError` instead, from :meth:`Tracker.connect`, which the orchestrator calls
-before any compute. ``mlflow`` is imported lazily (~2 s).
-"""
+"""The :class:`Tracker`: one parent MLflow run per job or sweep, nested children, degraded mode."""
 
 from __future__ import annotations
 
@@ -25,8 +6,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -35,111 +14,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["Tracker", "TrackingError", "resolve_tracking_uri", "mlflow_key", "mlflow_param_value"]
-
-from persrep.redaction import (redact_obj, redact_text,
-                               redact_value, secret_env_values)
+from persrep.redaction import redact_text, redact_value, secret_env_values
+from persrep.tracking.safe_copy import _stage_safe_copy
+from persrep.tracking.store import (MAX_TAG_VALUE, METRICS_PER_BATCH, PARAMS_PER_BATCH, PARENT_TAG,
+                                    _flatten, _is_locked, _sqlite_path, _truncate, mlflow_key,
+                                    mlflow_param_value, resolve_tracking_uri)
 
 log = logging.getLogger("persrep.tracking")
 
-MAX_KEY = 250          # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH (3.17)
-MAX_PARAM_VALUE = 6000  # MAX_PARAM_VAL_LENGTH
-MAX_TAG_VALUE = 8000    # MAX_TAG_VAL_LENGTH
-PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
-METRICS_PER_BATCH = 1000
-PARENT_TAG = "mlflow.parentRunId"
-TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".csv", ".tsv", ".html", ".htm",
-                 ".log", ".py", ".cfg", ".ini", ".toml", ".svg"}
 
 class TrackingError(RuntimeError):
     """Tracking was required (``tracking.required=true``) but is not available."""
 
-
-# ---------------------------------------------------------------------------------------------
-# MLflow limits
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def mlflow_key(key: str) -> str:
-    """A valid MLflow param/metric/tag key: bad characters replaced, <= 250 chars, still unique."""
-    k = str(key).replace("@", "_at_").replace("+", "_plus_")
-    k = _BAD_KEY_CHARS.sub("_", k)
-    k = re.sub(r"/+", "/", k).strip("/") or "_"
-    k = "/".join(p if p not in (".", "..") else "_" for p in k.split("/"))
-    if len(k) > MAX_KEY:
-        import hashlib
-
-        k = k[: MAX_KEY - 9] + "-" + hashlib.sha256(str(key).encode()).hexdigest()[:8]
-    return k
-
-
-def _truncate(s: str, limit: int) -> str:
-    if len(s) <= limit:
-        return s
-    marker = f"...[truncated {len(s) - limit + 40} chars]"
-    return s[: limit - len(marker)] + marker
-
-
-def mlflow_param_value(value: Any, limit: int = MAX_PARAM_VALUE) -> str:
-    if isinstance(value, (dict, list, tuple)):
-        value = json.dumps(value, default=str)
-    return _truncate("None" if value is None else str(value), limit)
-
-
-def _flatten(params: Mapping[str, Any] | Any) -> dict[str, Any]:
-    from persrep.config import flatten
-
-    return flatten(params) if params is not None else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# URI resolution
-def resolve_tracking_uri(uri: str | None, storage_root: str | None) -> tuple[str, str | None]:
-    """(tracking URI, a note to show the user or None).
-
-    ``uri`` wins, then ``$MLFLOW_TRACKING_URI``, then ``sqlite:///<storage root>/mlflow.db``.
-    An ``s3://`` storage root cannot hold SQLite: then ``~/.persrep/mlflow.db`` (or ./mlflow.db
-    when the home directory is not writable) is used, and the note says so.
-    """
-    if uri:
-        return uri, None
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env, None
-    root = storage_root or "runs/local"
-    parsed = urlparse(root)
-    if parsed.scheme in ("", "file"):
-        base = Path(parsed.path if parsed.scheme == "file" else root).expanduser().absolute()
-        return f"sqlite:///{base / 'mlflow.db'}", None
-    home = Path("~/.persrep").expanduser()
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        base = home
-    except OSError:
-        base = Path.cwd()
-    return (f"sqlite:///{base / 'mlflow.db'}",
-            f"tracking: storage root {redact_text(root)} is remote and tracking.uri is unset; "
-            f"using a local SQLite store {base / 'mlflow.db'} (set tracking.uri=http://<mlflow "
-            "server> to share runs across machines)")
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///rel.db`` / ``sqlite:////abs.db`` URI (None otherwise)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def _is_locked(exc: BaseException) -> bool:
-    seen = 0
-    e: BaseException | None = exc
-    while e is not None and seen < 5:
-        if "database is locked" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,36 +443,3 @@ class Tracker:
         if (d / "report").is_dir():
             self.log_artifact(d / "report", "report", run_id=run_id)
 
-
-def _stage_safe_copy(src: Path, dest: Path, env_values: list[str]) -> bool:
-    """Copy src -> dest, redacting text; False (nothing written) for a binary holding a secret."""
-    data = src.read_bytes()
-    is_text = src.suffix.lower() in TEXT_SUFFIXES
-    if not is_text:
-        try:
-            data.decode("utf-8")
-            is_text = b"\x00" not in data[:4096] and len(data) < 50_000_000
-        except UnicodeDecodeError:
-            is_text = False
-    if is_text:
-        text = data.decode("utf-8", errors="replace")
-        dest.write_text(_redact_document(text, src.suffix.lower(), env_values))
-        return True
-    if any(v.encode() in data for v in env_values):
-        return False
-    shutil.copyfile(src, dest)
-    return True
-
-
-def _redact_document(text: str, suffix: str, env_values: list[str]) -> str:
-    """Structured redaction for JSON/YAML (stays parseable), regex redaction otherwise."""
-    try:
-        if suffix == ".json":
-            return json.dumps(redact_obj(json.loads(text), env_values), indent=1, default=str)
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_dump(redact_obj(yaml.safe_load(text), env_values), sort_keys=False)
-    except Exception:  # noqa: BLE001 - fall back to text redaction
-        pass
-    return redact_text(text, env_values)
