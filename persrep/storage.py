@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -29,6 +30,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 MANIFEST = "MANIFEST.json"
+log = logging.getLogger(__name__)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-=+]+$")
 
@@ -39,6 +41,10 @@ class StorageError(RuntimeError):
 
 class CorruptUnitError(StorageError):
     """A published file whose bytes do not match its manifest checksum."""
+
+
+class StorageUnavailableError(StorageError):
+    """The storage root cannot be reached (endpoint down, network): the job cannot go on."""
 
 
 def validate_root_uri(root: str) -> None:
@@ -164,23 +170,30 @@ class Storage:
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - translated into one actionable line
-            raise StorageError(self._explain(exc, f"cannot write to storage root {self.root}")) from None
+            raise self._error(exc, f"cannot write to storage root {self.root}") from None
 
     def _endpoint_text(self) -> str:
         return self.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
 
     def _explain(self, exc: Exception, what: str) -> str:
+        return str(self._error(exc, what))
+
+    def _error(self, exc: Exception, what: str) -> StorageError:
+        """One actionable line; :class:`StorageUnavailableError` when the endpoint is unreachable."""
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if self.is_s3:
             low = text.lower()
-            if "accessdenied" in low.replace(" ", "") or "signature" in low or "invalidaccesskey" in low.replace(" ", ""):
+            squashed = low.replace(" ", "").replace("_", "")  # ACCESS_DENIED, Access Denied
+            if "accessdenied" in squashed or "signature" in low or "invalidaccesskey" in squashed:
                 hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
             elif "connect" in low or "curl" in low or "timed out" in low:
-                hint = f"is the S3 endpoint {self._endpoint_text()} up? (storage.s3_endpoint or $AWS_ENDPOINT_URL)"
+                return StorageUnavailableError(
+                    f"{what}: {text} (is the S3 endpoint {self._endpoint_text()} up? "
+                    "(storage.s3_endpoint or $AWS_ENDPOINT_URL); finished units are kept: re-run to resume)")
             else:
                 hint = "check the bucket, credentials and endpoint"
-            return f"{what}: {text} ({hint})"
-        return f"{what}: {text} (check the directory exists and is writable, or set storage.root)"
+            return StorageError(f"{what}: {text} ({hint})")
+        return StorageError(f"{what}: {text} (check the directory exists and is writable, or set storage.root)")
 
     # -- plain objects --------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -200,7 +213,7 @@ class Storage:
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(self._explain(exc, f"cannot write {self.uri(rel)}")) from None
+            raise self._error(exc, f"cannot write {self.uri(rel)}") from None
 
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -209,20 +222,20 @@ class Storage:
         except FileNotFoundError:
             raise StorageError(f"{self.uri(rel)}: not found") from None
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(self._explain(exc, f"cannot read {self.uri(rel)}")) from None
+            raise self._error(exc, f"cannot read {self.uri(rel)}") from None
 
     def exists(self, rel: str) -> bool:
         try:
             return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(self._explain(exc, f"cannot stat {self.uri(rel)}")) from None
+            raise self._error(exc, f"cannot stat {self.uri(rel)}") from None
 
     def list_dir(self, rel: str) -> list[str]:
         """Names directly under ``rel`` (empty when it does not exist)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(self._explain(exc, f"cannot list {self.uri(rel)}")) from None
+            raise self._error(exc, f"cannot list {self.uri(rel)}") from None
         return sorted(i.base_name for i in infos)
 
     def list_files(self, rel: str = "") -> list[tuple[str, int]]:
@@ -231,7 +244,7 @@ class Storage:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(self._explain(exc, f"cannot list {self.uri(rel)}")) from None
+            raise self._error(exc, f"cannot list {self.uri(rel)}") from None
         out = [(i.path[len(base):].lstrip("/"), i.size or 0) for i in infos
                if i.type == pafs.FileType.File]
         return sorted(out)
@@ -250,6 +263,24 @@ class Storage:
     def is_finished(self, stage: str, key: str) -> bool:
         return self.exists(f"{self.unit_rel(stage, key)}/{MANIFEST}")
 
+    def is_intact(self, stage: str, key: str) -> bool:
+        """Finished *and* every file matches its manifest checksum: what a re-run may skip.
+
+        A finished unit that fails verification (a file corrupted, truncated or deleted since it
+        was published) is unpublished here: its manifest is removed, so it counts as unfinished
+        and the stage that produces it recomputes it. Connection errors propagate.
+        """
+        if not self.is_finished(stage, key):
+            return False
+        try:
+            self.verify_unit(stage, key)
+            return True
+        except CorruptUnitError as exc:
+            reason = str(exc).split(": delete the unit", 1)[0]
+        self.fs.delete_file(self.path(self.unit_rel(stage, key), MANIFEST))
+        log.warning("%s: unpublished unit %s; it is recomputed now", reason, self.uri(stage, key))
+        return False
+
     def list_finished(self, stage: str) -> list[str]:
         return [k for k in self.list_dir(stage) if ".tmp-" not in k and self.is_finished(stage, k)]
 
@@ -258,7 +289,11 @@ class Storage:
         if not self.exists(rel):
             raise StorageError(f"unit {self.uri(stage, key)} is not finished (no {MANIFEST}): "
                                "re-run the stage that produces it")
-        return Manifest.from_json(self.read_bytes(rel))
+        try:
+            return Manifest.from_json(self.read_bytes(rel))
+        except (ValueError, KeyError, TypeError):
+            raise CorruptUnitError(f"{self.uri(rel)}: not a valid manifest: delete the unit "
+                                   f"({self.uri(stage, key)}) and re-run to regenerate it") from None
 
     @contextmanager
     def unit_writer(self, stage: str, key: str, meta: dict[str, Any] | None = None) -> Iterator["UnitWriter"]:
@@ -280,7 +315,15 @@ class Storage:
         if name not in man.files:
             raise StorageError(f"unit {self.uri(stage, key)} has no file {name!r} "
                                f"(has: {sorted(man.files)[:10]})")
-        data = self.read_bytes(f"{self.unit_rel(stage, key)}/{name}")
+        rel = f"{self.unit_rel(stage, key)}/{name}"
+        try:
+            data = self.read_bytes(rel)
+        except StorageError:
+            if self.exists(rel):
+                raise
+            raise CorruptUnitError(f"{self.uri(stage, key, name)}: missing although its manifest "
+                                   f"lists it: delete the unit ({self.uri(stage, key)}) and re-run "
+                                   "to regenerate it") from None
         if sha256_bytes(data) != man.files[name]["sha256"]:
             raise CorruptUnitError(f"{self.uri(stage, key, name)}: checksum mismatch with its "
                                    "manifest (corrupted or overwritten): delete the unit "

@@ -24,6 +24,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def describe_cluster(started: bool) -> str:
+    """One line: the cluster this job runs on, and whether it attached or started it."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    how = "started a local Ray cluster" if started else \
+        f"attached to the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    return (f"ray: {how} ({nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from persrep.cli import _model_errors
     from persrep.config import ConfigError, load_settings
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             from persrep.distributed.session import ensure_ray, release
 
             started = ensure_ray(settings.resources)
+            say(describe_cluster(started))
             try:
                 executor = RayExecutor(settings.resources.max_retries, say)
                 summary = run_pipeline(settings, say, executor, run_id=args.run_id)
@@ -61,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(summary.table)
     print(f"\nresults: {summary.run_uri}   stages: {summary.stages}   total {summary.timings.get('total')} s")
+    for r in summary.retries:
+        print(f"RETRIED {r['stage']} {r['unit']}: {r['attempts']} attempts, {r['status']}")
     for f in summary.failures:
         print(f"FAILED {f['stage']} {f['unit']}: {f['error']}")
     return summary.exit_code

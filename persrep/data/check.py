@@ -62,6 +62,8 @@ class CheckReport:
 
     def raise_on_errors(self) -> None:
         errs = self.of("error")
+        if len(errs) == 1:  # one problem, one line
+            raise DatasetError(f"data set has an error: {errs[0].line()}")
         if errs:
             more = f" (+{len(errs) - 5} more; run `persrep data check {self.root}`)" if len(errs) > 5 else ""
             raise DatasetError("data set has errors:\n" + "\n".join(f.line() for f in errs[:5]) + more)

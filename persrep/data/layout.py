@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from persrep.config import content_key
-from persrep.storage import Storage, StorageError
+from persrep.storage import MANIFEST, Storage, StorageError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "test", "test_dense")
@@ -232,7 +232,9 @@ def open_dataset(path: str, s3_endpoint: str | None = None) -> InstanceDataset:
                     masks[rel] = m
     scenes = {k: str(v) for k, v in info.get("image_to_scene", {}).items()}
     splits = {k: str(v) for k, v in info.get("class_to_split", {}).items()}
-    key = content_key({"root_listing": listing})
+    # the data's identity: its files (names, sizes), not the manifest that published them on S3 (its
+    # size varies with its timestamp), so the same data keys the same units on every storage root
+    key = content_key({"root_listing": [(f, n) for f, n in listing if f != MANIFEST]})
     return InstanceDataset(path, instances, masks, scenes, splits, info_file, key, storage,
                            frozenset(set(names) - set(class_to_sc)))
 

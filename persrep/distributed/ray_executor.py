@@ -16,6 +16,7 @@ import ray
 
 from persrep.distributed.session import cluster_gpus
 from persrep.pipeline.executor import Outcome, Resources, short_error
+from persrep.storage import StorageUnavailableError
 
 
 @ray.remote
@@ -25,10 +26,11 @@ def _run_unit(fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, unit: Any) -> 
 
 class RayExecutor:
     def __init__(self, max_retries: int = 2, progress: Callable[[str], None] | None = None,
-                 cpus_when_no_gpu: float | None = None):
+                 cpus_when_no_gpu: float | None = None, step_hook: Any = None):
         self.max_retries = max_retries
         self.progress = progress or (lambda _m: None)
         self.cpus_when_no_gpu = cpus_when_no_gpu
+        self.step_hook = step_hook  # passed to each personalisation trial (tune_stage.StepHook)
 
     def synthesis_stage(self, ctx: Any, units: list[Any], progress: Callable[[str], None]) -> list[Outcome]:
         """Stage 2 on a Ray Data actor pool (generators stay loaded across batches)."""
@@ -49,7 +51,7 @@ class RayExecutor:
         return run_personalization_stage(
             ctx, units, self.progress, self.max_retries, labels=labels,
             tracking_tags=tracker.parent_run_tags() if tracker is not None else None,
-            data_parallel_workers=ctx.settings.resources.data_parallel_workers)
+            data_parallel_workers=ctx.settings.resources.data_parallel_workers, step_hook=self.step_hook)
 
     def map(self, fn, ctx, units, labels, resources, stage) -> list[Outcome]:
         if not units:
@@ -76,6 +78,8 @@ class RayExecutor:
                     self.progress(f"{stage}: retrying {labels[i]} (attempt {attempts[i]}): {short_error(cause)}")
                     pending[task.remote(fn, ctx_ref, units[i])] = i
                     continue
+                if isinstance(cause, StorageUnavailableError):
+                    raise cause  # storage gone: no later unit can run; stop with its one line
                 outcomes[i] = Outcome(labels[i], "failed", {}, short_error(cause), attempts[i],
                                       time.perf_counter() - started[i])
             self.progress(f"{stage}: {len(outcomes)}/{len(units)} {labels[i]} -> {outcomes[i].status}")

@@ -13,15 +13,21 @@ from typing import Any
 
 import ray
 
-from persrep.config import ResourcesSettings
+from persrep.config import ConfigError, ResourcesSettings
 
 
 def ensure_ray(resources: ResourcesSettings | None = None, **init_kwargs: Any) -> bool:
     """Initialise Ray if needed. Returns True when this call started a local cluster."""
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, **init_kwargs)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        if address.startswith(("http://", "https://")):  # what the `ray job` CLI wants, not ray.init
+            raise ConfigError(f"RAY_ADDRESS={address} is a dashboard (job submission) address, not a "
+                              "cluster address: submit with `ray job submit --address "
+                              f"{address} -- python ray_jobs/run_all.py ...`, or set RAY_ADDRESS to "
+                              "the head's GCS address host:port (e.g. 127.0.0.1:6379) to attach")
+        ray.init(address=address, log_to_driver=True, **init_kwargs)
         return False
     # address="local": always a new cluster of our own, never one another user started here
     kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": True}

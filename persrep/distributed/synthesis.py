@@ -333,7 +333,7 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
     outcomes: dict[str, Outcome] = {}
     states: dict[str, _UnitState] = {}
     for u in units:
-        if ctx.storage.is_finished(shards.STAGE, u.key):
+        if ctx.storage.is_intact(shards.STAGE, u.key):
             outcomes[u.key] = Outcome(u.group, "skipped", {"status": "skipped", "key": u.key, "rows": len(u.rows)})
         else:
             states[u.key] = _UnitState(u)

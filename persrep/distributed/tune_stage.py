@@ -199,9 +199,11 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
                       report_every: int = 1, step_hook: StepHook | None = None,
                       data_parallel_workers: int = 0, use_gpu: bool = False) -> None:
     """The Tune function trainable: one personalisation unit."""
-    unit = (units or {})[config["unit"]]
-    if ctx.storage.is_finished(ADAPTERS, unit.key):  # published meanwhile (another job)
-        tune.report(_final_metrics({"status": "skipped", "key": unit.key}))
+    unit = (units or {}).get(config["unit"])
+    # not this launch's to train (a restored experiment also holds trials of units published
+    # since, e.g. before the driver was killed), or published meanwhile (another job)
+    if unit is None or ctx.storage.is_finished(ADAPTERS, unit.key):
+        tune.report(_final_metrics({"status": "skipped", "key": config["unit"]}))
         return
     if data_parallel_workers > 1:
         from persrep.distributed.data_parallel import train_data_parallel
@@ -328,6 +330,8 @@ class StageCallback(CallbackList):
         if st is None:
             return None
         key = trial.config["unit"]
+        if key not in st.labels:  # a restored trial of a unit published earlier: not ours
+            return None
         with st.lock:
             if key not in st.records:
                 st.records[key] = _TrialRecord(st.labels.get(key, key))
@@ -435,7 +439,7 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
             raise ValueError(f"unit {labels[i]} has no key (set it with personalize_key)")
         if u.key in todo:
             continue
-        if ctx.storage.is_finished(ADAPTERS, u.key):
+        if ctx.storage.is_intact(ADAPTERS, u.key):
             outcomes[i] = Outcome(labels[i], "skipped", {"status": "skipped", "key": u.key})
         else:
             todo[u.key], label_of[u.key] = u, labels[i]

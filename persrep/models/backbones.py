@@ -372,7 +372,8 @@ def _build_offline(name: str) -> nn.Module:
     return model
 
 
-def _build_from_hub(name: str, hub_id: str, kwargs: dict[str, Any]) -> nn.Module:
+def _hub_state(hub_id: str) -> tuple[bool, bool]:
+    """(offline, cached) for hub weights."""
     import huggingface_hub
     from huggingface_hub import constants as hf
 
@@ -381,6 +382,30 @@ def _build_from_hub(name: str, hub_id: str, kwargs: dict[str, Any]) -> nn.Module
         "1", "ON", "YES", "TRUE"}
     cached = any(isinstance(huggingface_hub.try_to_load_from_cache(hub_id, f), str)
                  for f in ("model.safetensors", "pytorch_model.bin"))
+    return offline, cached
+
+
+def require_weights(settings: BackboneSettings) -> None:
+    """Before compute: hub weights that are not cached while offline fail now, in one line."""
+    if weights_kind(settings.weights) == "hub":
+        hub_id = settings.weights.removeprefix("hf-hub:")
+        offline, cached = _hub_state(hub_id)
+        if offline and not cached:
+            raise _hub_unavailable(settings.name, hub_id, "HF_HUB_OFFLINE=1")
+
+
+def _hub_unavailable(name: str, hub_id: str, reason: str) -> WeightsUnavailableError:
+    from huggingface_hub import constants as hf
+
+    return WeightsUnavailableError(
+        f"backbone {name}: weights {hub_id!r} are not in the Hugging Face cache "
+        f"{hf.HF_HUB_CACHE} and cannot be downloaded ({reason}); provide them as a local "
+        "directory with model.safetensors or pytorch_model.bin (backbone weights=<dir>), "
+        "or pre-populate the cache (set HF_HOME)")
+
+
+def _build_from_hub(name: str, hub_id: str, kwargs: dict[str, Any]) -> nn.Module:
+    offline, cached = _hub_state(hub_id)
     reason = "HF_HUB_OFFLINE=1"
     if cached or not offline:  # else fail before spending seconds initialising a large model
         # url=None: never fall back to timm's GitHub release URLs; the hub (or its cache) only
@@ -390,8 +415,4 @@ def _build_from_hub(name: str, hub_id: str, kwargs: dict[str, Any]) -> nn.Module
                                      **kwargs)
         except OSError as exc:  # LocalEntryNotFound, OfflineModeIsEnabled, HTTP and DNS errors
             reason = type(exc).__name__
-    raise WeightsUnavailableError(
-        f"backbone {name}: weights {hub_id!r} are not in the Hugging Face cache "
-        f"{hf.HF_HUB_CACHE} and cannot be downloaded ({reason}); provide them as a local "
-        "directory with model.safetensors or pytorch_model.bin (backbone weights=<dir>), "
-        "or pre-populate the cache (set HF_HOME)")
+    raise _hub_unavailable(name, hub_id, reason)

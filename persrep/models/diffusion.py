@@ -247,6 +247,26 @@ def component_identity(base_model: str) -> dict[str, Any]:
     return {"kind": "hub", "model_id": base_model}
 
 
+def require_available(base_model: str) -> None:
+    """Before compute: a missing local directory, or a hub model that is not cached while offline,
+    fails now with the one line :func:`load_components` would give after minutes."""
+    if base_model == TINY:
+        return
+    if _looks_like_path(base_model):
+        source = Path(base_model).expanduser().resolve()
+        missing = [s for s in SD_SUBFOLDERS if not (source / s).is_dir()]
+        if not source.is_dir() or missing:
+            raise _unavailable(base_model, f"local directory {source}",
+                               "no such directory" if not source.is_dir() else f"missing subfolders {missing}",
+                               local=True)
+    elif _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(base_model, "unet/config.json", cache_dir=_hub_cache_dir()), str):
+            raise _unavailable(base_model, f"the Hugging Face cache {_hub_cache_dir()} (HF_HUB_OFFLINE is set)",
+                               "not in the cache")
+
+
 # ---------------------------------------------------------------------------------------------
 # pipelines and sampling
 def make_scheduler(components: DiffusionComponents, scheduler_name: str):

@@ -98,20 +98,22 @@ def materialise_data(settings: Settings, storage: Storage, progress: Progress | 
 
 def preflight_models(settings: Settings) -> list[str]:
     """Locate every model's weights now (one clear line each when missing). Returns notes."""
-    from persrep.models.backbones import backbone_identity
+    from persrep.models.backbones import backbone_identity, require_weights
 
     notes = []
     for bs in settings.personalization.backbones:
         ident = backbone_identity(bs)  # raises WeightsUnavailableError with the fix
+        require_weights(bs)  # hub weights neither cached nor downloadable: the same, now
         notes.append(f"backbone {bs.name}: weights {ident.get('weights_source')}")
     diffusion_needed = (any(t in ("dreambooth", "masked_dreambooth") for t in settings.generator.types)
                         or settings.personalization.negatives == "generated"
                         or settings.synthesis.cut_paste.backgrounds == "generated"
                         and "cut_paste" in settings.generator.types)
     if diffusion_needed:
-        from persrep.models.diffusion import component_identity
+        from persrep.models.diffusion import component_identity, require_available
 
-        component_identity(settings.generator.base_model)  # raises ModelUnavailableError
+        component_identity(settings.generator.base_model)
+        require_available(settings.generator.base_model)  # raises ModelUnavailableError
         notes.append(f"diffusion base model: {settings.generator.base_model}")
     return notes
 

@@ -3,7 +3,8 @@
 :class:`LocalExecutor` runs units one after another in this process (tests, debugging, a
 laptop without Ray). ``persrep.distributed.ray_executor.RayExecutor`` runs the same functions
 as Ray tasks with resources and retries. Both retry a failing unit ``max_retries`` times and
-never stop the stage for one failure: the summary says what failed and why.
+never stop the stage for one failure: the summary says what failed and why. The exception is
+a storage root that stays unreachable (:class:`StorageUnavailableError`): it stops the job.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from persrep.storage import StorageUnavailableError
 
 
 @dataclass
@@ -62,6 +65,8 @@ class LocalExecutor:
                     if self.verbose_errors:
                         traceback.print_exc()
                     if attempt > self.max_retries:
+                        if isinstance(exc, StorageUnavailableError):
+                            raise  # storage gone: no later unit can run; stop with its one line
                         outcomes.append(Outcome(label, "failed", {}, short_error(exc), attempt,
                                                 time.perf_counter() - t0))
             self.progress(f"{stage}: {i + 1}/{len(units)} {label} -> {outcomes[-1].status}")

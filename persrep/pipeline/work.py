@@ -61,7 +61,7 @@ def generator_key(ctx: RunContext, gtype: str, name: str) -> str:
 def run_generator_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
     """Train a personalised generator for one instance; publish its weights."""
     gtype, name, key = unit["generator"], unit["instance"], unit["key"]
-    if ctx.storage.is_finished(GENERATORS, key):
+    if ctx.storage.is_intact(GENERATORS, key):
         return {"status": "skipped", "key": key}
     t0 = time.perf_counter()
     gen = get_generator(gtype, ctx.settings)
@@ -128,7 +128,7 @@ def _filtered(sampler, scorer, rows: list[SampleRow], key: str, flt) -> list[dic
 
 def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
     """Sample one group of rows (one generator loaded once for all of them); publish shards."""
-    if ctx.storage.is_finished(shards.STAGE, unit.key):
+    if ctx.storage.is_intact(shards.STAGE, unit.key):
         return {"status": "skipped", "key": unit.key, "rows": len(unit.rows)}
     t0 = time.perf_counter()
     sampler = _sampler(ctx, unit)
@@ -219,7 +219,7 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
     (``train_one_instance``): the Tune stage reports it and surfaces its checkpoints."""
     from persrep.contrastive.train import ADAPTER, train_one_instance
 
-    if ctx.storage.is_finished(ADAPTERS, u.key):
+    if ctx.storage.is_intact(ADAPTERS, u.key):
         return {"status": "skipped", "key": u.key}
     data = training_data(ctx, u)
     work = scratch_dir(ctx, "train", u.key)
@@ -254,7 +254,7 @@ def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]
     from persrep.evaluation.stage import Evaluator
 
     key = unit["key"]
-    if ctx.storage.is_finished(EVALUATIONS, key):
+    if ctx.storage.is_intact(EVALUATIONS, key):
         return {"status": "skipped", "key": key}
     t0 = time.perf_counter()
     bs: BackboneSettings = unit["backbone"]
