@@ -34,6 +34,7 @@ class RunSummary:
     run_uri: str = ""
     stages: dict[str, dict[str, int]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    retries: list[dict[str, Any]] = field(default_factory=list)  # units that needed > 1 attempt
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     table: str = ""
@@ -44,6 +45,8 @@ class RunSummary:
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
             counts["retried"] += o.attempts > 1
+            if o.attempts > 1:
+                self.retries.append({"stage": stage, "unit": o.label, "attempts": o.attempts, "status": o.status})
             if o.status == "failed":
                 self.failures.append({"stage": stage, "unit": o.label, "error": o.error, "attempts": o.attempts})
         self.stages[stage] = counts
@@ -97,29 +100,31 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     summary.timings["total"] = round(time.perf_counter() - t_start, 2)
     _write_results(ctx, summary, tracker)
     tracker.end("FINISHED" if not summary.failures else "FAILED")
+    for r in summary.retries:
+        say(f"RETRIED {r['stage']} {r['unit']}: {r['attempts']} attempts, {r['status']}")
     for f in summary.failures:
         say(f"FAILED {f['stage']} {f['unit']} after {f['attempts']} attempt(s): {f['error']}")
     return summary
 
 
-def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracker: Any,
-                say: Progress) -> None:
+@dataclass
+class DataStages:
+    """What stages 1-2 made available: trained generators and synthesis units, by key."""
+    ready: dict[tuple[str, str], str] = field(default_factory=dict)  # (generator, instance) -> key
+    synthesized: dict[str, str] = field(default_factory=dict)        # row group -> synthesis key
+
+
+def plan_generator_units(ctx: RunContext) -> list[dict[str, Any]]:
+    """Stage 1's units: one per (trained generator type, instance)."""
+    trained = [t for t in ctx.settings.generator.types if generator_class(t).needs_training]
+    return [{"generator": t, "instance": n, "key": generator_key(ctx, t, n)}
+            for t in trained for n in sorted(ctx.instances)]
+
+
+def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> list[SynthesisUnit]:
+    """Stage 2's units: one per group of rows (a generator loaded once per group); groups whose
+    trained generator is not in ``ready`` are left out (their generator failed)."""
     settings = ctx.settings
-    res = settings.resources
-    heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
-    instances = sorted(ctx.instances)
-
-    # 1. generator prep: one unit per (instance, trained generator type)
-    trained = [t for t in settings.generator.types if generator_class(t).needs_training]
-    gen_units = [{"generator": t, "instance": n, "key": generator_key(ctx, t, n)}
-                 for t in trained for n in instances]
-    outs = _stage(summary, executor, "generator_prep", run_generator_unit, ctx, gen_units,
-                  [f"{u['generator']}:{u['instance']}" for u in gen_units], heavy, say)
-    ready = {(u["generator"], u["instance"]): u["key"] for u, o in zip(gen_units, outs) if o.status != "failed"}
-    for u, o in zip(gen_units, outs):  # the per-instance status table of generator prep
-        say(f"  {u['instance']:24s} {u['generator']:18s} {o.status:8s} {o.error or ''}")
-
-    # 2. synthesis: one unit per group of rows (a generator loaded once per group)
     configs = {c.key: c for c in data_configs(settings)}
     syn_units: list[SynthesisUnit] = []
     for group, rows in build_rows(settings, ctx.instances).items():
@@ -140,28 +145,15 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
         unit.key = synthesis_key(ctx, group, rows, unit.generator_key,
                                  {"cut_paste": settings.synthesis.cut_paste} if unit.generator == "cut_paste" else {})
         syn_units.append(unit)
-    synthesis_stage = getattr(executor, "synthesis_stage", None)  # Ray: a Ray Data actor pool
-    if synthesis_stage is not None and syn_units:
-        outs = _special_stage(summary, "synthesis", "Ray Data", len(syn_units), say,
-                              lambda: synthesis_stage(ctx, syn_units, say))
-        st = getattr(outs, "stats", None)
-        if st:
-            summary.notes.append(f"synthesis: {st['rows']} rows, {st['errors']} row errors, "
-                                 f"{st['loads']} generator loads on {st['actors']} actor(s)")
-    else:
-        outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
-                      [u.group for u in syn_units], heavy, say)
-    synthesized = {u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"}
-    for u, o in zip(syn_units, outs):  # rows that raised: kept in the shards with their error
-        if o.value.get("errors"):
-            summary.failures.append({"stage": "synthesis", "unit": u.group, "attempts": o.attempts,
-                                     "error": f"{o.value['errors']} of {o.value.get('rows', '?')} rows "
-                                              "failed to generate (their error is in the shard rows)"})
+    return syn_units
 
-    # 3. personalisation: one unit per (instance, data configuration, backbone)
+
+def plan_personalize_units(ctx: RunContext, synthesized: dict[str, str]) -> list[PersonalizeUnit]:
+    """Stage 3's units: one per (data configuration, instance, backbone) whose data exists."""
+    settings = ctx.settings
     pz_units: list[PersonalizeUnit] = []
-    for cfg in configs.values():
-        for name in instances:
+    for cfg in data_configs(settings):
+        for name in sorted(ctx.instances):
             cat = ctx.instances[name]
             pos_key = None
             if cfg.generator != "real_only":
@@ -175,6 +167,80 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
                 u = PersonalizeUnit(name, cat, cfg, bs, pos_key, sorted(neg_keys))
                 u.key = personalize_key(ctx, u)
                 pz_units.append(u)
+    return pz_units
+
+
+def adapter_eval_unit(ctx: RunContext, u: PersonalizeUnit) -> dict[str, Any]:
+    """Stage 4's unit for one adapter (its instance, keyed by adapter + evaluation settings)."""
+    return {"kind": "adapter", "backbone": u.backbone, "instance": u.instance,
+            "adapter_key": u.key, "key": content_key("eval-adapter", u.key, ctx.settings.evaluation, ctx.dataset_key),
+            "keys": {"backbone": u.backbone.name, "data_config": u.config.label,
+                     "generator": u.config.generator,
+                     "cfg": u.config.cfg if u.config.cfg is not None else float("nan"),
+                     "caption_source": u.config.caption_source, "adapter_key": u.key,
+                     "negatives_source": ctx.settings.personalization.negatives}}
+
+
+def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, say: Progress,
+                    skip_keys: set[str] | None = None) -> DataStages:
+    """Stages 1-2 (generator prep, synthesis). Units whose key is in ``skip_keys`` are not run
+    (a caller that already ran them, e.g. a sweep over several data settings, counts them as
+    available); the keys of the units run here are added to it."""
+    res = ctx.settings.resources
+    heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
+    skip = skip_keys if skip_keys is not None else set()
+    out = DataStages()
+
+    # 1. generator prep: one unit per (instance, trained generator type)
+    planned = plan_generator_units(ctx)
+    out.ready = {(u["generator"], u["instance"]): u["key"] for u in planned if u["key"] in skip}
+    gen_units = [u for u in planned if u["key"] not in skip]
+    skip.update(u["key"] for u in gen_units)
+    outs = _stage(summary, executor, "generator_prep", run_generator_unit, ctx, gen_units,
+                  [f"{u['generator']}:{u['instance']}" for u in gen_units], heavy, say)
+    out.ready.update({(u["generator"], u["instance"]): u["key"] for u, o in zip(gen_units, outs)
+                      if o.status != "failed"})
+    for u, o in zip(gen_units, outs):  # the per-instance status table of generator prep
+        say(f"  {u['instance']:24s} {u['generator']:18s} {o.status:8s} {o.error or ''}")
+
+    # 2. synthesis: one unit per group of rows (a generator loaded once per group)
+    planned_syn = plan_synthesis_units(ctx, out.ready)
+    out.synthesized = {u.group: u.key for u in planned_syn if u.key in skip}
+    syn_units = [u for u in planned_syn if u.key not in skip]
+    skip.update(u.key for u in syn_units)
+    synthesis_stage = getattr(executor, "synthesis_stage", None)  # Ray: a Ray Data actor pool
+    if synthesis_stage is not None and syn_units:
+        outs = _special_stage(summary, "synthesis", "Ray Data", len(syn_units), say,
+                              lambda: synthesis_stage(ctx, syn_units, say))
+        st = getattr(outs, "stats", None)
+        if st:
+            summary.notes.append(f"synthesis: {st['rows']} rows, {st['errors']} row errors, "
+                                 f"{st['loads']} generator loads on {st['actors']} actor(s)")
+    else:
+        outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
+                      [u.group for u in syn_units], heavy, say)
+    out.synthesized.update({u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"})
+    for u, o in zip(syn_units, outs):  # rows that raised: kept in the shards with their error
+        if o.value.get("errors"):
+            summary.failures.append({"stage": "synthesis", "unit": u.group, "attempts": o.attempts,
+                                     "error": f"{o.value['errors']} of {o.value.get('rows', '?')} rows "
+                                              "failed to generate (their error is in the shard rows)"})
+    return out
+
+
+def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracker: Any,
+                say: Progress) -> None:
+    settings = ctx.settings
+    res = settings.resources
+    heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
+    instances = sorted(ctx.instances)
+
+    # 1-2. generator prep and synthesis
+    synthesized = run_data_stages(ctx, executor, summary, say).synthesized
+
+    # 3. personalisation: one unit per (instance, data configuration, backbone)
+    pz_units = plan_personalize_units(ctx, synthesized)
+
     pz_labels = [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units]
     stage3 = getattr(executor, "run_personalization", None)  # RayExecutor: one Tune trial per unit
     if stage3 is not None and pz_units:
@@ -203,13 +269,7 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
                 "eval-pretrained", bs, ev, ctx.dataset_key, instances),
                 "keys": {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
                          "caption_source": "-", "adapter_key": "-", **common}})
-    for u in adapters:
-        ev_units.append({"kind": "adapter", "backbone": u.backbone, "instance": u.instance,
-                         "adapter_key": u.key, "key": content_key("eval-adapter", u.key, ev, ctx.dataset_key),
-                         "keys": {"backbone": u.backbone.name, "data_config": u.config.label,
-                                  "generator": u.config.generator,
-                                  "cfg": u.config.cfg if u.config.cfg is not None else float("nan"),
-                                  "caption_source": u.config.caption_source, "adapter_key": u.key, **common}})
+    ev_units += [adapter_eval_unit(ctx, u) for u in adapters]
     outs = _stage(summary, executor, "evaluation", run_evaluation_unit, ctx, ev_units,
                   [f"{u['kind']}:{u['backbone'].name}:{u.get('instance', 'all')}" for u in ev_units],
                   Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial), say)
@@ -230,11 +290,14 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
     base = f"runs/{ctx.run_id}"
     st = ctx.storage
     st.write_bytes(f"{base}/results.parquet", table_bytes(pa.Table.from_pandas(frame, preserve_index=False)))
-    st.write_bytes(f"{base}/settings.yaml", yaml.safe_dump(settings_to_dict(ctx.settings), sort_keys=False).encode())
+    from persrep.redaction import redact_obj  # no credentials in a results folder
+
+    st.write_bytes(f"{base}/settings.yaml",
+                   yaml.safe_dump(redact_obj(settings_to_dict(ctx.settings)), sort_keys=False).encode())
     st.write_bytes(f"{base}/summary.md", summary.table.encode())
     doc = {"run_id": ctx.run_id, "config": ctx.settings.name, "data": ctx.data_path,
            "instances": len(ctx.instances), "stages": summary.stages, "failures": summary.failures,
-           "timings": summary.timings, "notes": summary.notes,
+           "retries": summary.retries, "timings": summary.timings, "notes": summary.notes,
            "leakage_warning": ctx.settings.personalization.negatives == "in_pool",
            "headline": json.loads(table.to_json(orient="records")) if len(table) else []}
     st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())
