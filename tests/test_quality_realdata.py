@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 def pretrained_results(shared_data, tmp_path_factory):
     import torch
 
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # restored below: later tests compare bits with 1-thread subprocesses
     root = tmp_path_factory.mktemp("quality")
     import_folder(shared_data / "coil100_subset", root / "coil",
                   masks=shared_data / "coil100_subset_masks", train_indices="0,24,48")
@@ -35,7 +36,10 @@ def pretrained_results(shared_data, tmp_path_factory):
     ds = open_dataset(str(res.dest))
     bs = BackboneSettings(name="tf_efficientnet_lite0", weights="offline", image_size=224)
     ev = Evaluator(ds, EvaluationSettings(tasks=["classification", "retrieval"]))
-    rows = ev.evaluate_pretrained(bs, ds.names, {"backbone": bs.name})
+    try:
+        rows = ev.evaluate_pretrained(bs, ds.names, {"backbone": bs.name})
+    finally:
+        torch.set_num_threads(threads)
     return ds, results_frame(rows)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -279,7 +280,10 @@ def _units(root: Path, stage: str) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def first_sweep(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("sweep") / "root"
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     rc = sweep_job.main(["--space", str(TOY), "--storage", str(root), "--name", "first", *RUN])
+    # Tune's MLflow callback sets $MLFLOW_TRACKING_URI process-wide; the sweep must put it back
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     return root, rc
 
 

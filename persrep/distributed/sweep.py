@@ -36,6 +36,7 @@ from persrep.sweep.results import (SweepResult, TrialRecord, best_trial, format_
                                    trials_frame, write_outputs)
 from persrep.sweep.space import SweepError, SweepSpace
 from persrep.sweep.trial import OBJECTIVE, run_trial
+from persrep.tracking.store import tracking_env_restored
 
 Progress = Callable[[str], None]
 
@@ -288,7 +289,8 @@ def _run(space: SweepSpace, ctx: RunContext, options: list[DataOption], executor
             failure_config=tune.FailureConfig(max_failures=settings.resources.max_retries),
             callbacks=callbacks, verbose=0))
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    with tracking_env_restored():  # Tune's MLflow callback sets it process-wide
+        grid = tuner.fit()
     say(f"sweep: {len(grid)} trials in {time.perf_counter() - t0:.1f} s")
 
     records = []

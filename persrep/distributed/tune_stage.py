@@ -52,6 +52,7 @@ from persrep.contrastive.train import CHECKPOINT
 from persrep.distributed.session import cluster_gpus
 from persrep.pipeline.executor import Outcome, short_error
 from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, scratch_dir
+from persrep.tracking.store import tracking_env_restored
 
 STAGE = "personalization"
 StepHook = Callable[[PersonalizeUnit, dict[str, Any]], None]
@@ -543,7 +544,8 @@ def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, 
                     failure_config=tune.FailureConfig(max_failures=max_retries),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[StageCallback(token)], verbose=0))
-        tuner.fit()
+        with tracking_env_restored():  # Tune's MLflow callback sets it process-wide
+            tuner.fit()
         return dict(state.records)
     finally:
         _STATES.pop(token, None)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -106,3 +107,21 @@ def _is_locked(exc: BaseException) -> bool:
         seen += 1
     return False
 
+
+
+@contextmanager
+def tracking_env_restored() -> Iterator[None]:
+    """Put ``$MLFLOW_TRACKING_URI`` back as it was on exit.
+
+    ``mlflow.set_tracking_uri`` (which Ray Tune's ``MLflowLoggerCallback`` calls on the driver)
+    also sets the variable for the whole process, so a later job in the same process (tests, a
+    notebook) would silently log into this job's store instead of resolving its own.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
