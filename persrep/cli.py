@@ -94,13 +94,10 @@ def cmd_data_pods(args: argparse.Namespace) -> int:
 
 # -- run -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from persrep.pipeline import run_pipeline
+    """The same job as ``ray_jobs/run_all.py`` (its arguments, its Ray handling, its exit codes)."""
+    from persrep.distributed.job import main as job_main
 
-    settings = load_settings(args.config, args.overrides)
-    summary = run_pipeline(settings, progress=_progress)
-    print(summary.table)
-    print(f"results: {summary.run_uri}")
-    return summary.exit_code
+    return job_main(args.job_args, prog="persrep run")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -170,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.set_defaults(func=cmd_data_pods)
 
-    p = sub.add_parser("run", help="run the whole pipeline (same as ray_jobs/run_all.py)")
-    _add_settings_args(p)
+    p = sub.add_parser("run", add_help=False,
+                       help="run the whole pipeline: the same job as ray_jobs/run_all.py "
+                            "(persrep run --help lists its options)")
+    p.add_argument("job_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="HTML + markdown report of a finished run")
@@ -194,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     from persrep.data.layout import DatasetError
     from persrep.storage import StorageError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["run"]:  # the job parses its own options (argparse's REMAINDER drops leading ones)
+        args = argparse.Namespace(func=cmd_run, job_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -127,3 +127,17 @@ def test_a_row_that_raises_is_reported_and_fails_the_exit_code(tmp_path, monkeyp
     assert fail["error"].startswith("1 of 4 rows failed")
     # the other rows were generated, and the instance was still personalised and evaluated
     assert summary.stages["personalization"]["done"] == 4
+
+
+def test_persrep_run_is_the_run_all_job(capsys):
+    """``persrep run`` takes run_all's options and answers bad input the same way (exit 2, one line)."""
+    from persrep import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--no-ray" in out and "--storage" in out and out.startswith("usage: persrep run")
+    assert cli.main(["run", "--no-ray", "--config", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("persrep run: config 'nope'")
