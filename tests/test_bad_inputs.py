@@ -187,6 +187,9 @@ SETTINGS_CASES = {  # id: (overrides, needles)
     "section_used_as_value": (["synthesis.cfg.x=1"], ["synthesis.cfg", "is a value, not a section"]),
     "override_without_value": (["synthesis.cfg"], ["expected key.sub=value"]),
     "data_path_missing": (["data.path=/nonexistent/persrep-data"], ["/nonexistent/persrep-data", "not found", "'toy'"]),
+    "external_negatives_without_images": (
+        ["personalization.negatives=external", "personalization.external_negatives=/nonexistent/negs"],
+        ["personalization.external_negatives=/nonexistent/negs", "no images", "negatives=generated"]),
 }
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from persrep.config import Settings, content_key
 from persrep.data.check import check_dataset
-from persrep.data.layout import DatasetError, InstanceDataset, open_dataset, select_instances
-from persrep.storage import Storage
+from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset,
+                                 select_instances)
+from persrep.storage import Storage, StorageError
 
 Progress = Callable[[str], None]
 DEEP_CHECK_LIMIT = 5000  # decode every image below this many; headers only above (PODS: 12k)
@@ -142,7 +143,26 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
         f"{len(names)} selected; checked in {time.perf_counter() - t0:.1f} s)")
     ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},
                      ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, ds)
+    check_external_negatives(ctx)
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
                          "instances; classification gains are inflated by leakage (REFERENCE.md)")
     return ctx
+
+
+def check_external_negatives(ctx: RunContext) -> None:
+    """``personalization.negatives=external`` needs a folder with images: say so before compute
+    (otherwise every personalisation unit would fail on its own, after the generators trained)."""
+    pz = ctx.settings.personalization
+    if pz.negatives != "external":
+        return
+    where = pz.external_negatives or ""
+    fix = ("point it at a folder of photos of objects that are not evaluated (e.g. `@data/negatives` "
+           "of the toy world), or use personalization.negatives=generated")
+    try:
+        resolved = ctx.resolve_data_path(where)
+        files = Storage(resolved, ctx.settings.storage.s3_endpoint).list_files()
+    except (StorageError, ValueError) as exc:
+        raise DatasetError(f"personalization.external_negatives={where}: {exc} ({fix})") from None
+    if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
+        raise DatasetError(f"personalization.external_negatives={where}: no images in {resolved}: {fix}")
