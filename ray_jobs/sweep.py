@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,16 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     from persrep.storage import StorageError
     from persrep.sweep.space import SweepError, load_space
 
+    from persrep.distributed.job import say, settings_overrides
+
     args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.storage:
-        overrides.append(f"storage.root={args.storage}")
-
-    def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
+    overrides = settings_overrides(args)
     try:
         space = load_space(args.space, overrides)
         if args.check:

@@ -37,6 +37,21 @@ def describe_cluster(started: bool) -> str:
     return (f"ray: {how} ({nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs)")
 
 
+def settings_overrides(args: argparse.Namespace) -> list[str]:
+    """The user's ``key.sub=value`` overrides, then ``--data`` / ``--storage`` as the keys they set."""
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.storage:
+        overrides.append(f"storage.root={args.storage}")
+    return overrides
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr, timestamped (stdout keeps the summary table)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from persrep.cli import _model_errors
     from persrep.config import ConfigError, load_settings
@@ -44,15 +59,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from persrep.storage import StorageError
 
     args = parse_args(argv, prog)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.path={args.data}")
-    if args.storage:
-        overrides.append(f"storage.root={args.storage}")
-
-    def say(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
+    overrides = settings_overrides(args)
     try:
         settings = load_settings(args.config, overrides)
         from persrep.pipeline import run_pipeline
