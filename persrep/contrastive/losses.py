@@ -54,3 +54,10 @@ def build_loss(name: str, temperature: float) -> InfoNCELoss:
     if name == "infonce_symmetric":
         return InfoNCELoss(temperature, symmetric=True)
     raise ValueError(f"personalization.loss={name!r}: choose infonce or infonce_symmetric")
+
+
+@torch.no_grad()
+def triplet_accuracy(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> float:
+    """Share of triplets whose anchor is closer (cosine) to its positive than to its negative."""
+    cos = F.cosine_similarity
+    return (cos(anchors, positives) > cos(anchors, negatives)).float().mean().item()

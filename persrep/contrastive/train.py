@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from persrep.config import BackboneSettings, PersonalizationSettings, content_key
-from persrep.contrastive.losses import build_loss
+from persrep.contrastive.losses import build_loss, triplet_accuracy
 from persrep.contrastive.triplets import sample_triplets
 from persrep.generation.base import stable_seed
 from persrep.models.backbones import build_backbone, train_transform
@@ -184,9 +184,7 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
-        with torch.no_grad():
-            cos = torch.nn.functional.cosine_similarity
-            acc = (cos(ea, ep) > cos(ea, en)).float().mean().item()
+        acc = triplet_accuracy(ea, ep, en)
         history["loss"].append(float(loss.item()))
         history["accuracy"].append(acc)
         done = step + 1

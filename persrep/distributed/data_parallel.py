@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from persrep.contrastive.losses import triplet_accuracy
 from persrep.contrastive.train import ADAPTER, CHECKPOINT, batch_indices, total_steps
 from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, training_data
 
@@ -138,9 +139,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
         optim.zero_grad(set_to_none=True)
         (loss * world).backward()  # DDP averages over ranks; the shards' gradients must add up
         optim.step()
-        with torch.no_grad():
-            cos = torch.nn.functional.cosine_similarity
-            acc = (cos(ea, ep) > cos(ea, en)).float().mean().item()
+        acc = triplet_accuracy(ea, ep, en)
         history["loss"].append(float(loss.item()))
         history["accuracy"].append(acc)
         done = step + 1
