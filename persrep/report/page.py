@@ -164,12 +164,13 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         h.append(_html_table(head, hr, "main"))
         md += [_md_table(head, mr), ""]
 
-    plots: list[tuple[Path, str]] = []
+    def add_plot(path: Path, caption: str) -> None:
+        h.append(_img_tag(path, caption))
+        md.extend([f"![{caption}](plots/{path.name})", ""])
+
     p = plot_task_bars(frame, plots_dir / "tasks.png")
     if p:
-        plots.append((p, "Headline metric per task: pretrained vs personalised, per backbone"))
-        h.append(_img_tag(p, plots[-1][1]))
-        md += [f"![{plots[-1][1]}](plots/{p.name})", ""]
+        add_plot(p, "Headline metric per task: pretrained vs personalised, per backbone")
 
     # (b)
     h.append("<h2>(b) Generator × CFG × caption source</h2>"
@@ -196,9 +197,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         md += [_md_table(head, rows), ""]
     p = plot_cfg_curves(frame, plots_dir / "cfg_curves.png")
     if p:
-        plots.append((p, "Headline metric vs classifier-free guidance scale (band = ± std)"))
-        h.append(_img_tag(p, plots[-1][1]))
-        md += [f"![{plots[-1][1]}](plots/{p.name})", ""]
+        add_plot(p, "Headline metric vs classifier-free guidance scale (band = ± std)")
 
     # (c)
     h.append("<h2>(c) Classification AP per test scene</h2>")
@@ -219,9 +218,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         md += [_md_table(head, rows), ""]
         p = plot_scene_bars(frame, plots_dir / "scenes.png")
         if p:
-            plots.append((p, "Classification AP per test scene"))
-            h.append(_img_tag(p, plots[-1][1]))
-            md += [f"![{plots[-1][1]}](plots/{p.name})", ""]
+            add_plot(p, "Classification AP per test scene")
 
     # retrieval examples
     if examples:
@@ -229,10 +226,8 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         if p:
             h.append("<h2>Retrieval examples</h2>")
             md += ["## Retrieval examples", ""]
-            plots.append((p, "Queries and their top-ranked gallery images "
-                             "(green = same instance, red = another instance)"))
-            h.append(_img_tag(p, plots[-1][1]))
-            md += [f"![{plots[-1][1]}](plots/{p.name})", ""]
+            add_plot(p, "Queries and their top-ranked gallery images "
+                             "(green = same instance, red = another instance)")
 
     # all metrics, skipped, run details
     am = _all_metrics(frame)
