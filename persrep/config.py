@@ -115,6 +115,12 @@ class FilterSettings(Section):
     scorer: Literal["lpips", "embedding", "dreamsim"] = "lpips"
     threshold: float = Field(0.6, ge=-1, le=1)
     max_attempts_per_image: int = Field(10, ge=1, le=10_000)
+    # what a unit whose filter keeps too few positives does (docs/DESIGN.md "Honest units"):
+    # not in the unit's key (it does not change the rows drawn); applied where the rows are used
+    min_kept_fraction: float = Field(0.5, ge=0, le=1, description="a positives unit must keep "
+                                     "at least this fraction of its requested images")
+    on_empty: Literal["fail", "real_only"] = Field("fail", description="below min_kept_fraction: "
+                                                   "'fail' the unit, or train on the real photos, labelled real_only_fallback")
 
 
 class SynthesisSettings(Section):
@@ -131,6 +137,8 @@ class SynthesisSettings(Section):
     batch_size: int = Field(8, ge=1, le=256)
     seed: int = 0
     rows_per_shard: int = Field(64, ge=1, le=100_000)
+    max_row_errors: int = Field(0, ge=0, description="a synthesis unit with more rows that failed "
+                                "to generate (after each was retried alone) is failed, not done")
     cut_paste: CutPasteSettings = CutPasteSettings()
     filter: FilterSettings = FilterSettings()
 
@@ -214,6 +222,16 @@ class TrackingSettings(Section):
     required: bool = False
 
 
+class MemorySettings(Section):
+    """Host memory (GiB) each heavy unit reserves through Ray's ``memory`` resource; None = the
+    estimate of :mod:`persrep.pipeline.memory` (from parameter counts, optimiser, resolution, batch)."""
+
+    generator_prep: float | None = Field(None, gt=0, le=4096)
+    synthesis: float | None = Field(None, gt=0, le=4096)
+    personalization: float | None = Field(None, gt=0, le=4096)
+    evaluation: float | None = Field(None, gt=0, le=4096)
+
+
 class ResourcesSettings(Section):
     num_cpus: int | None = Field(None, ge=1)
     num_gpus: int | None = Field(None, ge=0)
@@ -224,6 +242,7 @@ class ResourcesSettings(Section):
     max_concurrent_trials: int | None = Field(None, ge=1)
     data_parallel_workers: int = Field(0, ge=0, le=512, description="> 1: each personalisation "
                                        "trial trains data-parallel over this many workers (TorchTrainer)")
+    memory_gb: MemorySettings = MemorySettings()
 
 
 class StorageSettings(Section):

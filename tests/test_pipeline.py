@@ -124,9 +124,17 @@ def test_a_row_that_raises_is_reported_and_fails_the_exit_code(tmp_path, monkeyp
     assert summary.exit_code == 1
     [fail] = summary.failures
     assert fail["stage"] == "synthesis" and fail["unit"].endswith(":mug_1")
-    assert fail["error"].startswith("1 of 4 rows failed")
-    # the other rows were generated, and the instance was still personalised and evaluated
-    assert summary.stages["personalization"]["done"] == 4
+    assert fail["error"].startswith("1 of 4 rows failed to generate (synthesis.max_row_errors=0); "
+                                    "first: RuntimeError: simulated bad row")
+    assert fail["details"]["errors"] == 1 and fail["details"]["kept"] == 3 and fail["attempts"] == 1
+    # the unit is not used: mug_1 gets no cut-and-paste adapter; the other instances do
+    assert summary.stages["personalization"]["done"] == 3
+    assert "mug_1" not in {r["instance"] for r in summary.rows if r["model"] == "personalised"}
+    # allowing one row error: the same published unit (not regenerated) is now used
+    summary = run_pipeline(s.model_copy(update={"synthesis": s.synthesis.model_copy(update={"max_row_errors": 1})}))
+    assert summary.exit_code == 0 and summary.stages["synthesis"]["done"] == 0
+    assert summary.stages["synthesis"]["failed"] == 0 and summary.stages["personalization"]["skipped"] == 3
+    assert summary.stages["personalization"]["done"] == 1
 
 
 def test_persrep_run_is_the_run_all_job(capsys):

@@ -252,6 +252,7 @@ def test_actor_killed_mid_batch_loses_and_doubles_no_row(fresh, tmp_path):
 def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_path, monkeypatch):
     from persrep.distributed.synthesis import run_synthesis_stage
     from persrep.pipeline import work
+    from persrep.pipeline.verdict import FIX_ERRORS, UnitRejected
 
     ctx, units = fresh["ctx"], fresh["units"]
     unit = next(u for u in units if u.generator == "cut_paste")
@@ -260,7 +261,12 @@ def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_p
     factory = functools.partial(faulty_factory, seed=bad.seed, mode="raise", marker=str(marker))
     outs = run_synthesis_stage(ctx, units, None, max_retries=0, use_gpus=False, num_actors=2,
                                sampler_factory=factory, no_progress_timeout_s=120)
-    assert [o.status for o in outs] == ["done"] * len(units)
+    # the unit is published (its rows are data) but failed: a row error is beyond max_row_errors=0
+    assert [o.status for o in outs] == ["failed" if u is unit else "done" for u in units]
+    bad_out = outs[units.index(unit)]
+    assert bad_out.error == (f"1 of 4 rows failed to generate (synthesis.max_row_errors=0); first: "
+                             f"ValueError: bad row {bad.seed}; {FIX_ERRORS}")
+    assert bad_out.value["error_messages"] == [f"ValueError: bad row {bad.seed}"] and bad_out.attempts == 1
     assert outs.stats["errors"] == 1
     assert marker.read_text().split() == ["3", "1"]  # its batch of 3 first, then the row alone
     got = unit_rows(ctx.storage, units)
@@ -275,8 +281,9 @@ def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_p
     # the in-process path with the same faulty generator writes the very same rows
     clear_synthesis(ctx.storage)
     monkeypatch.setattr(work, "_sampler", factory)
-    with one_thread():
+    with one_thread(), pytest.raises(UnitRejected) as rejected:
         work.run_synthesis_unit(ctx, unit)
+    assert str(rejected.value) == bad_out.error and rejected.value.details == bad_out.value
     assert unit_rows(ctx.storage, [unit])[unit.key] == rows
 
 
@@ -312,7 +319,8 @@ def test_filtered_units_keep_every_attempt_in_the_in_process_order(fresh):
 
     base = fresh["ctx"]
     settings = tiny_settings(fresh["root"], "synthesis.filter.enabled=true", "synthesis.filter.scorer=embedding",
-                             "synthesis.filter.threshold=0.75", "synthesis.filter.max_attempts_per_image=3")
+                             "synthesis.filter.threshold=0.75", "synthesis.filter.max_attempts_per_image=3",
+                             "synthesis.filter.min_kept_fraction=0")  # rows, not the verdict, are compared here
     ctx = dataclasses.replace(base, settings=settings)
     units = [u for u in plan_units(ctx) if u.generator == "cut_paste"]
     with one_thread():

@@ -77,9 +77,14 @@ def test_batch_size_one(tmp_path):
     assert res.steps == 2 and np.isfinite(res.metrics["final_loss"])
 
 
-def test_real_only_uses_anchors_as_positives(tmp_path):
+def test_real_only_takes_the_anchors_as_positives_explicitly(tmp_path):
+    from persrep.contrastive.triplets import TripletError
+
     d = _data()
-    d.positives = []
-    with pytest.warns(UserWarning, match="real-only"):
-        res = train_one_instance(_pz(max_steps=2), TINY, d, tmp_path)
-    assert res.metrics["finished"]
+    d.positives = []  # never a silent switch to real-only: the caller must say so
+    with pytest.raises(TripletError, match="no positives"):
+        train_one_instance(_pz(max_steps=2), TINY, d, tmp_path / "a")
+    d.positives, d.positives_source = list(d.anchors), "real"
+    res = train_one_instance(_pz(max_steps=2), TINY, d, tmp_path / "b")
+    assert res.metrics["finished"] and res.metrics["positives_source"] == "real"
+    assert res.metrics["num_positives"] == len(d.anchors)

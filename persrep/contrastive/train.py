@@ -44,7 +44,7 @@ class TrainingData:
     anchors: list[ImageLike]
     positives: list[ImageLike]
     negatives: list[ImageLike]
-    positives_source: str = "synthetic"  # synthetic | real (real-only)
+    positives_source: str = "synthetic"  # synthetic | real (real-only) | real_only_fallback (verdict.py)
     negatives_source: str = "generated"  # generated | external | in_pool
 
     def key(self) -> str:
@@ -126,7 +126,7 @@ class TrainingSetup:
         optim = torch.optim.Adam(lora_parameters(backbone), lr=pz.learning_rate,
                                  betas=tuple(pz.betas), weight_decay=pz.weight_decay)
         # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
-        n_pos = len(data.positives) if data.positives_source == "real" else pz.num_positives
+        n_pos = len(data.positives) if data.positives_source != "synthetic" else pz.num_positives
         triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
                                    list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
         anchors = [_to_pil(x) for x in data.anchors]

@@ -15,7 +15,8 @@ from typing import Any
 import ray
 
 from persrep.distributed.session import cluster_gpus
-from persrep.pipeline.executor import Outcome, Resources, short_error
+from persrep.pipeline.executor import Outcome, Resources, failed_outcome, short_error
+from persrep.pipeline.verdict import is_retryable
 from persrep.storage import StorageUnavailableError
 
 
@@ -73,14 +74,13 @@ class RayExecutor:
                                       time.perf_counter() - started[i])
             except Exception as exc:  # noqa: BLE001 - task error or lost worker: retry, then report
                 cause = getattr(exc, "cause", None) or exc
-                if attempts[i] <= self.max_retries:
+                if attempts[i] <= self.max_retries and is_retryable(cause):
                     attempts[i] += 1
                     self.progress(f"{stage}: retrying {labels[i]} (attempt {attempts[i]}): {short_error(cause)}")
                     pending[task.remote(fn, ctx_ref, units[i])] = i
                     continue
                 if isinstance(cause, StorageUnavailableError):
                     raise cause  # storage gone: no later unit can run; stop with its one line
-                outcomes[i] = Outcome(labels[i], "failed", {}, short_error(cause), attempts[i],
-                                      time.perf_counter() - started[i])
+                outcomes[i] = failed_outcome(labels[i], cause, attempts[i], time.perf_counter() - started[i])
             self.progress(f"{stage}: {len(outcomes)}/{len(units)} {labels[i]} -> {outcomes[i].status}")
         return [outcomes[i] for i in range(len(units))]

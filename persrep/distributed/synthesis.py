@@ -83,8 +83,9 @@ import pyarrow as pa
 
 from persrep.generation import shards
 from persrep.generation.base import SampleRow
-from persrep.pipeline.executor import Outcome, short_error
-from persrep.pipeline.work import SynthesisUnit
+from persrep.pipeline.executor import Outcome, failed_outcome, short_error
+from persrep.pipeline.verdict import UnitRejected
+from persrep.pipeline.work import SynthesisUnit, synthesis_outcome
 
 Progress = Callable[[str], None]
 SamplerFactory = Callable[[Any, SynthesisUnit], Any]
@@ -334,7 +335,7 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
     states: dict[str, _UnitState] = {}
     for u in units:
         if ctx.storage.is_intact(shards.STAGE, u.key):
-            outcomes[u.key] = Outcome(u.group, "skipped", {"status": "skipped", "key": u.key, "rows": len(u.rows)})
+            outcomes[u.key] = _checked(ctx, u, "skipped", None, 1, 0.0)
         else:
             states[u.key] = _UnitState(u)
     stats: dict[str, Any] = {"units": len(units), "skipped": len(units) - len(states), "rows": 0, "kept": 0,
@@ -362,14 +363,11 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
                 nodes.add(r["node"])
         clean = [{k: v for k, v in r.items() if k not in EXTRA_NAMES} for r in recs]
         seconds = time.perf_counter() - (st.first_seen or t_stage)
-        shards.publish_unit(ctx.storage, u.key, clean, syn.rows_per_shard,
-                            {"group": u.group, "generator": u.generator, "instance": u.instance,
-                             "seconds": seconds, "runner": "ray-data"})
-        errors = sum(r["error"] is not None for r in clean)
-        kept = sum(bool(r["kept"]) for r in clean)
-        outcomes[u.key] = Outcome(u.group, "done", {"status": "done", "key": u.key, "rows": len(clean),
-                                                    "kept": kept, "errors": errors, "seconds": seconds},
-                                  None, st.attempts, time.perf_counter() - t_stage)
+        meta = shards.publish_unit(ctx.storage, u.key, clean, syn.rows_per_shard,
+                                   {"group": u.group, "generator": u.generator, "instance": u.instance,
+                                    "seconds": seconds, "runner": "ray-data"})
+        errors, kept = meta["errors"], meta["kept"]
+        outcomes[u.key] = _checked(ctx, u, "done", meta, st.attempts, time.perf_counter() - t_stage)
         pi = per_instance[name]
         pi["rows"] += len(clean)
         pi["kept"] += kept
@@ -503,6 +501,16 @@ def _collect(rows: list[dict[str, Any]], states: dict[str, _UnitState], publish,
         st = states[key]
         if st.fatal is None and len(st.final) == len(st.unit.rows) and st.records:
             publish(st)
+
+
+def _checked(ctx: Any, u: SynthesisUnit, status: str, meta: dict[str, Any] | None, attempts: int,
+             seconds: float) -> Outcome:
+    """A published unit's outcome after its verdict (the same as ``run_synthesis_unit``'s)."""
+    try:
+        return Outcome(u.group, status, synthesis_outcome(ctx, "", u.key, status, meta), None,
+                       attempts, seconds)
+    except UnitRejected as exc:
+        return failed_outcome(u.group, exc, attempts, seconds)
 
 
 def _finish(units, outcomes, stats, t_stage, say) -> StageOutcomes:

@@ -51,6 +51,7 @@ from persrep.config import content_key
 from persrep.contrastive.train import CHECKPOINT
 from persrep.distributed.session import cluster_gpus
 from persrep.pipeline.executor import Outcome, short_error
+from persrep.pipeline.verdict import UnitRejected
 from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, scratch_dir
 from persrep.tracking.store import tracking_env_restored
 
@@ -217,7 +218,11 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
     work = scratch_dir(ctx, "train", unit.key)
     restored = restore_into(tune.get_checkpoint(), work)
     reporter = TrialReporter(unit, work / CHECKPOINT, report_every, step_hook)
-    value = call_unit(ctx, unit, reporter)
+    try:
+        value = call_unit(ctx, unit, reporter)
+    except UnitRejected as exc:  # its inputs may not be used: retrying gives the same answer
+        tune.report(_final_metrics({"status": "failed", "error": short_error(exc), "details": exc.details}))
+        return
     if restored is not None:
         value = {**value, "restored_from_tune_checkpoint": restored}
     import torch
@@ -473,6 +478,9 @@ def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcom
         except (TypeError, ValueError):
             value = {}
         value = value or {"status": "done", "key": key}
+        if value.get("status") == "failed":  # UnitRejected inside the trial: reported, not retried
+            return Outcome(label, "failed", value.get("details") or {}, value.get("error"),
+                           rec.num_failures + 1, seconds)
         return Outcome(label, value.get("status", "done"), value, None, rec.num_failures + 1, seconds)
     err = rec.errors[-1] if rec.errors else "trial failed"
     return Outcome(label, "failed", {}, err, max(1, rec.num_failures), seconds)

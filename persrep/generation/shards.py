@@ -62,14 +62,36 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+ERRORS_IN_MANIFEST = 20  # distinct row errors kept in a unit's manifest (all are in the rows)
+
+
+def unit_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a unit's rows add up to, for its manifest and its verdict (persrep.pipeline.verdict):
+    rows written (every filter attempt is a row), images requested (distinct row indices), kept,
+    row errors with the first distinct messages, and the filter's score distribution."""
+    import numpy as np
+
+    errors = [r["error"] for r in records if r["error"] is not None]
+    scores = np.array([r["filter_score"] for r in records if r.get("filter_score") is not None], dtype=float)
+    scores = scores[np.isfinite(scores)]
+    counts: dict[str, Any] = {
+        "rows": len(records), "requested": len({r["index"] for r in records}),
+        "kept": sum(bool(r["kept"]) for r in records), "errors": len(errors),
+        "error_messages": list(dict.fromkeys(errors))[:ERRORS_IN_MANIFEST]}
+    if len(scores):
+        counts["filter_scores"] = {"n": int(len(scores)), "min": float(scores.min()),
+                                   "median": float(np.median(scores)), "max": float(scores.max())}
+    return counts
+
+
 def publish_unit(storage: Storage, key: str, records: list[dict[str, Any]], rows_per_shard: int,
-                 meta: dict[str, Any]) -> None:
-    """Write a unit's shards then its manifest (with row, kept and error counts)."""
-    counts = {"rows": len(records), "kept": sum(r["kept"] for r in records),
-              "errors": sum(r["error"] is not None for r in records)}
+                 meta: dict[str, Any]) -> dict[str, Any]:
+    """Write a unit's shards then its manifest (meta + :func:`unit_counts`); returns the manifest meta."""
+    counts = unit_counts(records)
     with storage.unit_writer(STAGE, key, {**meta, **counts}) as w:
         for i in range(0, max(len(records), 1), rows_per_shard):
             w.write(f"part-{i // rows_per_shard:05d}.parquet", table_bytes(to_table(records[i:i + rows_per_shard])))
+    return {**meta, **counts}
 
 
 def read_unit(storage: Storage, key: str, *, kept_only: bool = True,

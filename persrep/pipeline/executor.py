@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from persrep.pipeline.verdict import is_retryable
 from persrep.storage import StorageUnavailableError
 
 
@@ -32,6 +33,13 @@ class Outcome:
 class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
+    memory: float = 0.0  # bytes of host memory the unit reserves (Ray's `memory` resource); 0 = none
+
+
+def failed_outcome(label: str, exc: BaseException, attempts: int, seconds: float) -> Outcome:
+    """A failed unit: its one-line error, and its failure record (``UnitRejected.details``) as value."""
+    error = str(exc).strip().splitlines()[0][:500] if not is_retryable(exc) else short_error(exc)
+    return Outcome(label, "failed", dict(getattr(exc, "details", None) or {}), error, attempts, seconds)
 
 
 class Executor(Protocol):
@@ -64,10 +72,10 @@ class LocalExecutor:
                 except Exception as exc:  # noqa: BLE001 - recorded, retried, reported
                     if self.verbose_errors:
                         traceback.print_exc()
-                    if attempt > self.max_retries:
+                    if attempt > self.max_retries or not is_retryable(exc):
                         if isinstance(exc, StorageUnavailableError):
                             raise  # storage gone: no later unit can run; stop with its one line
-                        outcomes.append(Outcome(label, "failed", {}, short_error(exc), attempt,
-                                                time.perf_counter() - t0))
+                        outcomes.append(failed_outcome(label, exc, attempt, time.perf_counter() - t0))
+                        break
             self.progress(f"{stage}: {i + 1}/{len(units)} {label} -> {outcomes[-1].status}")
         return outcomes

@@ -20,7 +20,9 @@ from persrep.generation.base import generator_class
 from persrep.generation.plan import build_rows, data_configs
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
+from persrep.generation import shards
 from persrep.pipeline.summary import format_summary, headline_table
+from persrep.pipeline.verdict import synthesis_verdict
 from persrep.pipeline.work import (PersonalizeUnit, SynthesisUnit, generator_key, personalize_key,
                                    read_rows, run_evaluation_unit, run_generator_unit,
                                    run_personalize_unit, run_synthesis_unit, synthesis_key)
@@ -39,6 +41,8 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     table: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    synthesis_units: list[dict[str, Any]] = field(default_factory=list)  # counts + filter scores
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # adapters not trained as labelled
 
     def record(self, stage: str, outcomes: list[Outcome], seconds: float) -> None:
         counts = {"done": 0, "skipped": 0, "failed": 0, "retried": 0}
@@ -48,9 +52,33 @@ class RunSummary:
             if o.attempts > 1:
                 self.retries.append({"stage": stage, "unit": o.label, "attempts": o.attempts, "status": o.status})
             if o.status == "failed":
-                self.failures.append({"stage": stage, "unit": o.label, "error": o.error, "attempts": o.attempts})
+                self.failures.append({"stage": stage, "unit": o.label, "error": o.error, "attempts": o.attempts,
+                                      **({"details": o.value} if o.value else {})})
         self.stages[stage] = counts
         self.timings[stage] = round(seconds, 2)
+
+    def record_synthesis(self, units: list[Any], outs: list[Outcome], say: Progress) -> None:
+        """Per synthesis unit: requested / kept / row errors and the filter's score distribution
+        (summary.json ``synthesis_units``, MLflow), and one line per unit trained on a fallback."""
+        for u, o in zip(units, outs):
+            v = o.value
+            if "requested" not in v:
+                continue
+            scores = v.get("filter_scores")
+            self.synthesis_units.append({"unit": u.group, "status": o.status, "requested": v["requested"],
+                                         "kept": v.get("kept", 0), "errors": v.get("errors", 0),
+                                         "kept_fraction": round(v.get("kept", 0) / v["requested"], 4)
+                                         if v["requested"] else None, "filter_scores": scores,
+                                         "verdict": v.get("verdict", "failed" if o.status == "failed" else "ok")})
+            if v.get("verdict") == "fallback":
+                say(f"FALLBACK synthesis {u.group}: {v.get('note', '')}")
+        filtered = [r for r in self.synthesis_units if r["filter_scores"]]
+        if filtered:
+            fr = [r["kept_fraction"] for r in filtered if r["kept_fraction"] is not None]
+            lo = min((r["filter_scores"]["min"] for r in filtered))
+            hi = max((r["filter_scores"]["max"] for r in filtered))
+            self.notes.append(f"filter: {len(filtered)} positives units kept {min(fr):.0%}-{max(fr):.0%} of "
+                              f"their requested images (scores {lo:.3f}..{hi:.3f}; per unit in summary.json)")
 
     @property
     def exit_code(self) -> int:
@@ -155,16 +183,20 @@ def plan_personalize_units(ctx: RunContext, synthesized: dict[str, str]) -> list
     for cfg in data_configs(settings):
         for name in sorted(ctx.instances):
             cat = ctx.instances[name]
-            pos_key = None
+            pos_key, fallback = None, False
             if cfg.generator != "real_only":
                 pos_key = synthesized.get(f"pos:{cfg.key}:{name}")
                 if pos_key is None:
                     continue
+                verdict = synthesis_verdict(ctx.storage.manifest(shards.STAGE, pos_key).meta, settings)
+                if verdict.status == "failed":
+                    continue  # reported by the synthesis stage (or the sweep's data phase)
+                fallback = verdict.status == "fallback"
             neg_keys = [k for g, k in synthesized.items() if g.startswith("neg:") and g.endswith(f":{cat}")]
             if settings.personalization.negatives == "generated" and not neg_keys:
                 continue
             for bs in settings.personalization.backbones:
-                u = PersonalizeUnit(name, cat, cfg, bs, pos_key, sorted(neg_keys))
+                u = PersonalizeUnit(name, cat, cfg, bs, pos_key, sorted(neg_keys), positives_fallback=fallback)
                 u.key = personalize_key(ctx, u)
                 pz_units.append(u)
     return pz_units
@@ -220,11 +252,7 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
         outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
                       [u.group for u in syn_units], heavy, say)
     out.synthesized.update({u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"})
-    for u, o in zip(syn_units, outs):  # rows that raised: kept in the shards with their error
-        if o.value.get("errors"):
-            summary.failures.append({"stage": "synthesis", "unit": u.group, "attempts": o.attempts,
-                                     "error": f"{o.value['errors']} of {o.value.get('rows', '?')} rows "
-                                              "failed to generate (their error is in the shard rows)"})
+    summary.record_synthesis(syn_units, outs, say)
     return out
 
 
@@ -268,7 +296,8 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
             ev_units.append({"kind": "pretrained", "backbone": bs, "key": content_key(
                 "eval-pretrained", bs, ev, ctx.dataset_key, instances),
                 "keys": {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
-                         "caption_source": "-", "adapter_key": "-", **common}})
+                         "caption_source": "-", "adapter_key": "-", "positives_used": "-",
+                         "n_positives": -1, **common}})
     ev_units += [adapter_eval_unit(ctx, u) for u in adapters]
     outs = _stage(summary, executor, "evaluation", run_evaluation_unit, ctx, ev_units,
                   [f"{u['kind']}:{u['backbone'].name}:{u.get('instance', 'all')}" for u in ev_units],
@@ -276,6 +305,16 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
 
     summary.rows = [r for u, o in zip(ev_units, outs) if o.status != "failed"
                     for r in read_rows(ctx.storage, u["key"])]
+    seen = set()
+    for r in summary.rows:  # adapters trained on something other than their label: say so once each
+        if r.get("positives_used") == "real_only_fallback" and r.get("adapter_key") not in seen:
+            seen.add(r["adapter_key"])
+            summary.fallbacks.append({"instance": r["instance"], "data_config": r["data_config"],
+                                      "backbone": r["backbone"], "adapter_key": r["adapter_key"],
+                                      "positives_used": "real_only_fallback"})
+            say(f"FALLBACK personalization {r['data_config']}:{r['backbone']}:{r['instance']}: trained on "
+                "the real photos, not its synthetic positives (synthesis.filter.on_empty=real_only); "
+                "its result rows say positives_used=real_only_fallback")
 
 
 def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
@@ -298,6 +337,7 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
     doc = {"run_id": ctx.run_id, "config": ctx.settings.name, "data": ctx.data_path,
            "instances": len(ctx.instances), "stages": summary.stages, "failures": summary.failures,
            "retries": summary.retries, "timings": summary.timings, "notes": summary.notes,
+           "fallbacks": summary.fallbacks, "synthesis_units": summary.synthesis_units,
            "leakage_warning": ctx.settings.personalization.negatives == "in_pool",
            "headline": json.loads(table.to_json(orient="records")) if len(table) else []}
     st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())

@@ -12,7 +12,8 @@ import pandas as pd
 
 HEADLINE = {"classification": "ap", "retrieval": "ndcg", "detection": "map", "segmentation": "map"}
 COLUMNS = ["backbone", "data_config", "task", "metric", "pretrained", "personalised", "delta",
-           "improved", "n"]
+           "improved", "n", "fallback"]
+FALLBACK = "real_only_fallback"  # positives_used of an adapter trained on the real photos instead
 
 
 def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -28,15 +29,17 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
         merged = grp.merge(base[["instance", "value"]], on="instance", suffixes=("", "_pre"))
         if merged.empty:
             continue
+        fallback = int((merged["positives_used"] == FALLBACK).sum()) if "positives_used" in merged else 0
         out.append({"backbone": bb, "data_config": cfg, "task": task, "metric": HEADLINE[task],
                     "pretrained": merged["value_pre"].mean(), "personalised": merged["value"].mean(),
                     "delta": (merged["value"] - merged["value_pre"]).mean(),
-                    "improved": int((merged["value"] > merged["value_pre"]).sum()), "n": len(merged)})
+                    "improved": int((merged["value"] > merged["value_pre"]).sum()), "n": len(merged),
+                    "fallback": fallback})
     if not out and not pre.empty:  # pretrained only (e.g. every adapter failed)
         for (bb, task), grp in pre.groupby(["backbone", "task"]):
             out.append({"backbone": bb, "data_config": "-", "task": task, "metric": HEADLINE[task],
                         "pretrained": grp["value"].mean(), "personalised": float("nan"),
-                        "delta": float("nan"), "improved": 0, "n": len(grp)})
+                        "delta": float("nan"), "improved": 0, "n": len(grp), "fallback": 0})
     return pd.DataFrame(out, columns=COLUMNS)
 
 
@@ -49,5 +52,6 @@ def format_summary(table: pd.DataFrame) -> str:
     for r in table.itertuples():
         lines.append(f"{r.backbone[:24]:24s} {r.data_config[:28]:28s} {r.task:14s} {r.metric:6s} "
                      f"{100 * r.pretrained:10.1f} {100 * r.personalised:10.1f} {100 * r.delta:+8.1f} "
-                     f"{r.improved:>4d}/{r.n:<4d}")
+                     f"{r.improved:>4d}/{r.n:<4d}"
+                     + (f"  [{r.fallback} of {r.n} trained on real photos: {FALLBACK}]" if r.fallback else ""))
     return "\n".join(lines)

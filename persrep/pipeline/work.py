@@ -28,9 +28,11 @@ from persrep.generation.plan import DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
 from persrep.pipeline.context import RunContext
+from persrep.pipeline.verdict import UnitRejected, synthesis_verdict
 from persrep.storage import Storage
 
 GENERATORS, ADAPTERS, EVALUATIONS = "generators", "adapters", "evaluations"
+POLICY_FIELDS = ("min_kept_fraction", "on_empty")  # synthesis.filter keys that do not change rows
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -98,7 +100,9 @@ def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_
     rows_id = [(r.prompt, r.cfg, r.seed, r.index) for r in rows]
     return content_key("synthesis", group, rows_id, generator_key, sampler_settings,
                        {"steps": syn.inference_steps, "scheduler": syn.scheduler,
-                        "resolution": syn.resolution, "filter": syn.filter, "base": ctx.settings.generator.base_model})
+                        "resolution": syn.resolution, "base": ctx.settings.generator.base_model,
+                        # the verdict policy is applied where rows are used (pipeline/verdict.py)
+                        "filter": syn.filter.model_dump(exclude=set(POLICY_FIELDS))})
 
 
 def _sampler(ctx: RunContext, unit: SynthesisUnit):
@@ -126,10 +130,24 @@ def _filtered(sampler, scorer, rows: list[SampleRow], key: str, flt) -> list[dic
     return [record(a.sample, a.row, key, filter_score=a.score, kept=a.kept) for a in result.attempts]
 
 
+def synthesis_outcome(ctx: RunContext, group: str, key: str, status: str,
+                      meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A published synthesis unit's outcome value (its counts), or :class:`UnitRejected` when its
+    rows may not be used (:mod:`persrep.pipeline.verdict`). One body for every synthesis path."""
+    meta = meta if meta is not None else ctx.storage.manifest(shards.STAGE, key).meta
+    verdict = synthesis_verdict(meta, ctx.settings).raise_if_failed(group)
+    counts = {k: meta[k] for k in ("rows", "requested", "kept", "errors", "filter_scores", "seconds") if k in meta}
+    return {"status": status, "key": key, **counts, "verdict": verdict.status,
+            **({"note": verdict.line} if verdict.line else {})}
+
+
 def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
-    """Sample one group of rows (one generator loaded once for all of them); publish shards."""
+    """Sample one group of rows (one generator loaded once for all of them); publish shards.
+
+    Raises :class:`~persrep.pipeline.verdict.UnitRejected` (not retried) when the published rows
+    may not be used: too many row errors, or a filter that kept too few positives."""
     if ctx.storage.is_intact(shards.STAGE, unit.key):
-        return {"status": "skipped", "key": unit.key, "rows": len(unit.rows)}
+        return synthesis_outcome(ctx, "", unit.key, "skipped")
     t0 = time.perf_counter()
     sampler = _sampler(ctx, unit)
     syn = ctx.settings.synthesis
@@ -153,13 +171,10 @@ def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
                                 else [record(sampler.sample([r])[0], r, unit.key)])
                 except Exception as row_exc:  # noqa: BLE001
                     records.append(record(None, r, unit.key, error=f"{type(row_exc).__name__}: {row_exc}"[:500]))
-    publish_unit(ctx.storage, unit.key, records, syn.rows_per_shard,
-                 {"group": unit.group, "generator": unit.generator, "instance": unit.instance,
-                  "seconds": time.perf_counter() - t0})
-    errors = sum(r["error"] is not None for r in records)
-    kept = sum(bool(r["kept"]) for r in records)
-    return {"status": "done", "key": unit.key, "rows": len(records), "kept": kept, "errors": errors,
-            "seconds": time.perf_counter() - t0}
+    meta = publish_unit(ctx.storage, unit.key, records, syn.rows_per_shard,
+                        {"group": unit.group, "generator": unit.generator, "instance": unit.instance,
+                         "seconds": time.perf_counter() - t0})
+    return synthesis_outcome(ctx, "", unit.key, "done", meta)
 
 
 # -- personalisation ----------------------------------------------------------------------------
@@ -172,13 +187,15 @@ class PersonalizeUnit:
     positives_key: str | None  # synthesis unit (None: real-only positives)
     negatives_keys: list[str]  # synthesis units of generated negatives
     key: str = ""
+    positives_fallback: bool = False  # its positives unit kept too few: real photos (on_empty=real_only)
 
 
 def personalize_key(ctx: RunContext, u: PersonalizeUnit) -> str:
     pz = ctx.settings.personalization.model_dump(mode="json")
     pz.pop("backbones")
+    # a fallback adapter (trained on the real photos) never shares a key with a synthetic one
     return content_key("adapter", pz, u.backbone, u.config.key, u.positives_key, u.negatives_keys,
-                       ctx.dataset_key, u.instance)
+                       ctx.dataset_key, u.instance, *(["real_only_fallback"] if u.positives_fallback else []))
 
 
 def _folder_images(ctx: RunContext, location: str, category: str) -> list[bytes]:
@@ -207,10 +224,18 @@ def training_data(ctx: RunContext, u: PersonalizeUnit):
 
     anchors = instance_data(ctx, u.instance).train_images
     # real-only: the positives *are* the real photos (augmentation makes them differ from the anchor)
-    positives = shards.images_of(read_unit(ctx.storage, u.positives_key)) if u.positives_key else list(anchors)
+    positives, source = list(anchors), "real"
+    if u.positives_key:
+        verdict = synthesis_outcome(ctx, f"positives of {u.config.label}:{u.instance}", u.positives_key,
+                                    "skipped")["verdict"]  # raises UnitRejected when unusable
+        if verdict == "fallback":  # allowed by synthesis.filter.on_empty=real_only, and labelled
+            source = "real_only_fallback"
+        else:
+            positives, source = shards.images_of(read_unit(ctx.storage, u.positives_key)), "synthetic"
     negatives, neg_source = negatives_for(ctx, u)
-    return TrainingData(u.instance, anchors, positives, negatives,
-                        "synthetic" if u.positives_key else "real", neg_source)
+    if not negatives and ctx.settings.personalization.negatives == "generated":
+        raise UnitRejected(f"{u.instance}: the generated negatives units {u.negatives_keys} hold no image")
+    return TrainingData(u.instance, anchors, positives, negatives, source, neg_source)
 
 
 def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
@@ -249,6 +274,13 @@ def read_rows(storage: Storage, key: str) -> list[dict[str, Any]]:
     return pq.read_table(io.BytesIO(data)).to_pylist()
 
 
+def positives_used(adapter_meta: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter was really trained on, from its manifest: result-row columns."""
+    m = adapter_meta.get("metrics", {})
+    return {"positives_used": m.get("positives_source", "unknown"),
+            "n_positives": int(m.get("num_positives", -1))}
+
+
 def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the pretrained backbone (all instances) or one adapter (its instance)."""
     from persrep.evaluation.stage import Evaluator
@@ -262,10 +294,13 @@ def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]
     if unit["kind"] == "pretrained":
         rows = ev.evaluate_pretrained(bs, sorted(ctx.instances), unit["keys"])
     else:
+        from persrep.contrastive.train import ADAPTER
+
+        man = ctx.storage.manifest(ADAPTERS, unit["adapter_key"])
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "adapter.safetensors"
-            path.write_bytes(ctx.storage.read_unit_file(ADAPTERS, unit["adapter_key"], "adapter.safetensors"))
-            rows = ev.evaluate_adapter(bs, unit["instance"], path, unit["keys"])
+            path = Path(tmp) / ADAPTER
+            path.write_bytes(ctx.storage.read_unit_file(ADAPTERS, unit["adapter_key"], ADAPTER, man))
+            rows = ev.evaluate_adapter(bs, unit["instance"], path, {**unit["keys"], **positives_used(man.meta)})
     _publish_rows(ctx, key, rows, {"kind": unit["kind"], "backbone": bs.name,
                                    "seconds": time.perf_counter() - t0})
     return {"status": "done", "key": key, "rows": len(rows), "seconds": time.perf_counter() - t0}
