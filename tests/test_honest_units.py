@@ -48,7 +48,7 @@ def test_verdict_rules_on_counts():
 def test_a_filter_that_keeps_nothing_fails_then_a_labelled_fallback_when_allowed(tmp_path):
     root = tmp_path / "root"
     said: list[str] = []
-    summary = run_pipeline(_settings(root), said.append, run_id="strict")
+    summary = run_pipeline(_settings(root, "tracking.enabled=true"), said.append, run_id="strict")
     # the cut_paste positives units fail with one line each: counts, threshold, scores, the fix
     fails = [f for f in summary.failures if f["stage"] == "synthesis"]
     assert len(fails) == 2 and summary.exit_code == 1
@@ -66,6 +66,14 @@ def test_a_filter_that_keeps_nothing_fails_then_a_labelled_fallback_when_allowed
     units = [u for u in doc["synthesis_units"] if u["filter_scores"]]
     assert len(units) == 2 and all(u["kept_fraction"] == 0 and u["verdict"] == "failed" for u in units)
     assert any(n.startswith("filter: 2 positives units kept 0%-0%") for n in doc["notes"])
+    from mlflow import MlflowClient  # and in MLflow, on the run's parent
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    [parent] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if r.info.run_name.endswith("strict")]
+    assert parent.data.metrics["synthesis_kept_fraction_min"] == 0.0
+    assert parent.data.metrics["synthesis_units_failed"] == 2
+    assert "synthesis_units.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # allowed: the same published units (nothing regenerated) train on the real photos, labelled
     said.clear()
@@ -79,6 +87,8 @@ def test_a_filter_that_keeps_nothing_fails_then_a_labelled_fallback_when_allowed
     assert sum(m.startswith("FALLBACK personalization cut_paste:") for m in said) == 2
     assert sum(m.startswith("FALLBACK synthesis pos:") for m in said) == 2
     assert "[2 of 2 trained on real photos: real_only_fallback]" in summary.table
+    page = "".join(p.read_text() for p in (root / "runs" / "lenient" / "report").glob("*.html"))
+    assert "Fallback: not trained on what the label says" in page and "cut_paste:" in page
     ro = rows[(rows["model"] == "personalised") & (rows["data_config"] == "real_only")]
     assert set(ro["positives_used"]) == {"real"} and set(rows[rows["model"] == "pretrained"]["positives_used"]) == {"-"}
 

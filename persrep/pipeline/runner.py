@@ -343,6 +343,13 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
     st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())
     summary.run_uri = st.uri(base)
     tracker.log_results(frame)
+    if summary.synthesis_units:  # the filter's verdicts where people look, before the tables
+        fractions = [u["kept_fraction"] for u in summary.synthesis_units if u["kept_fraction"] is not None]
+        tracker.log_metrics({"synthesis_kept_fraction_min": min(fractions),
+                             "synthesis_kept_fraction_mean": sum(fractions) / len(fractions),
+                             "synthesis_units_failed": sum(u["verdict"] == "failed" for u in summary.synthesis_units),
+                             "adapters_real_only_fallback": len(summary.fallbacks)})
+        tracker.log_text(json.dumps(summary.synthesis_units, indent=1), "synthesis_units.json")
     if not st.is_s3:  # local run dir: render the report beside the results and track both
         from persrep.report import write_report
 

@@ -144,6 +144,16 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         h.append(f'<div class="leak"><strong>⚠ Leakage warning: in-pool negatives</strong>'
                  f"{html.escape(LEAKAGE_TEXT)}</div>")
         md += [f"> **⚠ LEAKAGE WARNING: in-pool negatives.** {LEAKAGE_TEXT}", ""]
+    fb = run.fallbacks
+    if len(fb):
+        names = ", ".join(f"{r.data_config}:{r.instance}" for r in fb.head(12).itertuples())
+        text = (f"{len(fb)} adapter(s) were trained on the instance's real photos, not on the synthetic "
+                f"positives their data configuration names: their filter kept too few images "
+                f"(synthesis.filter.on_empty=real_only). Rows labelled positives=real_only_fallback: {names}"
+                + (" ..." if len(fb) > 12 else ""))
+        h.append(f'<div class="leak"><strong>⚠ Fallback: not trained on what the label says</strong>'
+                 f"{html.escape(text)}</div>")
+        md += [f"> **⚠ FALLBACK.** {text}", ""]
     for note in s.get("notes") or []:
         h.append(f'<div class="note">{html.escape(redact_text(str(note)))}</div>')
         md += [f"> {redact_text(str(note))}", ""]

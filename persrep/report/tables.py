@@ -20,7 +20,7 @@ METRIC_NAME = {"ap": "AP", "ndcg": "NDCG", "map": "mAP"}
 SCENES = ["in_distribution", "pose", "distractors", "pose_and_distractors"]
 DEFAULTS = {"backbone": "-", "model": "personalised", "data_config": "-", "generator": "-",
             "cfg": float("nan"), "caption_source": "-", "global_feature": "-",
-            "negatives_source": "-"}
+            "negatives_source": "-", "positives_used": "-"}
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -30,6 +30,15 @@ class RunData:
     summary: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] | None = None
     source: str = "results"
+
+    @property
+    def fallbacks(self) -> pd.DataFrame:
+        """(data_config, backbone, instance) of adapters trained on the real photos instead of
+        their synthetic positives (synthesis.filter.on_empty=real_only)."""
+        if "positives_used" not in self.frame:
+            return pd.DataFrame(columns=["data_config", "backbone", "instance"])
+        f = self.frame[self.frame["positives_used"] == "real_only_fallback"]
+        return f[["data_config", "backbone", "instance"]].drop_duplicates().reset_index(drop=True)
 
     @property
     def leakage(self) -> bool:
@@ -109,7 +118,7 @@ def _headline_rows(frame: pd.DataFrame, scene: str | None = "all") -> pd.DataFra
 
 def _variant_columns(frame: pd.DataFrame) -> list[str]:
     per = frame[frame["model"] != "pretrained"]
-    return [c for c in ("global_feature", "negatives_source")
+    return [c for c in ("global_feature", "negatives_source", "positives_used")
             if c in per and per[c].nunique(dropna=False) > 1]
 
 
