@@ -184,9 +184,10 @@ def _model_errors() -> tuple[type[Exception], ...]:
     """One-line user errors from the model registries and tracking (no traceback)."""
     from persrep.models.diffusion import ModelUnavailableError
     from persrep.models.errors import ModelError
+    from persrep.pipeline.memory import InsufficientResourcesError
     from persrep.tracking import TrackingError
 
-    return (ModelError, ModelUnavailableError, TrackingError)
+    return (ModelError, ModelUnavailableError, TrackingError, InsufficientResourcesError)
 
 
 def main(argv: list[str] | None = None) -> int:

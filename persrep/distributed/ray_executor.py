@@ -14,7 +14,8 @@ from typing import Any
 
 import ray
 
-from persrep.distributed.session import cluster_gpus
+from persrep.distributed.session import cluster_gpus, node_shapes
+from persrep.pipeline.memory import NodeShape
 from persrep.pipeline.executor import Outcome, Resources, failed_outcome, short_error
 from persrep.pipeline.verdict import is_retryable
 from persrep.storage import StorageUnavailableError
@@ -39,10 +40,14 @@ class RayExecutor:
 
         return run_synthesis_stage(ctx, units, progress, self.max_retries)
 
+    def node_shapes(self) -> list[NodeShape]:
+        return node_shapes()
+
     def _options(self, resources: Resources) -> dict[str, Any]:
+        memory = {"memory": int(resources.memory)} if resources.memory > 0 else {}
         if resources.gpus > 0 and cluster_gpus() > 0:
-            return {"num_cpus": resources.cpus, "num_gpus": resources.gpus}
-        return {"num_cpus": self.cpus_when_no_gpu or resources.cpus, "num_gpus": 0}
+            return {"num_cpus": resources.cpus, "num_gpus": resources.gpus, **memory}
+        return {"num_cpus": self.cpus_when_no_gpu or resources.cpus, "num_gpus": 0, **memory}
 
     def run_personalization(self, ctx: Any, units: list[Any], labels: list[str],
                             tracker: Any = None) -> list[Outcome]:

@@ -47,3 +47,12 @@ def release(started: bool) -> None:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def node_shapes() -> list["NodeShape"]:
+    """The alive nodes' CPUs, GPUs and the memory Ray offers to tasks and actors there."""
+    from persrep.pipeline.memory import GIB, NodeShape
+
+    return [NodeShape(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)),
+                      float(n["Resources"].get("memory", 0)) / GIB)
+            for n in ray.nodes() if n.get("Alive")]

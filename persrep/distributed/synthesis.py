@@ -292,6 +292,14 @@ def pool_shape(ctx: Any, n_blocks: int, num_actors: int | None = None,
     else:
         n = num_actors or max(1, int(cluster.get("CPU", 1)))
         per = {"num_gpus": 0.0, "num_cpus": res.cpus_per_actor}
+    memory = getattr(ctx, "memory", {}).get("synthesis", 0)
+    if memory > 0:  # the run's plan (persrep.pipeline.memory): only as many actors as fit
+        from persrep.distributed.session import node_shapes
+        from persrep.pipeline.memory import GIB, concurrency
+
+        per["memory"] = float(memory)
+        fits = sum(concurrency(nd, per["num_cpus"], per["num_gpus"], memory / GIB) for nd in node_shapes())
+        n = min(n, max(1, fits))
     return max(1, min(n, n_blocks)), per
 
 
@@ -467,7 +475,7 @@ def _map(ds, ctx, n: int, per: dict[str, float], retries: int, sampler_factory, 
         compute=ray.data.ActorPoolStrategy(size=n),
         fn_constructor_kwargs={"ctx": ctx, "sampler_factory": sampler_factory, "cache_size": cache_size,
                                "torch_threads": torch_threads or max(1, int(per["num_cpus"]))},
-        num_cpus=per["num_cpus"], num_gpus=per["num_gpus"] or None,
+        num_cpus=per["num_cpus"], num_gpus=per["num_gpus"] or None, memory=per.get("memory") or None,
         max_restarts=2 * retries + 1, max_task_retries=retries)
 
 

@@ -80,8 +80,9 @@ def tune_storage(ctx: Any) -> tuple[str, Any]:
 
 
 def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
-                    data_parallel_workers: int = 0) -> dict[str, float]:
-    """Resources of one trial: GPUs when the cluster has them, else (fractional) CPUs.
+                    data_parallel_workers: int = 0, memory_bytes: int = 0) -> dict[str, float]:
+    """Resources of one trial: GPUs when the cluster has them, else (fractional) CPUs, and the
+    host memory the run's plan reserves for a trial (persrep.pipeline.memory).
 
     A data-parallel trial only drives a ``TorchTrainer`` (whose workers reserve their own
     resources), so it asks for a sliver of a CPU.
@@ -89,10 +90,11 @@ def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
     res = settings.resources
     if data_parallel_workers > 1:
         return {"cpu": 0.01}
+    memory = {"memory": float(memory_bytes)} if memory_bytes > 0 else {}
     gpus = cluster_gpus() if gpus_in_cluster is None else gpus_in_cluster
     if res.gpus_per_trial > 0 and gpus > 0:
-        return {"cpu": res.cpus_per_trial, "gpu": min(res.gpus_per_trial, gpus)}
-    return {"cpu": res.cpus_per_trial}
+        return {"cpu": res.cpus_per_trial, "gpu": min(res.gpus_per_trial, gpus), **memory}
+    return {"cpu": res.cpus_per_trial, **memory}
 
 
 def _dirname(label: str, key: str) -> str:
@@ -502,7 +504,7 @@ def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, 
         callbacks.append(_mlflow_callback(mlflow, tracking_tags))
 
     gpus = cluster_gpus()
-    resources = trial_resources(settings, gpus, dp_workers)
+    resources = trial_resources(settings, gpus, dp_workers, getattr(ctx, "memory", {}).get("personalization", 0))
     use_gpu = gpus > 0 and settings.resources.gpus_per_trial > 0
     if dp_workers > 1 and use_gpu and gpus < dp_workers:
         # Train would wait for the GPUs forever: say so now

@@ -33,6 +33,7 @@ class RunContext:
     dataset_key: str
     run_id: str
     notes: list[str] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)  # stage -> bytes a unit reserves (memory.py)
     _ds: InstanceDataset | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -142,7 +143,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     say(f"data: {data_path} ({len(ds.instances)} instances, {n_images} images, "
         f"{len(names)} selected; checked in {time.perf_counter() - t0:.1f} s)")
     ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},
-                     ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, ds)
+                     ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, _ds=ds)
     check_external_negatives(ctx)
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "

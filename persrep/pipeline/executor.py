@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from persrep.pipeline.memory import GIB, NodeShape
 from persrep.pipeline.verdict import is_retryable
 from persrep.storage import StorageUnavailableError
 
@@ -46,6 +47,10 @@ class Executor(Protocol):
     def map(self, fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, units: Sequence[Any],
             labels: Sequence[str], resources: Resources, stage: str) -> list[Outcome]: ...
 
+    def node_shapes(self) -> list[NodeShape]:
+        """What units can run on: one entry per node (CPUs, GPUs, memory offered to units)."""
+        ...
+
 
 def short_error(exc: BaseException) -> str:
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -53,11 +58,20 @@ def short_error(exc: BaseException) -> str:
 
 
 class LocalExecutor:
+    sequential = True  # one unit at a time: memory is never shared between two units
     def __init__(self, max_retries: int = 0, progress: Callable[[str], None] | None = None,
                  verbose_errors: bool = False):
         self.max_retries = max_retries
         self.progress = progress or (lambda _m: None)
         self.verbose_errors = verbose_errors
+
+    def node_shapes(self) -> list[NodeShape]:
+        """This machine; units run one at a time, so a unit may use all of its memory."""
+        import os
+
+        import psutil
+
+        return [NodeShape(float(os.cpu_count() or 1), 0.0, psutil.virtual_memory().total / GIB)]
 
     def map(self, fn, ctx, units, labels, resources, stage):
         outcomes = []

@@ -20,6 +20,7 @@ from persrep.generation.base import generator_class
 from persrep.generation.plan import build_rows, data_configs
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
+from persrep.pipeline.memory import count_units, plan_stages
 from persrep.generation import shards
 from persrep.pipeline.summary import format_summary, headline_table
 from persrep.pipeline.verdict import synthesis_verdict
@@ -116,6 +117,7 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     for note in ctx.notes:
         say(note)
     executor = executor or LocalExecutor(settings.resources.max_retries, say)
+    plan_resources(ctx, executor, say)
     summary = RunSummary(ctx.run_id, notes=list(ctx.notes))
     if tracker.degraded and tracker.warning:
         summary.notes.append(f"tracking degraded: {tracker.warning}")
@@ -133,6 +135,31 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     for f in summary.failures:
         say(f"FAILED {f['stage']} {f['unit']} after {f['attempts']} attempt(s): {f['error']}")
     return summary
+
+
+def unit_resources(ctx: RunContext, stage: str) -> Resources:
+    """What one unit of ``stage`` reserves: CPUs / GPUs from settings, memory from the plan."""
+    res = ctx.settings.resources
+    return Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial, memory=ctx.memory.get(stage, 0))
+
+
+def plan_resources(ctx: RunContext, executor: Executor, say: Progress) -> None:
+    """Before compute: estimate each heavy unit's memory (persrep.pipeline.memory), check that it
+    fits on some node (else one line, exit 2), print the plan, and record the reservations in
+    ``ctx.memory`` for every stage to request."""
+    res = ctx.settings.resources
+    nodes = executor.node_shapes()
+    has_gpus = any(n.gpus > 0 for n in nodes)
+    on_gpu = has_gpus and res.gpus_per_trial > 0
+    heavy = (res.cpus_per_trial, res.gpus_per_trial if on_gpu else 0.0)
+    requests = {"generator_prep": heavy, "personalization": heavy, "evaluation": heavy,
+                "synthesis": (res.cpus_per_actor, 1.0 if has_gpus else 0.0)}
+    counts = count_units(ctx.settings, len(ctx.instances), len(set(ctx.instances.values())))
+    plans = plan_stages(ctx.settings, counts, nodes, requests, on_gpu)
+    sequential = getattr(executor, "sequential", False)
+    for p in plans:
+        say(p.line() if not sequential else p.line().rsplit(";", 1)[0] + "; one at a time (in this process)")
+    ctx.memory = {p.stage: p.estimate.bytes for p in plans}
 
 
 @dataclass
@@ -218,8 +245,6 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
     """Stages 1-2 (generator prep, synthesis). Units whose key is in ``skip_keys`` are not run
     (a caller that already ran them, e.g. a sweep over several data settings, counts them as
     available); the keys of the units run here are added to it."""
-    res = ctx.settings.resources
-    heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
     skip = skip_keys if skip_keys is not None else set()
     out = DataStages()
 
@@ -229,7 +254,7 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
     gen_units = [u for u in planned if u["key"] not in skip]
     skip.update(u["key"] for u in gen_units)
     outs = _stage(summary, executor, "generator_prep", run_generator_unit, ctx, gen_units,
-                  [f"{u['generator']}:{u['instance']}" for u in gen_units], heavy, say)
+                  [f"{u['generator']}:{u['instance']}" for u in gen_units], unit_resources(ctx, "generator_prep"), say)
     out.ready.update({(u["generator"], u["instance"]): u["key"] for u, o in zip(gen_units, outs)
                       if o.status != "failed"})
     for u, o in zip(gen_units, outs):  # the per-instance status table of generator prep
@@ -250,7 +275,7 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
                                  f"{st['loads']} generator loads on {st['actors']} actor(s)")
     else:
         outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
-                      [u.group for u in syn_units], heavy, say)
+                      [u.group for u in syn_units], unit_resources(ctx, "synthesis"), say)
     out.synthesized.update({u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"})
     summary.record_synthesis(syn_units, outs, say)
     return out
@@ -259,8 +284,6 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
 def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracker: Any,
                 say: Progress) -> None:
     settings = ctx.settings
-    res = settings.resources
-    heavy = Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial)
     instances = sorted(ctx.instances)
 
     # 1-2. generator prep and synthesis
@@ -276,7 +299,7 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
                               lambda: stage3(ctx, pz_units, pz_labels, tracker))
     else:
         outs = _stage(summary, executor, "personalization", run_personalize_unit, ctx, pz_units,
-                      pz_labels, heavy, say)
+                      pz_labels, unit_resources(ctx, "personalization"), say)
     adapters = [u for u, o in zip(pz_units, outs) if o.status != "failed"]
     for u, o in zip(pz_units, outs):  # one nested MLflow run per trained adapter
         if o.status == "done":
@@ -301,7 +324,7 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
     ev_units += [adapter_eval_unit(ctx, u) for u in adapters]
     outs = _stage(summary, executor, "evaluation", run_evaluation_unit, ctx, ev_units,
                   [f"{u['kind']}:{u['backbone'].name}:{u.get('instance', 'all')}" for u in ev_units],
-                  Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial), say)
+                  unit_resources(ctx, "evaluation"), say)
 
     summary.rows = [r for u, o in zip(ev_units, outs) if o.status != "failed"
                     for r in read_rows(ctx.storage, u["key"])]

@@ -65,13 +65,13 @@ def run_generator_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
     gtype, name, key = unit["generator"], unit["instance"], unit["key"]
     if ctx.storage.is_intact(GENERATORS, key):
         return {"status": "skipped", "key": key}
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     gen = get_generator(gtype, ctx.settings)
     artifact = gen.prepare(instance_data(ctx, name), scratch_dir(ctx, "class_images"))
     if artifact.key != key:
         raise RuntimeError(f"{gtype} {name}: artifact key {artifact.key} != planned {key}")
     meta = {"generator": gtype, "instance": name, "settings": artifact.settings.get("settings", {}),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "started_at": started_at, "finished_at": time.time()}
     ctx.storage.publish(GENERATORS, key, artifact.files, meta)
     return {"status": "done", "key": key, "seconds": meta["seconds"]}
 

@@ -1,0 +1,133 @@
+"""Memory-aware scheduling (persrep.pipeline.memory): estimates from the real architectures, the
+plan printed before compute, a unit that fits nowhere refused in one line, and on a Ray cluster
+whose node declares little memory, heavy units that do not fit together run one after the other."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from persrep.config import load_settings
+from persrep.pipeline.memory import (GIB, InsufficientResourcesError, NodeShape, backbone_size,
+                                     estimate_stage, plan_stages)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parameter_counts_are_the_real_architectures():
+    # published sizes: DINOv2 ViT-B/14 86.6 M, ViT-B/16 86.6 M (without heads)
+    params, acts = backbone_size("vit_base_patch14_dinov2.lvd142m", "timm/x", 224)
+    assert abs(params - 86_580_480) / 86_580_480 < 0.01 and acts > 0
+    lite, lite_acts = backbone_size("tf_efficientnet_lite0", "offline", 224)
+    assert 3.0e6 < lite < 3.7e6  # EfficientNet-Lite0 without its classifier: 3.37 M
+    # activations grow with the input area (a meta-device forward, not a table)
+    _, small = backbone_size("tf_efficientnet_lite0", "offline", 112)
+    assert 3.5 < lite_acts / small < 4.5
+
+
+def test_estimate_matches_the_measured_sd15_dreambooth_step():
+    # ENVIRONMENT.md: a full SD 1.5-size DreamBooth step (UNet + text encoder, prior preservation,
+    # tiny resolution) peaked at 15.8 GB RSS on CPU. The estimate must cover it, not by much.
+    s = load_settings("paper", ["generator.dreambooth.resolution=64"])
+    est = estimate_stage(s, "generator_prep")
+    assert 15.8 <= est.gb <= 15.8 * 1.25, est.describe()
+    assert set(est.parts) >= {"weights", "gradients", "optimiser", "activations", "process"}
+    lora = estimate_stage(load_settings("paper", ["generator.dreambooth.resolution=64",
+                                                  "generator.dreambooth.use_lora=true"]), "generator_prep")
+    assert lora.gb < est.gb / 2  # no full gradients or AdamW state
+
+
+def test_overrides_and_the_plan():
+    s = load_settings("local", ["resources.memory_gb.personalization=3"])
+    est = estimate_stage(s, "personalization")
+    assert est.gb == 3.0 and est.describe() == "3.0 GiB (resources.memory_gb.personalization)"
+    node = NodeShape(cpus=8, gpus=0, memory_gb=10)
+    [plan] = plan_stages(s, {"personalization": 5}, [node], {"personalization": (1.0, 0.0)}, False)
+    assert plan.per_node == 3  # memory, not CPUs, bounds it
+    assert plan.line().startswith("plan personalization: 5 unit(s), each 1 CPU and 3.0 GiB")
+    s.resources.memory_gb.personalization = 16
+    with pytest.raises(InsufficientResourcesError, match=r"personalization: one unit needs 16.0 GiB .* "
+                       r"largest node offers 10.0 GiB .* resources.memory_gb.personalization"):
+        plan_stages(s, {"personalization": 5}, [node], {"personalization": (1.0, 0.0)}, False)
+    # an *estimate* a little above what Ray offers runs alone on the node, and the plan says so
+    paper = load_settings("paper", ["generator.dreambooth.resolution=64"])
+    [plan] = plan_stages(paper, {"generator_prep": 2}, [NodeShape(2, 0, 14.0)], {"generator_prep": (1.0, 0.0)}, False)
+    assert plan.per_node == 1 and plan.estimate.gb == 14.0 and "the whole node" in plan.line()
+
+
+CLUSTER_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from persrep.config import load_settings
+    from persrep.distributed.ray_executor import RayExecutor
+    from persrep.pipeline import run_pipeline
+    from persrep.pipeline.memory import InsufficientResourcesError
+
+    root, overrides = sys.argv[1], json.loads(sys.argv[2])
+    GIB = 1024 ** 3
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "memory": 4 * GIB, "object_store_memory": 200 * 1024 ** 2, "include_dashboard": False})
+    out = {}
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        said = []
+        # a unit that fits on no node: refused before any compute
+        try:
+            run_pipeline(load_settings("local", overrides + ["resources.memory_gb.generator_prep=7"]),
+                         said.append, RayExecutor(2, said.append), run_id="too-big")
+            out["too_big"] = None
+        except InsufficientResourcesError as exc:
+            out["too_big"] = str(exc)
+        out["generators_after_refusal"] = __import__("os").path.exists(root + "/generators")
+        said.clear()
+        summary = run_pipeline(load_settings("local", overrides), said.append, RayExecutor(2, said.append),
+                               run_id="fits")
+        from persrep.storage import Storage
+        st = Storage(root)
+        out.update(exit_code=summary.exit_code, retries=summary.retries, failures=summary.failures,
+                   plan=[m for m in said if m.startswith("plan ")],
+                   generators=[st.manifest("generators", k).meta for k in st.list_finished("generators")])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT " + json.dumps(out, default=str))
+''')
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_units_that_do_not_fit_together_run_one_after_the_other(tmp_path):
+    overrides = ["data.toy.categories=1", "data.toy.instances_per_category=2", "data.toy.image_size=64",
+                 "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6", "data.toy.dense_per_instance=0",
+                 "generator.types=[dreambooth]", "generator.dreambooth.steps=6",
+                 "generator.dreambooth.num_class_images=2", "synthesis.num_positives=4",
+                 "synthesis.inference_steps=2", "synthesis.resolution=32", "personalization.max_steps=2",
+                 "personalization.batch_size=4", "evaluation.tasks=[classification]", "tracking.enabled=false",
+                 "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
+                 # 2 CPUs would run both DreamBooth units at once; 3 of the node's 4 GiB each cannot
+                 "resources.cpus_per_trial=0.5", "resources.cpus_per_actor=0.5",
+                 "resources.memory_gb.generator_prep=3", "resources.memory_gb.synthesis=1",
+                 "resources.memory_gb.personalization=1", "resources.memory_gb.evaluation=1",
+                 f"storage.root={tmp_path / 'root'}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path / "root"), json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["too_big"].startswith("generator_prep: one unit needs 7.0 GiB (resources.memory_gb.generator_prep)")
+    assert not out["generators_after_refusal"]  # refused before any unit ran
+    assert out["exit_code"] == 0 and out["retries"] == [] and out["failures"] == []
+    assert any(p.startswith("plan generator_prep: 2 unit(s), each 0.5 CPU and 3.0 GiB") and
+               p.endswith("up to 1 at once on the largest node") for p in out["plan"]), out["plan"]
+    spans = sorted((g["started_at"], g["finished_at"]) for g in out["generators"])
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans  # one after the other
