@@ -41,8 +41,11 @@ def make_dataset(root: Path, names=("mug_0", "mug_1"), n_train=3, n_test=2, mask
             _img(root / "test" / n / f"pose_{i}.png")
             if masks:
                 _mask(root / "test_masks" / n / f"pose_{i}.png")
-    info = {"classes": list(names), "class_to_sc": {n: n.split("_")[0] for n in names},
-            "image_to_scene": {f"test/{n}/pose_{i}.png": "pose" for n in names for i in range(n_test)}}
+    old = json.loads((root / "x_info.json").read_text()) if (root / "x_info.json").is_file() else {}
+    info = {"classes": [*old.get("classes", []), *names],  # a second call adds its instances
+            "class_to_sc": {**old.get("class_to_sc", {}), **{n: n.split("_")[0] for n in names}},
+            "image_to_scene": {**old.get("image_to_scene", {}),
+                               **{f"test/{n}/pose_{i}.png": "pose" for n in names for i in range(n_test)}}}
     (root / "x_info.json").write_text(json.dumps(info))
     return root
 
