@@ -83,13 +83,16 @@ def check_info(ds: "InstanceDataset", report: "CheckReport", needs_categories: b
         seen: dict[str, Any] = {}
         for name in names:
             why = unsafe_entry(name)
+            if why and name in folders:
+                continue  # a folder of that name: check_dataset's name check reports it once
             if why:
                 bad_listed = True
                 report.add("error", where, f"{key} entry {name!r} {why}: not safe as a folder name",
                            "remove the entry or rename it (letters, digits, '_' or '-')")
                 continue
             folded = _fold(name)
-            if folded in seen:
+            if folded in seen and not (name != seen[folded] and {name, seen[folded]} <= folders):
+                # (two folders that differ by case are reported by the folder-name check)
                 problem = (f"{key} lists {name!r} twice" if seen[folded] == name else
                            f"{key} entry {name!r} differs only by case/unicode form from "
                            f"{seen[folded]!r} (they clash on a case-insensitive store)")
