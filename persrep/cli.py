@@ -92,6 +92,49 @@ def cmd_data_pods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_df2(args: argparse.Namespace) -> int:
+    from persrep.data.df2 import convert_df2
+
+    res = convert_df2(args.src, args.dest, categories=args.categories, min_shop=args.min_shop,
+                      min_user=args.min_user, max_instances=args.max_instances, progress=_progress)
+    print(res.line())
+    return 0
+
+
+def cmd_data_dogs(args: argparse.Namespace) -> int:
+    from persrep.data.dogs import convert_dogs
+
+    res = convert_dogs(args.src, args.dest, masks=args.masks, min_images=args.min_images,
+                       max_dogs=args.max_dogs, train_count=args.train_count, progress=_progress)
+    print(res.line())
+    return 0
+
+
+# -- captions ------------------------------------------------------------------------------------
+def cmd_captions_generate(args: argparse.Namespace) -> int:
+    from persrep.captions.generate import generate_captions, write_captions_file
+    from persrep.config import LLMCaptionSettings
+
+    cats = [c.strip() for c in args.categories.split(",") if c.strip()]
+    if not cats:
+        raise ConfigError("--categories: give at least one category, e.g. --categories mug,shoe")
+    fields = {k: getattr(args, k) for k in ("model", "endpoint", "api_key_env", "per_category", "seed",
+                                             "batch_size", "max_new_tokens", "temperature",
+                                             "max_rounds", "instruction") if getattr(args, k) is not None}
+    if not (args.model or args.endpoint):
+        raise ConfigError("captions generate: give --model ID_OR_DIR or --endpoint URL")
+    try:
+        cfg = LLMCaptionSettings(**fields)
+    except Exception as exc:  # noqa: BLE001 - pydantic: one line
+        raise ConfigError(f"captions generate: {str(exc).splitlines()[-1].strip()}") from None
+    t0 = time.perf_counter()
+    caps = generate_captions(cats, cfg, progress=_progress)
+    out = write_captions_file(caps, args.out)
+    print(f"{sum(map(len, caps.values()))} captions for {len(caps)} categories written to {out} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # -- run -----------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """The same job as ``ray_jobs/run_all.py`` (its arguments, its Ray handling, its exit codes)."""
@@ -167,6 +210,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.set_defaults(func=cmd_data_pods)
 
+    p = data.add_parser("df2", help="DeepFashion2 (image/ + annos/) -> reference layout: one "
+                        "instance per garment (pair_id, style), 3 shop images train, user images test")
+    p.add_argument("src", help="DF2 split folder with image/NNNNNN.jpg and annos/NNNNNN.json")
+    p.add_argument("dest")
+    p.add_argument("--categories", default="short sleeve top,long sleeve top",
+                   help="DF2 category names kept (comma-separated; default: the shirt categories)")
+    p.add_argument("--min-shop", type=int, default=3, help="shop images a garment needs (train = 3 of them)")
+    p.add_argument("--min-user", type=int, default=3, help="user (consumer) images a garment needs (test)")
+    p.add_argument("--max-instances", type=int, default=None, help="keep the first N garments (by pair_id)")
+    p.set_defaults(func=cmd_data_df2)
+
+    p = data.add_parser("dogs", help="DogFaceNet (one folder of face crops per dog) -> reference layout")
+    p.add_argument("src", help="SRC/<dog id>/<image>")
+    p.add_argument("dest")
+    p.add_argument("--masks", default=None, help="folder of masks mirroring SRC (<dog id>/<stem>.png)")
+    p.add_argument("--min-images", type=int, default=5, help="images a dog needs (3 train + test)")
+    p.add_argument("--max-dogs", type=int, default=80, help="keep at most N dogs (most images first; the paper: 80)")
+    p.add_argument("--train-count", type=int, default=3)
+    p.set_defaults(func=cmd_data_dogs)
+
+    cap = sub.add_parser("captions", help="LLM-written captions").add_subparsers(dest="sub", required=True)
+    p = cap.add_parser("generate", help="write a captions file (JSON keyed by category, each caption "
+                       "with <new1>) with a transformers model or an OpenAI-compatible endpoint")
+    p.add_argument("--categories", required=True, help="comma-separated, e.g. mug,shoe")
+    p.add_argument("--per-category", type=int, default=None, help="captions per category (default 100)")
+    p.add_argument("--model", default=None, help="model id or local directory (causal or seq2seq)")
+    p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key-env", default=None, help="environment variable holding the endpoint's key "
+                   "(default OPENAI_API_KEY; the key is never printed)")
+    p.add_argument("--out", default="captions.json")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max-rounds", type=int, default=None, help="bound on generation rounds per category")
+    p.add_argument("--instruction", default=None, help="instruction template ({category}, {focus})")
+    p.set_defaults(func=cmd_captions_generate)
+
     p = sub.add_parser("run", add_help=False,
                        help="run the whole pipeline: the same job as ray_jobs/run_all.py "
                             "(persrep run --help lists its options)")
@@ -184,9 +265,10 @@ def _model_errors() -> tuple[type[Exception], ...]:
     """One-line user errors from the model registries and tracking (no traceback)."""
     from persrep.models.diffusion import ModelUnavailableError
     from persrep.models.errors import ModelError
+    from persrep.captions.backends import CaptionError
     from persrep.tracking import TrackingError
 
-    return (ModelError, ModelUnavailableError, TrackingError)
+    return (ModelError, ModelUnavailableError, TrackingError, CaptionError)
 
 
 def main(argv: list[str] | None = None) -> int:
