@@ -87,7 +87,7 @@ def cmd_data_composite(args: argparse.Namespace) -> int:
 def cmd_data_pods(args: argparse.Namespace) -> int:
     from persrep.data.pods import materialize_pods
 
-    dest = materialize_pods(args.src, args.dest, progress=_progress)
+    dest = materialize_pods(args.src, args.dest, progress=_progress, info_file=args.info)
     print(f"PODS written in the reference layout to {dest}")
     return 0
 
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("pods", help="PODS parquet export -> reference layout")
     p.add_argument("src")
     p.add_argument("dest")
+    p.add_argument("--info", default=None, help="the released pods_info.json (val/test split of the "
+                   "objects, categories); default SRC/pods_info.json when present")
     p.set_defaults(func=cmd_data_pods)
 
     p = data.add_parser("df2", help="DeepFashion2 (image/ + annos/) -> reference layout: one "

@@ -265,7 +265,7 @@ def test_pods_parquet_materializes(tmp_path):
     labels = ["mugs_red", "bottles_ai2"]
     rows = {"train": [(lab, "train") for lab in labels for _ in range(3)],
             "test": [(lab, sc) for lab in labels for sc in ("pose", "distractors")],
-            "test_dense": [(labels[0], "dense")]}
+            "test_dense": [(labels[0], "pose")]}
     (tmp_path / "pods" / "data").mkdir(parents=True)
     for split, rr in rows.items():
         table = pa.table({"image": [img() for _ in rr], "mask": [mask for _ in rr],
