@@ -94,3 +94,59 @@ def test_failed_category_is_named_and_its_rows_left_out(tmp_path, chain_dir):
     assert summary.stages["captions"]["failed"] == 2
     assert all("2 of 3 valid after 1 rounds" in f["error"] for f in summary.failures), summary.failures
     assert not out.synthesized and not any(ctx.storage.is_finished(STAGE, u["key"]) for u in plan_caption_units(ctx))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_caption_units_run_as_ray_tasks_like_any_unit(tmp_path, chain_dir, ray_local):
+    """On Ray (the session's local cluster) the captions stage is Ray tasks through the executor;
+    the published captions equal the in-process ones (same key, same seeded text)."""
+    from persrep.captions.generate import generate_captions
+    from persrep.distributed.ray_executor import RayExecutor
+    from persrep.pipeline.captions_stage import CAPTIONS_FILE
+
+    ctx = _ctx(tmp_path / "runs", chain_dir, "generator.types=[real_only]",
+               "personalization.negatives=in_pool", "resources.gpus_per_trial=0")
+    summary = RunSummary("ray")
+    run_data_stages(ctx, RayExecutor(0, lambda m: None), summary, lambda m: None)
+    assert summary.stages["captions"] == {"done": 2, "skipped": 0, "failed": 0, "retried": 0}
+    local = generate_captions(["bottle", "mug"], ctx.settings.synthesis.captions)
+    for u in plan_caption_units(ctx):
+        import json
+
+        published = json.loads(ctx.storage.read_unit_file(STAGE, u["key"], CAPTIONS_FILE))
+        assert published == {u["category"]: local[u["category"]]}
+
+
+def test_sweep_plans_llm_options_after_generating_their_captions(tmp_path, chain_dir):
+    """A sweep over caption sources: resolve_data (which plans synthesis keys before any executor
+    exists) generates the captions first, so the llm option has its own, stable synthesis keys."""
+    import yaml
+
+    from persrep.sweep.data import resolve_data
+    from persrep.sweep.space import load_space
+
+    ctx = _ctx(tmp_path / "runs", chain_dir, "generator.types=[dreambooth]", "personalization.negatives=generated")
+    doc = {"config": "local", "overrides": {
+        "data.path": ctx.data_path, "data.max_instances": None, "synthesis.num_positives": 2,
+        "synthesis.num_negatives_per_category": 2, "synthesis.captions.model": str(chain_dir),
+        "synthesis.captions.per_category": 2, "synthesis.captions.batch_size": 4,
+        "personalization.negatives": "generated", "generator.types": ["dreambooth"]},
+        "metric": "retrieval.ndcg", "mode": "max", "search": "grid",
+        "space": {"synthesis.caption_sources": {"grid": ["template", "llm"]}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(doc))
+    space = load_space(str(tmp_path / "space.yaml"), [f"storage.root={ctx.storage.root}"])
+    options = resolve_data(space, ctx)
+    assert [o.label for o in options] == ["dreambooth/cfg5/template", "dreambooth/cfg5/llm"]
+    llm = options[1]
+    assert sorted(g.split(":")[0] + ":" + g.split(":")[-1] for g in llm.synthesis_keys) == [
+        "neg:bottle", "neg:mug", "pos:bottle_0", "pos:bottle_1", "pos:mug_0", "pos:mug_1"]
+    assert all(ctx.storage.is_finished(STAGE, u["key"]) for u in plan_caption_units(
+        replace_settings(ctx, space.settings_for({"synthesis.caption_sources": "llm"}))))
+    assert [o.synthesis_keys for o in resolve_data(space, ctx)] == [o.synthesis_keys for o in options]
+
+
+def replace_settings(ctx, settings):
+    from dataclasses import replace
+
+    return replace(ctx, settings=settings)
