@@ -106,7 +106,7 @@ def cmd_data_dogs(args: argparse.Namespace) -> int:
 
     res = convert_dogs(args.src, args.dest, masks=args.masks, min_images=args.min_images,
                        max_dogs=args.max_dogs, train_count=args.train_count, progress=_progress)
-    print(res.line())
+    print(res.line("dogs"))
     return 0
 
 

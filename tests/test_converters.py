@@ -70,7 +70,7 @@ def test_df2_converts_garments_shop_train_user_test_with_polygon_masks(tmp_path,
     src = write_df2(tmp_path / "validation")
     dest = tmp_path / "df2"
     assert main(["data", "df2", str(src), str(dest), "--min-user", "2"]) == 0
-    assert "2 instances (6 train, 5 test images" in capsys.readouterr().out
+    assert "2 instances (6 train, 5 test images, 11 masks)" in capsys.readouterr().out
     ds = open_dataset(str(dest))
     assert ds.names == ["long_sleeve_top_000003_s1", "short_sleeve_top_000001_s1"]
     a = ds.instances["short_sleeve_top_000001_s1"]

@@ -27,12 +27,13 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from persrep.data.importer import ImportResult
 from persrep.data.layout import DatasetError, natural_key
 
 SHIRT_CATEGORIES = ("short sleeve top", "long sleeve top")
@@ -46,20 +47,6 @@ class Item:
     category: str
     box: list[float]
     polygons: list[list[float]]
-
-
-@dataclass
-class ConvertResult:
-    dest: Path
-    instances: int
-    train_images: int
-    test_images: int
-    notes: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        extra = "".join(f"\n  note: {n}" for n in self.notes)
-        return (f"{self.instances} instances ({self.train_images} train, {self.test_images} test images, "
-                f"all with masks) written to {self.dest}{extra}")
 
 
 def _parse(path: Path, categories: set[str]) -> tuple[int, list[tuple[int, Item]]]:
@@ -113,7 +100,7 @@ def _slug(text: str) -> str:
 
 def convert_df2(src: str | Path, dest: str | Path, *, categories: str | list[str] | None = None,
                 min_shop: int = TRAIN_COUNT, min_user: int = 3, max_instances: int | None = None,
-                progress: Callable[[str], None] | None = None) -> ConvertResult:
+                progress: Callable[[str], None] | None = None) -> ImportResult:
     src, dest = Path(src), Path(dest)
     cats = ([c.strip() for c in categories.split(",") if c.strip()] if isinstance(categories, str)
             else list(categories or SHIRT_CATEGORIES))
@@ -162,7 +149,7 @@ def convert_df2(src: str | Path, dest: str | Path, *, categories: str | list[str
                   "image_to_source": {}, "instance_to_source": {}, "source": str(src),
                   "df2": {"categories": cats, "min_shop": min_shop, "min_user": min_user,
                           "max_instances": max_instances, "garments_seen": len(garments)}}
-    res = ConvertResult(dest, 0, 0, 0)
+    res = ImportResult(dest, 0, 0, 0, 0)
     try:
         for n, ((pair_id, style), train, test) in enumerate(chosen):
             df2_cat = Counter(it.category for it in train + test).most_common(1)[0][0]
@@ -181,6 +168,7 @@ def convert_df2(src: str | Path, dest: str | Path, *, categories: str | list[str
                     Image.fromarray((m * 255).astype(np.uint8)).save(tmp / mrel)
                     info["image_to_box"][rel] = it.box
                     info["image_to_source"][rel] = f"image/{it.image_id}.jpg"
+                    res.masks += 1
             info["classes"].append(name)
             info["class_to_sc"][name] = "shirt" if default_cats else _slug(df2_cat)
             info["instance_to_source"][name] = {"pair_id": pair_id, "style": style,

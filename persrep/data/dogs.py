@@ -14,28 +14,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from persrep.data.importer import import_folder
+from persrep.data.importer import ImportResult, import_folder
 from persrep.data.layout import DatasetError, is_image_name, natural_key
 
 CATEGORY = "dog"
-
-
-@dataclass
-class DogsResult:
-    dest: Path
-    instances: int
-    train_images: int
-    test_images: int
-    masks: int
-    notes: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        extra = "".join(f"\n  note: {n}" for n in self.notes)
-        return (f"{self.instances} dogs ({self.train_images} train, {self.test_images} test images, "
-                f"{self.masks} masks) written to {self.dest}{extra}")
 
 
 def select_dogs(src: Path, min_images: int, max_dogs: int | None) -> tuple[list[str], int]:
@@ -49,7 +33,7 @@ def select_dogs(src: Path, min_images: int, max_dogs: int | None) -> tuple[list[
 
 def convert_dogs(src: str | Path, dest: str | Path, *, masks: str | Path | None = None,
                  min_images: int = 5, max_dogs: int | None = 80, train_count: int = 3,
-                 progress: Callable[[str], None] | None = None) -> DogsResult:
+                 progress: Callable[[str], None] | None = None) -> ImportResult:
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise DatasetError(f"{src}: not a directory (expected DogFaceNet's <dog id>/<image> folders)")
@@ -69,6 +53,5 @@ def convert_dogs(src: str | Path, dest: str | Path, *, masks: str | Path | None 
     tmp = info_path.with_name(f".{info_path.name}.tmp")
     tmp.write_text(json.dumps(info, indent=1))
     os.replace(tmp, info_path)  # the data set stays complete and valid at every moment
-    out = DogsResult(dest, res.instances, res.train_images, res.test_images, res.masks, list(res.notes))
-    out.notes.append(f"{len(kept)} of {eligible} dogs with >= {min_images} images kept")
-    return out
+    res.notes.append(f"{len(kept)} of {eligible} dogs with >= {min_images} images kept")
+    return res

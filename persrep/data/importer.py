@@ -42,6 +42,12 @@ class ImportResult:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def line(self, what: str = "instances") -> str:
+        """One summary line (plus its notes): what the converters (df2, dogs) print."""
+        extra = "".join(f"\n  note: {n}" for n in self.notes)
+        return (f"{self.instances} {what} ({self.train_images} train, {self.test_images} test images, "
+                f"{self.masks} masks) written to {self.dest}{extra}")
+
 
 def read_category_map(path: str | Path) -> dict[str, str]:
     """Parse a category mapping: DreamBooth prompts_and_classes.txt, CSV, or JSON."""
