@@ -112,6 +112,8 @@ def cmd_data_dogs(args: argparse.Namespace) -> int:
 
 # -- captions ------------------------------------------------------------------------------------
 def cmd_captions_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from persrep.captions.generate import generate_captions, write_captions_file
     from persrep.config import LLMCaptionSettings
 
@@ -125,8 +127,9 @@ def cmd_captions_generate(args: argparse.Namespace) -> int:
         raise ConfigError("captions generate: give --model ID_OR_DIR or --endpoint URL")
     try:
         cfg = LLMCaptionSettings(**fields)
-    except Exception as exc:  # noqa: BLE001 - pydantic: one line
-        raise ConfigError(f"captions generate: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:  # one line per bad option
+        raise ConfigError("\n".join(f"captions generate: --{str(e['loc'][0]).replace('_', '-')} "
+                                     f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())) from None
     t0 = time.perf_counter()
     caps = generate_captions(cats, cfg, progress=_progress)
     out = write_captions_file(caps, args.out)

@@ -178,3 +178,5 @@ def test_cli_bad_input_one_line(capsys):
     assert "give --model ID_OR_DIR or --endpoint URL" in capsys.readouterr().err
     assert main(["captions", "generate", "--categories", "mug", "--endpoint", "ftp://x"]) == 2
     assert "not an http(s) URL" in capsys.readouterr().err
+    assert main(["captions", "generate", "--categories", "mug", "--model", "m", "--per-category", "0"]) == 2
+    assert "--per-category 0: Input should be greater than or equal to 1" in capsys.readouterr().err

@@ -150,3 +150,20 @@ def replace_settings(ctx, settings):
     from dataclasses import replace
 
     return replace(ctx, settings=settings)
+
+
+def test_relative_model_dir_is_resolved_on_the_driver(tmp_path, chain_dir, monkeypatch):
+    """A relative synthesis.captions.model is made absolute when planned, so a worker that starts
+    in another directory loads the same model."""
+    import os
+    import shutil
+
+    from persrep.pipeline.captions_stage import run_caption_unit
+
+    shutil.copytree(chain_dir, tmp_path / "models" / "chain")
+    monkeypatch.chdir(tmp_path)
+    ctx = _ctx(tmp_path / "runs", "models/chain", "generator.types=[real_only]", "personalization.negatives=in_pool")
+    units = plan_caption_units(ctx)
+    assert all(u["model"] == str(tmp_path / "models" / "chain") for u in units)
+    os.chdir(tmp_path / "runs")  # a worker elsewhere
+    assert run_caption_unit(ctx, units[0])["status"] == "done"

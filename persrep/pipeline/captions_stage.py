@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from persrep.config import content_key
@@ -43,7 +44,10 @@ def plan_caption_units(ctx: RunContext) -> list[dict[str, Any]]:
     if not uses_llm(ctx.settings):
         return []
     cats = sorted(set(ctx.instances.values()))
-    return [{"category": c, "key": caption_key(ctx.settings, c)} for c in cats]
+    model = ctx.settings.synthesis.captions.model
+    if model and Path(model).expanduser().is_dir():  # resolved on the driver: workers start elsewhere
+        model = str(Path(model).expanduser().absolute())
+    return [{"category": c, "key": caption_key(ctx.settings, c), "model": model} for c in cats]
 
 
 def run_caption_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +58,7 @@ def run_caption_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
     if ctx.storage.is_intact(STAGE, key):
         return {"status": "skipped", "key": key}
     t0 = time.perf_counter()
-    cfg = ctx.settings.synthesis.captions
+    cfg = ctx.settings.synthesis.captions.model_copy(update={"model": unit.get("model")})
     caps = generate_for_category(build_backend(cfg), cat, cfg)
     meta = {"category": cat, "model": cfg.endpoint or cfg.model, "n": len(caps),
             "seconds": time.perf_counter() - t0}
