@@ -140,6 +140,12 @@ class LLMCaptionSettings(Section):
     insert_identifier: bool = Field(True, description="insert <new1> before the category word "
                                     "when the model wrote the category without it")
 
+    @model_validator(mode="after")
+    def _words(self) -> "LLMCaptionSettings":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}: no caption can pass")
+        return self
+
 
 class SynthesisSettings(Section):
     num_positives: int = Field(450, ge=0, le=100_000)
