@@ -180,3 +180,20 @@ def test_cli_bad_input_one_line(capsys):
     assert "not an http(s) URL" in capsys.readouterr().err
     assert main(["captions", "generate", "--categories", "mug", "--model", "m", "--per-category", "0"]) == 2
     assert "--per-category 0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_chat_model_path_uses_its_chat_template(chain_dir, tmp_path):
+    """A tokenizer with a chat template (any chat model): the instruction is wrapped by it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "chat"
+    shutil.copytree(chain_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = "{% for m in messages %}[USER] {{ m['content'] }} {% endfor %}[ASSISTANT]"
+    tok.save_pretrained(d)
+    backend = TransformersBackend(str(d))
+    assert backend._format("hi") == "[USER] hi [ASSISTANT]"
+    caps = generate_captions(["mug"], _cfg(model=str(d)), backend)
+    assert len(caps["mug"]) == 2 and all(c.startswith("A <new1> mug sits") for c in caps["mug"])

@@ -81,7 +81,10 @@ class TransformersBackend:
         import torch
 
         tok = self.tokenizer
-        enc = tok([self._format(t) for t in instructions], return_tensors="pt", padding=True)
+        chat = not self.seq2seq and bool(getattr(tok, "chat_template", None))
+        # a chat template already holds the special tokens: do not add a second BOS
+        enc = tok([self._format(t) for t in instructions], return_tensors="pt", padding=True,
+                  add_special_tokens=not chat)
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         torch.manual_seed(seed)  # sampling is seeded per call: same seed, same captions
         with torch.no_grad():
