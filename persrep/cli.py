@@ -112,30 +112,9 @@ def cmd_data_dogs(args: argparse.Namespace) -> int:
 
 # -- captions ------------------------------------------------------------------------------------
 def cmd_captions_generate(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from persrep.captions.command import run
 
-    from persrep.captions.generate import generate_captions, write_captions_file
-    from persrep.config import LLMCaptionSettings
-
-    cats = [c.strip() for c in args.categories.split(",") if c.strip()]
-    if not cats:
-        raise ConfigError("--categories: give at least one category, e.g. --categories mug,shoe")
-    fields = {k: getattr(args, k) for k in ("model", "endpoint", "api_key_env", "per_category", "seed",
-                                             "batch_size", "max_new_tokens", "temperature",
-                                             "max_rounds", "instruction") if getattr(args, k) is not None}
-    if not (args.model or args.endpoint):
-        raise ConfigError("captions generate: give --model ID_OR_DIR or --endpoint URL")
-    try:
-        cfg = LLMCaptionSettings(**fields)
-    except ValidationError as exc:  # one line per bad option
-        raise ConfigError("\n".join(f"captions generate: --{str(e['loc'][0]).replace('_', '-')} "
-                                     f"{e.get('input')!r}: {e['msg']}" for e in exc.errors())) from None
-    t0 = time.perf_counter()
-    caps = generate_captions(cats, cfg, progress=_progress)
-    out = write_captions_file(caps, args.out)
-    print(f"{sum(map(len, caps.values()))} captions for {len(caps)} categories written to {out} "
-          f"in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return run(args, _progress)
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -238,19 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser("captions", help="LLM-written captions").add_subparsers(dest="sub", required=True)
     p = cap.add_parser("generate", help="write a captions file (JSON keyed by category, each caption "
                        "with <new1>) with a transformers model or an OpenAI-compatible endpoint")
-    p.add_argument("--categories", required=True, help="comma-separated, e.g. mug,shoe")
-    p.add_argument("--per-category", type=int, default=None, help="captions per category (default 100)")
-    p.add_argument("--model", default=None, help="model id or local directory (causal or seq2seq)")
-    p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key-env", default=None, help="environment variable holding the endpoint's key "
-                   "(default OPENAI_API_KEY; the key is never printed)")
-    p.add_argument("--out", default="captions.json")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--max-rounds", type=int, default=None, help="bound on generation rounds per category")
-    p.add_argument("--instruction", default=None, help="instruction template ({category}, {focus})")
+    from persrep.captions.command import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_captions_generate)
 
     p = sub.add_parser("run", add_help=False,
