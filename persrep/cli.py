@@ -87,9 +87,34 @@ def cmd_data_composite(args: argparse.Namespace) -> int:
 def cmd_data_pods(args: argparse.Namespace) -> int:
     from persrep.data.pods import materialize_pods
 
-    dest = materialize_pods(args.src, args.dest, progress=_progress)
+    dest = materialize_pods(args.src, args.dest, progress=_progress, info_file=args.info)
     print(f"PODS written in the reference layout to {dest}")
     return 0
+
+
+def cmd_data_df2(args: argparse.Namespace) -> int:
+    from persrep.data.df2 import convert_df2
+
+    res = convert_df2(args.src, args.dest, categories=args.categories, min_shop=args.min_shop,
+                      min_user=args.min_user, max_instances=args.max_instances, progress=_progress)
+    print(res.line())
+    return 0
+
+
+def cmd_data_dogs(args: argparse.Namespace) -> int:
+    from persrep.data.dogs import convert_dogs
+
+    res = convert_dogs(args.src, args.dest, masks=args.masks, min_images=args.min_images,
+                       max_dogs=args.max_dogs, train_count=args.train_count, progress=_progress)
+    print(res.line("dogs"))
+    return 0
+
+
+# -- captions ------------------------------------------------------------------------------------
+def cmd_captions_generate(args: argparse.Namespace) -> int:
+    from persrep.captions.command import run
+
+    return run(args, _progress)
 
 
 # -- run -----------------------------------------------------------------------------------------
@@ -165,7 +190,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("pods", help="PODS parquet export -> reference layout")
     p.add_argument("src")
     p.add_argument("dest")
+    p.add_argument("--info", default=None, help="the released pods_info.json (val/test split of the "
+                   "objects, categories); default SRC/pods_info.json when present")
     p.set_defaults(func=cmd_data_pods)
+
+    p = data.add_parser("df2", help="DeepFashion2 (image/ + annos/) -> reference layout: one "
+                        "instance per garment (pair_id, style), 3 shop images train, user images test")
+    p.add_argument("src", help="DF2 split folder with image/NNNNNN.jpg and annos/NNNNNN.json")
+    p.add_argument("dest")
+    p.add_argument("--categories", default="short sleeve top,long sleeve top",
+                   help="DF2 category names kept (comma-separated; default: the shirt categories)")
+    p.add_argument("--min-shop", type=int, default=3, help="shop images a garment needs (train = 3 of them)")
+    p.add_argument("--min-user", type=int, default=3, help="user (consumer) images a garment needs (test)")
+    p.add_argument("--max-instances", type=int, default=None, help="keep the first N garments (by pair_id)")
+    p.set_defaults(func=cmd_data_df2)
+
+    p = data.add_parser("dogs", help="DogFaceNet (one folder of face crops per dog) -> reference layout")
+    p.add_argument("src", help="SRC/<dog id>/<image>")
+    p.add_argument("dest")
+    p.add_argument("--masks", default=None, help="folder of masks mirroring SRC (<dog id>/<stem>.png)")
+    p.add_argument("--min-images", type=int, default=5, help="images a dog needs (3 train + test)")
+    p.add_argument("--max-dogs", type=int, default=80, help="keep at most N dogs (most images first; the paper: 80)")
+    p.add_argument("--train-count", type=int, default=3)
+    p.set_defaults(func=cmd_data_dogs)
+
+    cap = sub.add_parser("captions", help="LLM-written captions").add_subparsers(dest="sub", required=True)
+    p = cap.add_parser("generate", help="write a captions file (JSON keyed by category, each caption "
+                       "with <new1>) with a transformers model or an OpenAI-compatible endpoint")
+    from persrep.captions.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_captions_generate)
 
     p = sub.add_parser("run", add_help=False,
                        help="run the whole pipeline: the same job as ray_jobs/run_all.py "
@@ -184,10 +239,11 @@ def _model_errors() -> tuple[type[Exception], ...]:
     """One-line user errors from the model registries and tracking (no traceback)."""
     from persrep.models.diffusion import ModelUnavailableError
     from persrep.models.errors import ModelError
+    from persrep.captions.backends import CaptionError
     from persrep.pipeline.memory import InsufficientResourcesError
     from persrep.tracking import TrackingError
 
-    return (ModelError, ModelUnavailableError, TrackingError, InsufficientResourcesError)
+    return (ModelError, ModelUnavailableError, TrackingError, CaptionError, InsufficientResourcesError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,12 +123,43 @@ class FilterSettings(Section):
                                                    "'fail' the unit, or train on the real photos, labelled real_only_fallback")
 
 
+class LLMCaptionSettings(Section):
+    """``synthesis.caption_sources: [llm]``: captions written by a language model, once per
+    (category, model, instruction, seed), shared by the category's instances (persrep/captions/)."""
+
+    model: str | None = Field(None, description="transformers model id or local directory "
+                              "(causal or seq2seq: Flan-T5, any chat model)")
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (used instead of "
+                                 "a local model); the key comes from $<api_key_env>, never logged")
+    api_key_env: str = "OPENAI_API_KEY"
+    per_category: int = Field(100, ge=1, le=10_000)
+    instruction: str | None = Field(None, description="None = the built-in instruction; "
+                                    "{category} and {focus} are filled in")
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_new_tokens: int = Field(48, ge=4, le=1024)
+    temperature: float = Field(1.0, gt=0, le=5)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_rounds: int | None = Field(None, ge=1, le=100_000, description="None = 5 x the rounds needed")
+    min_words: int = Field(4, ge=1, le=200)
+    max_words: int = Field(40, ge=2, le=500)
+    insert_identifier: bool = Field(True, description="insert <new1> before the category word "
+                                    "when the model wrote the category without it")
+
+    @model_validator(mode="after")
+    def _words(self) -> "LLMCaptionSettings":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} > max_words {self.max_words}: no caption can pass")
+        return self
+
+
 class SynthesisSettings(Section):
     num_positives: int = Field(450, ge=0, le=100_000)
     num_negatives_per_category: int = Field(450, ge=0, le=100_000)
     cfg: list[float] = Field([5.0], min_length=1)
-    caption_sources: list[Literal["template", "captions", "prompts"]] = Field(["template"], min_length=1)
+    caption_sources: list[Literal["template", "captions", "prompts", "llm"]] = Field(["template"], min_length=1)
     captions_file: str | None = None
+    captions: LLMCaptionSettings = LLMCaptionSettings()
     prompts: list[str] | None = Field(None, description="user prompts for caption source 'prompts': "
                                       "each names the object with <new1>; {category} is filled in")
     inference_steps: int = Field(50, ge=1, le=1000)
@@ -278,6 +309,11 @@ class Settings(Section):
         if "prompts" in self.synthesis.caption_sources and not self.synthesis.prompts:
             raise ValueError("synthesis.caption_sources contains 'prompts' but synthesis.prompts "
                              "is not set: give a list like ['a <new1> {category} on a desk']")
+        llm = self.synthesis.captions
+        if "llm" in self.synthesis.caption_sources and not (llm.model or llm.endpoint):
+            raise ValueError("synthesis.caption_sources contains 'llm' but neither "
+                             "synthesis.captions.model nor synthesis.captions.endpoint is set: give "
+                             "a model id or local directory (e.g. google/flan-t5-large)")
         if self.personalization.negatives == "external" and not self.personalization.external_negatives:
             raise ValueError("personalization.negatives=external needs "
                              "personalization.external_negatives (a folder of images)")

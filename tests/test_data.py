@@ -41,8 +41,11 @@ def make_dataset(root: Path, names=("mug_0", "mug_1"), n_train=3, n_test=2, mask
             _img(root / "test" / n / f"pose_{i}.png")
             if masks:
                 _mask(root / "test_masks" / n / f"pose_{i}.png")
-    info = {"classes": list(names), "class_to_sc": {n: n.split("_")[0] for n in names},
-            "image_to_scene": {f"test/{n}/pose_{i}.png": "pose" for n in names for i in range(n_test)}}
+    old = json.loads((root / "x_info.json").read_text()) if (root / "x_info.json").is_file() else {}
+    info = {"classes": [*old.get("classes", []), *names],  # a second call adds its instances
+            "class_to_sc": {**old.get("class_to_sc", {}), **{n: n.split("_")[0] for n in names}},
+            "image_to_scene": {**old.get("image_to_scene", {}),
+                               **{f"test/{n}/pose_{i}.png": "pose" for n in names for i in range(n_test)}}}
     (root / "x_info.json").write_text(json.dumps(info))
     return root
 
@@ -262,7 +265,7 @@ def test_pods_parquet_materializes(tmp_path):
     labels = ["mugs_red", "bottles_ai2"]
     rows = {"train": [(lab, "train") for lab in labels for _ in range(3)],
             "test": [(lab, sc) for lab in labels for sc in ("pose", "distractors")],
-            "test_dense": [(labels[0], "dense")]}
+            "test_dense": [(labels[0], "pose")]}
     (tmp_path / "pods" / "data").mkdir(parents=True)
     for split, rr in rows.items():
         table = pa.table({"image": [img() for _ in rr], "mask": [mask for _ in rr],

@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image
 
+from persrep.data.info_check import check_info
 from persrep.data.layout import (MAX_IMAGE_PIXELS, DatasetError, InstanceDataset, decode_image,
                                  open_dataset)
 
@@ -106,8 +107,10 @@ def _inspect_image(data: bytes, where: str, report: CheckReport) -> tuple[int, i
 
 def check_dataset(path_or_ds: str | InstanceDataset, *, deep: bool = True,
                   expect_train: int = 3, dense_tasks: bool = False,
-                  progress: Callable[[str], None] | None = None) -> CheckReport:
-    """Validate layout, names, images and masks. ``deep`` decodes every file (else headers only)."""
+                  progress: Callable[[str], None] | None = None,
+                  needs_categories: bool = False) -> CheckReport:
+    """Validate layout, names, images and masks. ``deep`` decodes every file (else headers only).
+    ``needs_categories``: an instance without a category is an error (else a warning)."""
     try:
         ds = path_or_ds if isinstance(path_or_ds, InstanceDataset) else open_dataset(path_or_ds)
     except DatasetError as exc:
@@ -143,13 +146,12 @@ def check_dataset(path_or_ds: str | InstanceDataset, *, deep: bool = True,
                        "as a query; add test photos")
         if ds.splits and name not in ds.splits:
             report.add("warning", f"instance {name!r}", "missing from class_to_split", "add it to the info file")
-        if name in ds.uncategorised:
-            report.add("note", f"instance {name!r}", "no category in class_to_sc", "category 'object' used")
         for split, rels in inst.images.items():
             for rel in rels:
                 report.n_images += 1
                 size = _check_file(ds, rel, report, deep)
                 _check_mask(ds, rel, size, split, report, deep)
+    check_info(ds, report, needs_categories)  # info file vs folders (info_check.py)
     if dense_tasks and not ds.has_masks("test"):
         report.add("warning", ds.root, "dense tasks asked but test images lack masks",
                    "detection/segmentation will be skipped; add test_masks/")

@@ -42,6 +42,12 @@ class ImportResult:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def line(self, what: str = "instances") -> str:
+        """One summary line (plus its notes): what the converters (df2, dogs) print."""
+        extra = "".join(f"\n  note: {n}" for n in self.notes)
+        return (f"{self.instances} {what} ({self.train_images} train, {self.test_images} test images, "
+                f"{self.masks} masks) written to {self.dest}{extra}")
+
 
 def read_category_map(path: str | Path) -> dict[str, str]:
     """Parse a category mapping: DreamBooth prompts_and_classes.txt, CSV, or JSON."""
@@ -98,7 +104,9 @@ def import_folder(src: str | Path, dest: str | Path, *, train_count: int = 3,
                   train_indices: str | list[int] | None = None, masks: str | Path | None = None,
                   categories: str | Path | None = None, category: str | None = None,
                   skip_bad: bool = False, name: str | None = None,
-                  progress: Callable[[str], None] | None = None) -> ImportResult:
+                  progress: Callable[[str], None] | None = None,
+                  only: list[str] | None = None) -> ImportResult:
+    """``only``: import just these instance folders of SRC (a converter's selection)."""
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise DatasetError(f"import source {src}: not a directory")
@@ -115,8 +123,8 @@ def import_folder(src: str | Path, dest: str | Path, *, train_count: int = 3,
         categories = src / "prompts_and_classes.txt"
     cat_map = read_category_map(categories) if categories else {}
 
-    inst_dirs = sorted((d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                       key=lambda d: natural_key(d.name))
+    inst_dirs = sorted((d for d in src.iterdir() if d.is_dir() and not d.name.startswith(".")
+                        and (only is None or d.name in only)), key=lambda d: natural_key(d.name))
     if not inst_dirs:
         raise DatasetError(f"import source {src}: no instance sub-folders (expected SRC/<instance>/<image>)")
     result = ImportResult(dest, 0, 0, 0, 0)

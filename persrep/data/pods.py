@@ -8,6 +8,12 @@ name (``bottles_adobe``; the category is the part before the first ``_``), and `
 :func:`materialize_pods` writes the reference layout once (atomically: temp dir + rename) with
 masks and ``image_to_scene``, so every stage reads PODS through the same :mod:`layout` code.
 Only one row group is decoded at a time: the 1.2 GB test split never sits in memory whole.
+
+Checked against the published schema: columns ``image``, ``mask``, ``label``, ``scene_type``;
+train rows have scene ``train``, test rows one of the four PODS scenes (anything else is an error
+naming the file and row); every ``test_dense`` row has a mask. The val/test split of the objects
+is not in the parquet: it is ``class_to_split`` of the released ``pods_info.json`` (the direct
+download), read from ``info=`` or ``SRC/pods_info.json`` when present, with its ``class_to_sc``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from persrep.data.layout import DatasetError, decode_image
+from persrep.data.layout import SCENES, DatasetError, decode_image
 
 SPLIT_PREFIXES = ("train", "test_dense", "test")  # test_dense before test: prefix match
 REQUIRED = ("image", "label")
@@ -62,12 +68,31 @@ def category_of(label: str) -> str:
     return label.split("_", 1)[0] if "_" in label else label
 
 
+def read_released_info(src: str | Path, info: str | Path | None) -> dict:
+    """``class_to_split`` / ``class_to_sc`` of the released ``pods_info.json`` ({} when absent)."""
+    path = Path(info) if info else Path(src) / "pods_info.json"
+    if not path.is_file():
+        if info:
+            raise DatasetError(f"--info {path}: not found (the released pods_info.json)")
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+    split = doc.get("class_to_split", {}) if isinstance(doc, dict) else None
+    if not isinstance(split, dict) or any(v not in ("val", "test") for v in split.values()):
+        raise DatasetError(f"{path}: class_to_split must map each object to 'val' or 'test'")
+    return {"class_to_split": split, "class_to_sc": doc.get("class_to_sc", {}) or {}, "path": str(path)}
+
+
 def materialize_pods(src: str | Path, dest: str | Path,
-                     progress: Callable[[str], None] | None = None) -> Path:
+                     progress: Callable[[str], None] | None = None,
+                     info_file: str | Path | None = None) -> Path:
     """Write PODS parquet (``src``) as the reference layout at ``dest``; return dest."""
     dest = Path(dest)
     if (dest / "pods_info.json").is_file():
         return dest
+    released = read_released_info(src, info_file)
     files = find_pods_files(src)
     if "train" not in files:
         raise DatasetError(f"{src}: no train-*.parquet found: expected the PODS export "
@@ -94,6 +119,14 @@ def materialize_pods(src: str | Path, dest: str | Path,
                         progress(f"PODS {split}: {path.name} row group {rg + 1}/{pf.num_row_groups}")
         info["classes"] = sorted(info["class_to_sc"])
         info["class_to_idx"] = {n: i for i, n in enumerate(info["classes"])}
+        if released:
+            missing = [c for c in info["classes"] if c not in released["class_to_split"]]
+            if missing:
+                raise DatasetError(f"{released['path']}: class_to_split has no entry for {missing[:5]} "
+                                   "(objects in the parquet): use the pods_info.json of the same release")
+            info["class_to_split"] = {c: released["class_to_split"][c] for c in info["classes"]}
+            info["class_to_sc"] = {c: str(released["class_to_sc"].get(c, info["class_to_sc"][c]))
+                                   for c in info["classes"]}
         (tmp / "pods_info.json").write_text(json.dumps(info, indent=1))
         if dest.exists():
             raise DatasetError(f"{dest} exists but is not a finished PODS copy: delete it and retry")
@@ -116,6 +149,15 @@ def _write_row(row: dict, split: str, root: Path, counters: dict, info: dict, wh
     fmt = (Image.open(io.BytesIO(img)).format or "PNG").lower()
     ext = ".jpg" if fmt == "jpeg" else f".{fmt}"
     scene = str(row.get("scene_type") or "")
+    if split == "test" and scene not in SCENES:
+        raise DatasetError(f"{where}: row {n} of {label}: scene_type {scene!r} is not one of the "
+                           f"PODS scenes {list(SCENES)}")
+    if split == "train" and scene not in ("", "train"):
+        raise DatasetError(f"{where}: row {n} of {label}: scene_type {scene!r} in the train split "
+                           "(the published export has 'train')")
+    if split == "test_dense" and row.get("mask") is None:
+        raise DatasetError(f"{where}: row {n} of {label}: test_dense row without a mask (dense "
+                           "tasks need one per image)")
     stem = f"{scene}_{n:04d}" if split != "train" and scene else f"{n:04d}"
     rel = f"{split}/{label}/{stem}{ext}"
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -128,4 +170,6 @@ def _write_row(row: dict, split: str, root: Path, counters: dict, info: dict, wh
         Image.fromarray((arr * 255).astype(np.uint8)).save(root / mrel)
     if split == "test" and scene:
         info["image_to_scene"][rel] = scene
+    elif split == "test_dense" and scene in SCENES:
+        info.setdefault("dense_image_to_scene", {})[rel] = scene
     info["class_to_sc"][label] = category_of(label)

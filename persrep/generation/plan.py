@@ -9,8 +9,10 @@ Negatives come from the *base* (un-personalised) generator with the category pro
 contain the identifier; there is one negatives pool per (category, CFG, caption source), shared
 by every instance of the category and every personalised generator type.
 
-Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a file, below) and
-``prompts`` (a list given in the settings, ``synthesis.prompts``, ``{category}`` filled in).
+Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a file, below),
+``prompts`` (a list given in the settings, ``synthesis.prompts``, ``{category}`` filled in) and
+``llm`` (captions written per category by a language model: ``persrep/pipeline/captions_stage.py``
+generates them before synthesis; ``build_rows`` gets them as ``llm_captions``).
 
 Captions files (reference format): a JSON object whose keys are instance names (the released
 PODS file) or category names (REFERENCE.md), each a list of captions containing ``<new1>``, e.g.
@@ -110,7 +112,7 @@ def captions_for(captions: dict[str, list[str]], instance: str, category: str) -
 
 def positive_prompt(settings: Settings, cfg: DataConfig, instance: str, category: str, i: int,
                     captions: dict[str, list[str]] | None) -> str:
-    if cfg.caption_source == "captions":
+    if cfg.caption_source in ("captions", "llm"):
         caps = captions_for(captions or {}, instance, category)
         return caps[i % len(caps)]
     if cfg.caption_source == "prompts":
@@ -121,7 +123,7 @@ def positive_prompt(settings: Settings, cfg: DataConfig, instance: str, category
 
 def negative_prompt(settings: Settings, caption_source: str, category: str, i: int,
                     captions: dict[str, list[str]] | None, instances: list[str]) -> str:
-    if caption_source == "captions":
+    if caption_source in ("captions", "llm"):
         # any instance of the category has captions describing scenes for it
         pools = [c for n in instances for c in (captions or {}).get(n, [])] or \
             (captions or {}).get(category, [])
@@ -135,21 +137,31 @@ def negative_prompt(settings: Settings, caption_source: str, category: str, i: i
     return strip_identifier(prompt)
 
 
-def build_rows(settings: Settings, instances: dict[str, str]) -> dict[str, list[SampleRow]]:
+def build_rows(settings: Settings, instances: dict[str, str],
+               llm_captions: dict[str, list[str]] | None = None) -> dict[str, list[SampleRow]]:
     """The row table, grouped by unit: ``{"pos:<config key>:<instance>" | "neg:<cfg>:<src>:<category>": rows}``.
 
     ``instances`` maps instance name -> category. Grouping rows by (generator, instance) lets
     an actor load each personalised generator once per group, not once per batch.
+    ``llm_captions`` (``{category: captions}``) feeds the ``llm`` caption source; the groups of a
+    category it lacks (its captions failed) are left out.
     """
     syn = settings.synthesis
     captions = load_captions(syn.captions_file) if "captions" in syn.caption_sources else None
+    if "llm" in syn.caption_sources and llm_captions is None:
+        raise PlanError("synthesis.caption_sources contains 'llm' but no LLM captions were given: "
+                        "the captions stage runs before synthesis (run_data_stages)")
+    llm = llm_captions or {}
     groups: dict[str, list[SampleRow]] = {}
     for cfg in data_configs(settings):
         for name in sorted(instances):
             cat = instances[name]
+            if cfg.caption_source == "llm" and not llm.get(cat):
+                continue  # its category's captions failed: recorded in the captions stage
             rows = []
             for i in range(syn.num_positives):
-                prompt = positive_prompt(settings, cfg, name, cat, i, captions)
+                prompt = positive_prompt(settings, cfg, name, cat, i,
+                                         llm if cfg.caption_source == "llm" else captions)
                 seed = stable_seed("pos", cfg.key, name, syn.seed, i)
                 rows.append(SampleRow(name, "positive", cfg.generator, prompt,
                                       cfg.cfg if cfg.cfg is not None else 0.0, seed,
@@ -160,9 +172,12 @@ def build_rows(settings: Settings, instances: dict[str, str]) -> dict[str, list[
         by_cat.setdefault(cat, []).append(name)
     for gcfg, src in negative_configs(settings):
         for cat in sorted(by_cat):
+            if src == "llm" and not llm.get(cat):
+                continue
             rows = []
             for i in range(syn.num_negatives_per_category):
-                prompt = negative_prompt(settings, src, cat, i, captions, sorted(by_cat[cat]))
+                prompt = negative_prompt(settings, src, cat, i, llm if src == "llm" else captions,
+                                         sorted(by_cat[cat]))
                 seed = stable_seed("neg", cat, gcfg, src, syn.seed, i)
                 rows.append(SampleRow(f"{cat}_negatives", "negative", NEGATIVE_GENERATOR, prompt,
                                       gcfg, seed, src, i))

@@ -130,7 +130,10 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     ds = open_dataset(data_path, settings.storage.s3_endpoint)
     n_images = sum(len(v) for i in ds.instances.values() for v in i.images.values())
     dense = any(t in ("detection", "segmentation") for t in settings.evaluation.tasks)
-    report = check_dataset(ds, deep=n_images <= DEEP_CHECK_LIMIT, dense_tasks=dense)
+    from persrep.data.info_check import run_needs_categories
+
+    report = check_dataset(ds, deep=n_images <= DEEP_CHECK_LIMIT, dense_tasks=dense,
+                           needs_categories=run_needs_categories(settings))
     report.raise_on_errors()
     for f in report.of("warning")[:10]:
         notes.append(f"data warning: {f.line()}")

@@ -18,6 +18,7 @@ import yaml
 from persrep.config import Settings, content_key, settings_to_dict
 from persrep.generation.base import generator_class
 from persrep.generation.plan import build_rows, data_configs
+from persrep.pipeline.captions_stage import llm_captions, plan_caption_units, run_caption_unit
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
 from persrep.pipeline.memory import count_units, plan_stages
@@ -182,7 +183,7 @@ def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> 
     settings = ctx.settings
     configs = {c.key: c for c in data_configs(settings)}
     syn_units: list[SynthesisUnit] = []
-    for group, rows in build_rows(settings, ctx.instances).items():
+    for group, rows in build_rows(settings, ctx.instances, llm_captions(ctx)).items():
         kind = group.split(":")[0]
         if kind == "neg":
             if settings.personalization.negatives != "generated":
@@ -247,6 +248,13 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
     available); the keys of the units run here are added to it."""
     skip = skip_keys if skip_keys is not None else set()
     out = DataStages()
+
+    # 0. LLM captions: one unit per category, before the synthesis rows are planned (captions_stage.py)
+    cap_units = [u for u in plan_caption_units(ctx) if u["key"] not in skip]
+    skip.update(u["key"] for u in cap_units)
+    if cap_units:
+        _stage(summary, executor, "captions", run_caption_unit, ctx, cap_units,
+               [f"captions:{u['category']}" for u in cap_units], heavy, say)
 
     # 1. generator prep: one unit per (instance, trained generator type)
     planned = plan_generator_units(ctx)

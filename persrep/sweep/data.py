@@ -21,6 +21,7 @@ from typing import Any
 from persrep.config import content_key
 from persrep.generation import shards
 from persrep.generation.plan import data_configs
+from persrep.pipeline.captions_stage import ensure_captions
 from persrep.pipeline.context import RunContext, preflight_models
 from persrep.pipeline.executor import Executor
 from persrep.pipeline.runner import (RunSummary, plan_generator_units, plan_synthesis_units,
@@ -97,6 +98,7 @@ def resolve_data(space: SweepSpace, ctx: RunContext) -> list[DataOption]:
         if pre not in preflighted:
             preflight_models(s)
             preflighted.add(pre)
+        ensure_captions(c)  # synthesis keys depend on the captions' text: generate them first
         gen = plan_generator_units(c)
         ready = {(u["generator"], u["instance"]): u["key"] for u in gen}
         syn = plan_synthesis_units(c, ready)
