@@ -49,7 +49,7 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def node_shapes() -> list["NodeShape"]:
+def node_shapes() -> list[Any]:
     """The alive nodes' CPUs, GPUs and the memory Ray offers to tasks and actors there."""
     from persrep.pipeline.memory import GIB, NodeShape
 

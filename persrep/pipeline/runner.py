@@ -254,7 +254,7 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
     skip.update(u["key"] for u in cap_units)
     if cap_units:
         _stage(summary, executor, "captions", run_caption_unit, ctx, cap_units,
-               [f"captions:{u['category']}" for u in cap_units], heavy, say)
+               [f"captions:{u['category']}" for u in cap_units], unit_resources(ctx, "captions"), say)
 
     # 1. generator prep: one unit per (instance, trained generator type)
     planned = plan_generator_units(ctx)
