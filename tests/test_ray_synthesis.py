@@ -320,7 +320,7 @@ def test_filtered_units_keep_every_attempt_in_the_in_process_order(fresh):
     base = fresh["ctx"]
     settings = tiny_settings(fresh["root"], "synthesis.filter.enabled=true", "synthesis.filter.scorer=embedding",
                              "synthesis.filter.threshold=0.75", "synthesis.filter.max_attempts_per_image=3",
-                             "synthesis.filter.min_kept_fraction=0")  # rows, not the verdict, are compared here
+                             "synthesis.filter.on_empty=real_only")  # rows, not the verdict, are compared here
     ctx = dataclasses.replace(base, settings=settings)
     units = [u for u in plan_units(ctx) if u.generator == "cut_paste"]
     with one_thread():
