@@ -180,6 +180,7 @@ OPERATIONAL = ["personalization.checkpoint_every=7", "evaluation.batch_size=5", 
                "tracking.experiment=other"]
 
 
+@pytest.mark.slow
 def test_operational_settings_recompute_nothing_result_settings_exactly_their_units(tmp_path):
     root = tmp_path / "root"
     base = ["data.toy.categories=1", "generator.types=[real_only, cut_paste, dreambooth]"]
