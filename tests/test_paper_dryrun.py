@@ -37,9 +37,9 @@ def test_paper_config_end_to_end_at_real_architectures(tmp_path):
     assert set(doc["stages"]) == {"base_images", "generator_prep", "synthesis", "personalization", "evaluation"}
     assert all(s["status"] == "done" and s["failed"] == 0 and s["done"] == s["units"] for s in doc["stages"].values())
     assert doc["row_errors"] == 0 and not doc["failures"]
-    # 1 instance x (real-only, cut-and-paste, masked DreamBooth) x 3 backbones
-    assert len(doc["adapters"]) == 9 and {a["backbone"] for a in doc["adapters"]} == {
-        "vit_base_patch14_dinov2.lvd142m", "vit_base_patch16_clip_224.openai", "vit_base_patch16_224.mae"}
+    # 1 instance x (real-only, cut-and-paste, masked DreamBooth) x DINOv2 ViT-B/14 (CI keeps one of the
+    # three backbones; bench/paper_dryrun.json has all three)
+    assert len(doc["adapters"]) == 3 and {a["backbone"] for a in doc["adapters"]} == {"vit_base_patch14_dinov2.lvd142m"}
     for a in doc["adapters"]:  # trained on the positives its data configuration names
         assert a["as_named"], a
         if a["data_config"] != "real_only":
