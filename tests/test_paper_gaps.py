@@ -83,7 +83,6 @@ def test_dreamsim_checked_before_compute(tmp_path, monkeypatch):
     from persrep.generation.filtering import DREAMSIM_FILES, ScorerUnavailableError, require_scorer
 
     s = _settings(tmp_path / "root", "synthesis.filter.enabled=true", "synthesis.filter.scorer=dreamsim")
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "nowhere")] + [p for p in sys.path if "site-packages" in p or p == str(REPO)])
     import importlib.util
 
     if importlib.util.find_spec("dreamsim") is not None:
