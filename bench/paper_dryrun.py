@@ -249,7 +249,7 @@ def run(args) -> dict:
         "command": f"python bench/paper_dryrun.py --variant {args.variant} --scale {args.scale}" + (" --fresh" if args.fresh else ""),
         "machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                     "platform": platform.platform(), "cuda": _cuda()},
-        "variant": variant, "variant_fallback": fallback, "scale": args.scale, "sizes": SCALES[args.scale],
+        "variant": variant, "variant_fallback": fallback, "notes": args.note, "scale": args.scale, "sizes": SCALES[args.scale],
         "changed_settings": {k: {"value": v, "why": why} for k, (v, why) in CHANGED.items()},
         "overrides": [o.replace(str(std), "<standins>").replace(str(storage), "<storage>") for o in ovr],
         "standins": {"dir": str(std).replace(str(Path.home()), "~"), "build_seconds_this_run": round(build_s, 1)},
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-free-gb", type=float, default=FULL_MIN_AVAILABLE_GB)
     ap.add_argument("--wait-s", type=float, default=600)
     ap.add_argument("--fresh", action="store_true", help="delete --storage first (recompute every unit)")
+    ap.add_argument("--note", action="append", default=[], help="a line recorded in the JSON (e.g. why this variant)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     doc = run(args)

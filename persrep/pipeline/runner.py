@@ -154,7 +154,9 @@ def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> 
         if unit.generator == "cut_paste":
             from persrep.pipeline.shared_images import backgrounds_unit
 
-            sampler = {"cut_paste": settings.synthesis.cut_paste}
+            cut_paste = settings.synthesis.cut_paste.model_dump(mode="json")
+            cut_paste.pop("num_backgrounds")  # counted in the backgrounds unit's key, if generated
+            sampler = {"cut_paste": cut_paste}
             shared = backgrounds_unit(settings, ctx.instances[unit.instance])
             if shared is not None:  # generated backgrounds: their unit's key is an input
                 sampler["backgrounds_key"] = shared.key
