@@ -96,6 +96,8 @@ class GeneratorSettings(Section):
 class CutPasteSettings(Section):
     backgrounds: str = Field("generated", description="'generated' (base model, background "
                              "prompts) or a folder of real background photos")
+    num_backgrounds: int = Field(64, ge=1, le=100_000, description="generated backgrounds per "
+                                 "category (drawn once, shared by the category's instances)")
     scale_range: tuple[float, float] = (0.35, 0.7)
     rotation_degrees: float = Field(15.0, ge=0, le=180)
     flip: bool = True

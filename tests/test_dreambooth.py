@@ -153,15 +153,19 @@ def test_instance_image_count_and_mask_rules():
         db.check_instance_images(_instance(3), masked=True)
 
 
-def test_missing_8bit_adam_falls_back_to_adamw_with_one_warning(monkeypatch):
+def test_missing_8bit_adam_falls_back_to_adamw_without_a_warning_per_unit(monkeypatch):
+    """The run's pre-flight warns once (persrep.models.accelerator, tests/test_paper_gaps.py);
+    a worker falls back quietly instead of warning once per process."""
+    import warnings
+
     monkeypatch.setattr(db, "_warned_no_8bit", False)
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails
     params = [torch.nn.Parameter(torch.zeros(2))]
-    with pytest.warns(UserWarning, match="bitsandbytes") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         first = db._make_optimizer(params, _train_settings(use_8bit_adam=True), on_gpu=True)
         db._make_optimizer(params, _train_settings(use_8bit_adam=True), on_gpu=True)
     assert isinstance(first, torch.optim.AdamW)
-    assert len([w for w in record if "bitsandbytes" in str(w.message)]) == 1
 
 
 def test_class_images_are_cached_and_reused(tmp_path):

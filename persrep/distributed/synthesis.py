@@ -290,7 +290,9 @@ def pool_shape(ctx: Any, n_blocks: int, num_actors: int | None = None,
         n = num_actors or gpus
         per = {"num_gpus": 1.0, "num_cpus": res.cpus_per_actor}
     else:
-        n = num_actors or max(1, int(cluster.get("CPU", 1)))
+        # never more actors than the CPUs hold at cpus_per_actor each: a pool whose actors cannot
+        # all start waits for them forever (found by bench/paper_dryrun.py with cpus_per_actor=2)
+        n = num_actors or max(1, int(cluster.get("CPU", 1) // max(res.cpus_per_actor, 1e-6)))
         per = {"num_gpus": 0.0, "num_cpus": res.cpus_per_actor}
     memory = getattr(ctx, "memory", {}).get("synthesis", 0)
     if memory > 0:  # the run's plan (persrep.pipeline.memory): only as many actors as fit

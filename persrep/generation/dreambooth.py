@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from persrep.config import DreamBoothSettings, content_key
+from persrep.keys import result_settings
 from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
                                      SampledImage, SampleRow, instance_data_key, register_generator,
                                      stable_seed)
@@ -160,10 +161,9 @@ def _make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSettin
 
             return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=1e-2)
         except ImportError:
-            if not _warned_no_8bit:
+            if not _warned_no_8bit:  # the run's pre-flight warned once (persrep.models.accelerator)
                 _warned_no_8bit = True
-                warnings.warn("use_8bit_adam: bitsandbytes is not installed, using torch AdamW "
-                              "(more optimizer memory; `pip install bitsandbytes` to save it)", stacklevel=3)
+                logger.info("use_8bit_adam: bitsandbytes is not installed, using torch AdamW")
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=1e-2)
 
 
@@ -440,11 +440,15 @@ class DreamBoothGenerator(PersonalizedGenerator):
         super().__init__(settings, device)
         self._pipe = None
         self.progress: Callable[[int, float], None] | None = None  # set to watch training
+        # prior-preservation images drawn once per category by the pipeline (shared_images);
+        # None: draw them here, cached in prepare's out_dir
+        self.prior_images: list[Image.Image] | None = None
 
     def settings_for_key(self) -> dict[str, Any]:
         db, syn = self.settings.generator.dreambooth, self.settings.synthesis
         prior = {"steps": syn.inference_steps, "scheduler": syn.scheduler} if db.prior_preservation else None
-        return {"base": component_identity(self.settings.generator.base_model), "dreambooth": db.model_dump(mode="json"),
+        return {"base": component_identity(self.settings.generator.base_model),
+                "dreambooth": result_settings(db, "generator.dreambooth"),
                 "masked": self.masked, "class_image_sampler": prior}
 
     def prepare(self, instance: InstanceData, out_dir: str | Path) -> GeneratorArtifact:
@@ -454,7 +458,7 @@ class DreamBoothGenerator(PersonalizedGenerator):
         db, syn, base = self.settings.generator.dreambooth, self.settings.synthesis, self.settings.generator.base_model
         priors = None
         if db.prior_preservation and db.prior_loss_weight > 0 and db.num_class_images > 0:
-            priors = class_images(base, instance.category, db.num_class_images, db.resolution, db.seed,
+            priors = self.prior_images or class_images(base, instance.category, db.num_class_images, db.resolution, db.seed,
                                   Path(out_dir) / "class_images", db.class_prompt, syn.inference_steps,
                                   scheduler=syn.scheduler, batch_size=syn.batch_size, device=self.device)
         elif db.prior_preservation:

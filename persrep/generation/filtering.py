@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from persrep.generation.base import InstanceData, SampledImage, SampleRow, stable_seed
+from persrep.models.errors import ModelError
 
 FeatureFn = Callable[[list[Image.Image]], torch.Tensor]  # images -> [N, D] embeddings
 LPIPS_BACKBONE_URLS = {  # what lpips' torchvision backbones download into <torch hub>/checkpoints
@@ -45,7 +46,7 @@ LPIPS_BACKBONE_URLS = {  # what lpips' torchvision backbones download into <torc
 _SCORERS: dict[str, type["SimilarityScorer"]] = {}
 
 
-class ScorerUnavailableError(RuntimeError):
+class ScorerUnavailableError(ModelError):
     """A scorer's package or weights are missing; the one-line message says what to provide."""
 
 
@@ -235,9 +236,43 @@ def _lpips_unavailable(net: str, exc: Exception) -> ScorerUnavailableError:
         "or use synthesis.filter.scorer=embedding (offline EfficientNet-Lite0)")
 
 
+# what dreamsim(pretrained=True) (its default "ensemble" model) reads from its cache directory
+DREAMSIM_FILES = ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar",
+                  "clip_vitb16_pretrain.pth.tar", "ensemble_lora")
+
+
+def dreamsim_cache_dir(cache_dir: str | None = None) -> Path:
+    """Where DreamSim's weights are read: ``cache_dir``, ``$DREAMSIM_CACHE``, or ``<torch hub>/dreamsim``."""
+    return Path(cache_dir or os.environ.get("DREAMSIM_CACHE") or Path(torch.hub.get_dir()) / "dreamsim")
+
+
+def require_scorer(filter_settings: Any, cache_dir: str | None = None) -> None:
+    """Before compute: the scorer named by ``synthesis.filter.scorer`` can run here, offline.
+
+    ``dreamsim`` is an optional extra (``pip install persrep[dreamsim]``) whose weights are a
+    download; both are checked now, so a missing one fails in one line instead of inside every
+    synthesis unit. ``embedding`` and ``lpips`` are the offline scorers."""
+    if not filter_settings.enabled or filter_settings.scorer != "dreamsim":
+        return
+    import importlib.util
+
+    cache = dreamsim_cache_dir(cache_dir)
+    offline = "or use the offline scorer synthesis.filter.scorer=embedding"
+    if importlib.util.find_spec("dreamsim") is None:
+        raise ScorerUnavailableError(
+            "synthesis.filter.scorer=dreamsim: the dreamsim package is not installed: "
+            f"`pip install persrep[dreamsim]` and unpack its weights into {cache} ($DREAMSIM_CACHE), {offline}")
+    missing = [f for f in DREAMSIM_FILES if not (cache / f).exists()]
+    if missing:
+        raise ScorerUnavailableError(
+            f"synthesis.filter.scorer=dreamsim: its weights are not in {cache} (missing {', '.join(missing)}): "
+            "on a machine with network run `python -c \"from dreamsim import dreamsim; dreamsim(cache_dir='DIR')\"`, "
+            f"copy DIR here and set $DREAMSIM_CACHE to it, {offline}")
+
+
 def dreamsim_features(cache_dir: str | None = None, device: torch.device | None = None) -> FeatureFn:
-    """DreamSim embeddings; weights from ``cache_dir`` (default ``<torch hub dir>/dreamsim``)."""
-    cache = Path(cache_dir or Path(torch.hub.get_dir()) / "dreamsim")
+    """DreamSim embeddings; weights from ``cache_dir`` (default :func:`dreamsim_cache_dir`)."""
+    cache = dreamsim_cache_dir(cache_dir)
     try:
         from dreamsim import dreamsim
     except ImportError:

@@ -117,11 +117,19 @@ def preflight_models(settings: Settings) -> list[str]:
         component_identity(settings.generator.base_model)
         require_available(settings.generator.base_model)  # raises ModelUnavailableError
         notes.append(f"diffusion base model: {settings.generator.base_model}")
+    from persrep.generation.filtering import require_scorer
+    from persrep.models.accelerator import cpu_fallback_notes
+
+    require_scorer(settings.synthesis.filter)  # dreamsim: package and weights, before compute
+    notes += cpu_fallback_notes(settings)  # GPU-only settings on CPU: one warning each
     return notes
 
 
 def prepare_run(settings: Settings, progress: Progress | None = None, run_id: str | None = None) -> RunContext:
     say = progress or (lambda _m: None)
+    from persrep.pipeline.paths import resolve_settings_paths
+
+    settings = resolve_settings_paths(settings)  # once, on the driver: workers get absolute paths
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
     notes = preflight_models(settings)

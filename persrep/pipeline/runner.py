@@ -20,6 +20,7 @@ from persrep.generation.base import generator_class
 from persrep.generation.plan import build_rows, data_configs
 from persrep.pipeline.captions_stage import llm_captions, plan_caption_units, run_caption_unit
 from persrep.pipeline.context import RunContext, prepare_run
+from persrep.keys import result_settings
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
 from persrep.pipeline.memory import count_units, plan_stages
 from persrep.generation import shards
@@ -172,9 +173,16 @@ class DataStages:
 
 def plan_generator_units(ctx: RunContext) -> list[dict[str, Any]]:
     """Stage 1's units: one per (trained generator type, instance)."""
+    from persrep.pipeline.shared_images import class_images_unit
+
     trained = [t for t in ctx.settings.generator.types if generator_class(t).needs_training]
-    return [{"generator": t, "instance": n, "key": generator_key(ctx, t, n)}
-            for t in trained for n in sorted(ctx.instances)]
+    units = [{"generator": t, "instance": n, "key": generator_key(ctx, t, n)}
+             for t in trained for n in sorted(ctx.instances)]
+    for u in units:  # DreamBooth reads its category's class images from their shared unit
+        shared = class_images_unit(ctx.settings, ctx.instances[u["instance"]])
+        if shared is not None and u["generator"] in ("dreambooth", "masked_dreambooth"):
+            u["class_images"] = shared.key
+    return units
 
 
 def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> list[SynthesisUnit]:
@@ -198,8 +206,17 @@ def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> 
             if generator_class(cfg.generator).needs_training and gkey is None:
                 continue  # its generator failed: recorded in generator_prep
             unit = SynthesisUnit(group, cfg.generator, name, rows, gkey)
-        unit.key = synthesis_key(ctx, group, rows, unit.generator_key,
-                                 {"cut_paste": settings.synthesis.cut_paste} if unit.generator == "cut_paste" else {})
+        sampler: dict[str, Any] = {}
+        if unit.generator == "cut_paste":
+            from persrep.pipeline.shared_images import backgrounds_unit
+
+            cut_paste = settings.synthesis.cut_paste.model_dump(mode="json")
+            cut_paste.pop("num_backgrounds")  # counted in the backgrounds unit's key, if generated
+            sampler = {"cut_paste": cut_paste}
+            shared = backgrounds_unit(settings, ctx.instances[unit.instance])
+            if shared is not None:  # generated backgrounds: their unit's key is an input
+                sampler["backgrounds_key"] = shared.key
+        unit.key = synthesis_key(ctx, group, rows, unit.generator_key, sampler)
         syn_units.append(unit)
     return syn_units
 
@@ -233,7 +250,8 @@ def plan_personalize_units(ctx: RunContext, synthesized: dict[str, str]) -> list
 def adapter_eval_unit(ctx: RunContext, u: PersonalizeUnit) -> dict[str, Any]:
     """Stage 4's unit for one adapter (its instance, keyed by adapter + evaluation settings)."""
     return {"kind": "adapter", "backbone": u.backbone, "instance": u.instance,
-            "adapter_key": u.key, "key": content_key("eval-adapter", u.key, ctx.settings.evaluation, ctx.dataset_key),
+            "adapter_key": u.key, "key": content_key("eval-adapter", u.key, result_settings(ctx.settings.evaluation, "evaluation"),
+                               ctx.dataset_key),
             "keys": {"backbone": u.backbone.name, "data_config": u.config.label,
                      "generator": u.config.generator,
                      "cfg": u.config.cfg if u.config.cfg is not None else float("nan"),
@@ -256,8 +274,20 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
         _stage(summary, executor, "captions", run_caption_unit, ctx, cap_units,
                [f"captions:{u['category']}" for u in cap_units], unit_resources(ctx, "captions"), say)
 
+    # 0. base images shared per category (class images, generated backgrounds): drawn once
+    from persrep.pipeline.shared_images import plan_shared_units, run_shared_unit
+
+    shared = [u for u in plan_shared_units(ctx.settings, ctx.instances) if u.key not in skip]
+    skip.update(u.key for u in shared)
+    if shared:
+        outs = _stage(summary, executor, "base_images", run_shared_unit, ctx, shared,
+                      [f"{u.kind}:{u.category}" for u in shared], unit_resources(ctx, "synthesis"), say)
+        failed = {u.key for u, o in zip(shared, outs) if o.status == "failed"}
+    else:
+        failed = set()
+
     # 1. generator prep: one unit per (instance, trained generator type)
-    planned = plan_generator_units(ctx)
+    planned = [u for u in plan_generator_units(ctx) if u.get("class_images") not in failed]
     out.ready = {(u["generator"], u["instance"]): u["key"] for u in planned if u["key"] in skip}
     gen_units = [u for u in planned if u["key"] not in skip]
     skip.update(u["key"] for u in gen_units)
@@ -325,7 +355,7 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
     if ev.evaluate_pretrained:
         for bs in settings.personalization.backbones:
             ev_units.append({"kind": "pretrained", "backbone": bs, "key": content_key(
-                "eval-pretrained", bs, ev, ctx.dataset_key, instances),
+                "eval-pretrained", bs, result_settings(ev, "evaluation"), ctx.dataset_key, instances),
                 "keys": {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
                          "caption_source": "-", "adapter_key": "-", "positives_used": "-",
                          "n_positives": -1, **common}})

@@ -28,11 +28,11 @@ from persrep.generation.plan import DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
 from persrep.pipeline.context import RunContext
+from persrep.keys import result_settings
 from persrep.pipeline.verdict import UnitRejected, synthesis_verdict
 from persrep.storage import Storage
 
 GENERATORS, ADAPTERS, EVALUATIONS = "generators", "adapters", "evaluations"
-POLICY_FIELDS = ("min_kept_fraction", "on_empty")  # synthesis.filter keys that do not change rows
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -67,6 +67,10 @@ def run_generator_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
         return {"status": "skipped", "key": key}
     t0, started_at = time.perf_counter(), time.time()
     gen = get_generator(gtype, ctx.settings)
+    if unit.get("class_images"):  # the category's prior-preservation images, drawn once, shared
+        from persrep.pipeline.shared_images import read_shared_images
+
+        gen.prior_images = read_shared_images(ctx.storage, unit["class_images"])
     artifact = gen.prepare(instance_data(ctx, name), scratch_dir(ctx, "class_images"))
     if artifact.key != key:
         raise RuntimeError(f"{gtype} {name}: artifact key {artifact.key} != planned {key}")
@@ -101,8 +105,7 @@ def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_
     return content_key("synthesis", group, rows_id, generator_key, sampler_settings,
                        {"steps": syn.inference_steps, "scheduler": syn.scheduler,
                         "resolution": syn.resolution, "base": ctx.settings.generator.base_model,
-                        # the verdict policy is applied where rows are used (pipeline/verdict.py)
-                        "filter": syn.filter.model_dump(exclude=set(POLICY_FIELDS))})
+                        "filter": result_settings(syn.filter, "synthesis.filter")})
 
 
 def _sampler(ctx: RunContext, unit: SynthesisUnit):
@@ -112,7 +115,13 @@ def _sampler(ctx: RunContext, unit: SynthesisUnit):
         return BaseModelSampler(ctx.settings)
     cls = generator_class(unit.generator)
     if unit.generator == "cut_paste":
+        from persrep.pipeline.shared_images import PublishedBackgrounds, backgrounds_unit, read_shared_images
+
         gen = cls(ctx.settings, data_root=ctx.data_path)
+        shared = backgrounds_unit(ctx.settings, ctx.instances[unit.instance])
+        if shared is not None:  # generated backgrounds: the category's shared unit (planned from the
+            # settings alone, so the Ray Data path, which rebuilds units from rows, finds it too)
+            gen.background_source = PublishedBackgrounds(read_shared_images(ctx.storage, shared.key))
     else:
         gen = get_generator(unit.generator, ctx.settings)
     if cls.needs_training:
@@ -191,7 +200,7 @@ class PersonalizeUnit:
 
 
 def personalize_key(ctx: RunContext, u: PersonalizeUnit) -> str:
-    pz = ctx.settings.personalization.model_dump(mode="json")
+    pz = result_settings(ctx.settings.personalization, "personalization")
     pz.pop("backbones")
     # a fallback adapter (trained on the real photos) never shares a key with a synthetic one
     return content_key("adapter", pz, u.backbone, u.config.key, u.positives_key, u.negatives_keys,

@@ -354,6 +354,9 @@ def load_space(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepS
     except ConfigError as exc:
         raise SweepError("\n".join(f"sweep space {path}: base settings: {ln}"
                                    for ln in str(exc).splitlines())) from None
+    from persrep.pipeline.paths import resolve_settings_paths
+
+    base = resolve_settings_paths(base)  # on the driver: trials run in Tune's trial directories
 
     tree = base.model_dump(mode="json")
     lines: list[str] = []

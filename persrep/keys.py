@@ -1,0 +1,35 @@
+"""Which settings belong in a unit's key: the ones that change a result, never operational ones.
+
+A unit key (``content_key``) is the identity of a published result. A setting that only changes
+*how* a result is computed (how often a checkpoint is written, the evaluation batch size, whether
+the pretrained backbone is also evaluated, worker counts, gradient checkpointing) must not be in
+it: changing it would silently recompute every adapter or evaluation (GPU-hours at paper scale).
+
+``resources.*``, ``tracking.*``, ``storage.*`` and ``synthesis.batch_size`` / ``rows_per_shard``
+never enter a key (per-image seeds make batching invisible in the pixels). Within the sections that
+do enter keys, :data:`OPERATIONAL` lists the fields left out; :func:`result_settings` drops them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+# section -> fields that do not change a unit's result
+OPERATIONAL: dict[str, tuple[str, ...]] = {
+    "personalization": ("checkpoint_every",),
+    "evaluation": ("batch_size", "evaluate_pretrained"),
+    # recomputes activations in the backward pass: the same gradients, less memory
+    "generator.dreambooth": ("gradient_checkpointing",),
+    # the verdict policy: applied where a unit's rows are used (pipeline/verdict.py), not in them
+    "synthesis.filter": ("min_kept_fraction", "on_empty"),
+}
+
+
+def result_settings(section: BaseModel | dict[str, Any], name: str) -> dict[str, Any]:
+    """``section`` as a JSON-able dict without the operational fields of ``name`` (a key above)."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else dict(section)
+    for field in OPERATIONAL.get(name, ()):
+        data.pop(field, None)
+    return data

@@ -1,0 +1,153 @@
+"""Base-model images shared by every instance of a category: keyed units drawn once.
+
+Two kinds, both drawn from the *un-personalised* base model and published under
+``<root>/base_images/<key>/`` (``00000.png``, ... + ``MANIFEST.json`` last):
+
+- ``class_images``: DreamBooth's prior-preservation images, ``class_prompt`` for the category,
+  ``generator.dreambooth.num_class_images`` of them at the DreamBooth resolution. Drawn once per
+  category (not once per instance, not once per worker's scratch directory) and read by every
+  DreamBooth unit of the category.
+- ``backgrounds``: cut-and-paste's generated backgrounds (``synthesis.cut_paste.backgrounds:
+  generated``, the paper's setting), ``synthesis.cut_paste.num_backgrounds`` images from the
+  scene prompts :data:`~persrep.generation.cut_paste.BACKGROUND_PROMPTS`, one unit per
+  (category, prompt list, seed), shared by the category's instances. A positive picks its
+  background by its placement's background seed (:class:`PublishedBackgrounds`).
+
+A unit's key hashes what determines its pixels: kind, category, prompts, count, seed, the base
+model's identity and the sampler (steps, scheduler, guidance, resolution); never batch sizes.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from persrep.config import Settings, content_key
+from persrep.generation.base import stable_seed
+
+STAGE = "base_images"
+CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale
+
+
+@dataclass
+class SharedImagesUnit:
+    kind: str  # "class_images" | "backgrounds"
+    category: str
+    prompts: list[str]
+    count: int
+    seed: int
+    sampler: dict[str, Any]  # steps, scheduler, cfg, resolution
+    key: str = ""
+
+
+def _base(settings: Settings) -> dict[str, Any]:
+    from persrep.models.diffusion import component_identity
+
+    return component_identity(settings.generator.base_model)
+
+
+def class_images_unit(settings: Settings, category: str) -> SharedImagesUnit | None:
+    """The category's prior-preservation images, or None when no DreamBooth type needs them."""
+    db, syn = settings.generator.dreambooth, settings.synthesis
+    dreambooth = any(t in ("dreambooth", "masked_dreambooth") for t in settings.generator.types)
+    if not (dreambooth and db.prior_preservation and db.prior_loss_weight > 0 and db.num_class_images > 0):
+        return None
+    unit = SharedImagesUnit("class_images", category, [db.class_prompt.format(category=category)],
+                            db.num_class_images, db.seed,
+                            {"steps": syn.inference_steps, "scheduler": syn.scheduler,
+                             "cfg": CLASS_GUIDANCE, "resolution": db.resolution})
+    unit.key = content_key("base-images", unit.kind, category, unit.prompts, unit.count, unit.seed,
+                           unit.sampler, _base(settings))
+    return unit
+
+
+def backgrounds_unit(settings: Settings, category: str) -> SharedImagesUnit | None:
+    """The category's generated backgrounds, or None unless cut-and-paste draws generated ones."""
+    from persrep.generation.cut_paste import BACKGROUND_PROMPTS, GENERATED
+
+    syn = settings.synthesis
+    if "cut_paste" not in settings.generator.types or syn.cut_paste.backgrounds != GENERATED:
+        return None
+    unit = SharedImagesUnit("backgrounds", category, list(BACKGROUND_PROMPTS), syn.cut_paste.num_backgrounds,
+                            syn.seed, {"steps": syn.inference_steps, "scheduler": syn.scheduler,
+                                       "cfg": float(syn.cfg[0]), "resolution": syn.resolution})
+    unit.key = content_key("base-images", unit.kind, category, unit.prompts, unit.count, unit.seed,
+                           unit.sampler, _base(settings))
+    return unit
+
+
+def plan_shared_units(settings: Settings, instances: dict[str, str]) -> list[SharedImagesUnit]:
+    """Every shared unit the run needs: per category of the selected instances, each kind once."""
+    out = []
+    for category in sorted(set(instances.values())):
+        for make in (class_images_unit, backgrounds_unit):
+            unit = make(settings, category)
+            if unit is not None:
+                out.append(unit)
+    return out
+
+
+def _draw(settings: Settings, unit: SharedImagesUnit) -> list[Image.Image]:
+    if unit.kind == "class_images":
+        from persrep.generation.dreambooth import class_images
+
+        db, syn = settings.generator.dreambooth, settings.synthesis
+        with tempfile.TemporaryDirectory() as tmp:  # the published unit is the cache
+            return class_images(settings.generator.base_model, unit.category, unit.count, db.resolution,
+                                unit.seed, tmp, db.class_prompt, syn.inference_steps,
+                                guidance_scale=CLASS_GUIDANCE, scheduler=syn.scheduler,
+                                batch_size=syn.batch_size)
+    from persrep.generation.cut_paste import BaseModelBackgrounds
+    from persrep.generation.dreambooth import BaseModelSampler
+
+    source = BaseModelBackgrounds(BaseModelSampler(settings), unit.sampler["cfg"])
+    seeds = [stable_seed("background", unit.category, unit.seed, i) for i in range(unit.count)]
+    images: list[Image.Image] = []
+    for start in range(0, len(seeds), settings.synthesis.batch_size):
+        images += source.many(seeds[start:start + settings.synthesis.batch_size], unit.sampler["resolution"])
+    return images
+
+
+def run_shared_unit(ctx: Any, unit: SharedImagesUnit) -> dict[str, Any]:
+    """Draw and publish one shared unit (skipped when already published intact)."""
+    if ctx.storage.is_intact(STAGE, unit.key):
+        return {"status": "skipped", "key": unit.key}
+    t0 = time.perf_counter()
+    files = {}
+    for i, image in enumerate(_draw(ctx.settings, unit)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        files[f"{i:05d}.png"] = buf.getvalue()
+    meta = {"kind": unit.kind, "category": unit.category, "prompts": unit.prompts, "count": unit.count,
+            "seed": unit.seed, "sampler": unit.sampler, "seconds": time.perf_counter() - t0}
+    ctx.storage.publish(STAGE, unit.key, files, meta)
+    return {"status": "done", "key": unit.key, "images": len(files), "seconds": meta["seconds"]}
+
+
+def read_shared_images(storage: Any, key: str) -> list[Image.Image]:
+    """A published unit's images, in order (checksums verified)."""
+    man = storage.verify_unit(STAGE, key)
+    images = []
+    for name in sorted(f for f in man.files if f.endswith(".png")):
+        with Image.open(io.BytesIO(storage.read_unit_file(STAGE, key, name, man))) as im:
+            images.append(im.convert("RGB"))
+    if not images:
+        raise ValueError(f"shared images unit {storage.uri(STAGE, key)} has no images")
+    return images
+
+
+class PublishedBackgrounds:
+    """A cut-and-paste background source over a published ``backgrounds`` unit: seed -> one of them."""
+
+    def __init__(self, images: list[Image.Image]):
+        self.images = images
+
+    def __call__(self, seed: int, size: int) -> Image.Image:
+        from persrep.generation.cut_paste import fit_canvas
+
+        return fit_canvas(self.images[seed % len(self.images)], size)
