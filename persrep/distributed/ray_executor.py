@@ -81,6 +81,6 @@ class RayExecutor:
                 if isinstance(cause, StorageUnavailableError):
                     raise cause  # storage gone: no later unit can run; stop with its one line
                 outcomes[i] = Outcome(labels[i], "failed", {}, short_error(cause), attempts[i],
-                                      time.perf_counter() - started[i])
+                                      time.perf_counter() - started[i], str(exc))  # remote traceback
             self.progress(f"{stage}: {len(outcomes)}/{len(units)} {labels[i]} -> {outcomes[i].status}")
         return [outcomes[i] for i in range(len(units))]

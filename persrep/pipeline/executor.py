@@ -26,6 +26,7 @@ class Outcome:
     error: str | None = None
     attempts: int = 1
     seconds: float = 0.0
+    trace: str | None = None  # a failed unit's full traceback (run dir: failures/<unit>.txt)
 
 
 @dataclass
@@ -68,6 +69,6 @@ class LocalExecutor:
                         if isinstance(exc, StorageUnavailableError):
                             raise  # storage gone: no later unit can run; stop with its one line
                         outcomes.append(Outcome(label, "failed", {}, short_error(exc), attempt,
-                                                time.perf_counter() - t0))
+                                                time.perf_counter() - t0, traceback.format_exc()))
             self.progress(f"{stage}: {i + 1}/{len(units)} {label} -> {outcomes[-1].status}")
         return outcomes
