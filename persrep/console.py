@@ -44,7 +44,7 @@ UNIT_DONE = re.compile(r"^(?P<stage>\w+): (?P<i>\d+)/(?P<n>\d+) (?P<label>\S+) -
                        r"(?: after (?P<attempts>\d+) attempts)?$")
 UNIT_RETRY = re.compile(r"^(?P<stage>\w+): retrying (?P<label>\S+) \(attempt (?P<attempt>\d+)\): "
                         r"(?P<reason>.*)$")
-IMPORTANT = re.compile(r"warning|error|RETRIED|FAILED", re.IGNORECASE)
+IMPORTANT = re.compile(r"(?i:warning)|ERROR|Error:|RETRIED|FAILED")  # said inside a stage: shown
 
 
 def failure_file(label: str) -> str:

@@ -40,11 +40,14 @@ class RunSummary:
     table: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
     traces: dict[str, str] = field(default_factory=dict, repr=False)  # failed unit -> traceback
+    units: list[dict[str, Any]] = field(default_factory=list, repr=False)  # units.json: the report's map
 
     def record(self, stage: str, outcomes: list[Outcome], seconds: float) -> None:
         counts = {"done": 0, "skipped": 0, "failed": 0, "retried": 0}
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
+            self.units.append({"stage": stage, "label": o.label, "status": o.status,
+                               "key": (o.value or {}).get("key"), "attempts": o.attempts})
             counts["retried"] += o.attempts > 1
             if o.attempts > 1:
                 self.retries.append({"stage": stage, "unit": o.label, "attempts": o.attempts, "status": o.status})
@@ -301,6 +304,7 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
     st.write_bytes(f"{base}/settings.yaml",
                    yaml.safe_dump(redact_obj(settings_to_dict(ctx.settings)), sort_keys=False).encode())
     st.write_bytes(f"{base}/summary.md", summary.table.encode())
+    st.write_bytes(f"{base}/units.json", json.dumps(summary.units, indent=0).encode())
     from persrep.console import failure_file, failure_text
 
     for unit, trace in summary.traces.items():  # full tracebacks, named by the FAILED lines
