@@ -25,7 +25,7 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     m = np.asarray(mask, dtype=bool)
-    return m & ~ndimage.binary_erosion(m, iterations=1, border_value=0)
+    return m & ~ndimage.binary_erosion(m, iterations=2, border_value=0)  # 2 px: survives JPEG
 
 
 class Thumbs:
