@@ -165,8 +165,8 @@ class Evaluator:
     def evaluate_pretrained(self, bs: BackboneSettings, instances: list[str],
                             keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = build_backbone(bs).eval()
-        extractor = WithGlobalFeature(backbone, self.ev.global_feature)
-        key = content_key("pretrained", bs, self.ev.global_feature)
+        extractor = WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+        key = content_key("pretrained", bs, self.ev.global_feature, self.ev.dense_features)
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=True)
         return self._rows(instances, gpool, dpool, dtrain, {**keys, "model": "pretrained"})
@@ -174,8 +174,9 @@ class Evaluator:
     def evaluate_adapter(self, bs: BackboneSettings, instance: str, adapter_path: str | Path,
                          keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = load_adapter(build_backbone(bs), adapter_path).eval()
-        extractor = WithGlobalFeature(backbone, self.ev.global_feature)
-        key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)))
+        extractor = WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+        key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)),
+                          self.ev.dense_features)
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
         rows = self._rows([instance], gpool, dpool, dtrain, {**keys, "model": "personalised"})
