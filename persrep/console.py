@@ -97,6 +97,7 @@ class Console:
         self.stage: _Stage | None = None
         self._progress: Any = None  # rich.progress.Progress while a stage is open on a TTY
         self._rich: Any = None
+        self.aliases: dict[str, str] = {}  # label part -> readable name (data config key -> label)
 
     # -- streams --------------------------------------------------------------------------------
     @property
@@ -212,7 +213,7 @@ class Console:
         """The per-instance status table of a finished stage (called by the runner)."""
         if not outcomes:
             return
-        rows, cols = status_table(outcomes)
+        rows, cols = status_table(outcomes, self.aliases)
         from rich import box
         from rich.table import Table
 
@@ -297,12 +298,15 @@ def _own_stream(current: IO[str], fd: int, saved_fd: int) -> IO[str]:
     return stream
 
 
-def status_table(outcomes: Sequence[Any]) -> tuple[dict[str, dict[str, str]], list[str]]:
+def status_table(outcomes: Sequence[Any], aliases: dict[str, str] | None = None,
+                 ) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Rows (instance = the label's last ``:`` part) x columns (the rest) of status cells.
 
-    A label part shared by every column (the one backbone of a run) is left out of the headers."""
+    A label part shared by every column (the one backbone of a run) is left out of the headers;
+    ``aliases`` renames label parts (a synthesis group's data config key -> the config's label)."""
+    aliases = aliases or {}
     split = [o.label.rsplit(":", 1) if ":" in o.label else ["", o.label] for o in outcomes]
-    prefixes = [p.split(":") for p, _ in split]
+    prefixes = [[aliases.get(x, x) for x in p.split(":")] for p, _ in split]
     width = max(len(p) for p in prefixes)
     same = [j for j in range(width) if len({tuple(p[j:j + 1]) for p in prefixes}) == 1]
     cols_of = [":".join(x for j, x in enumerate(p) if j not in same or len(p) == 1) or "unit"

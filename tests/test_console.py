@@ -70,6 +70,10 @@ def test_status_table_and_failure_file_names():
     assert cols == ["pos:abc", "neg:base", "pretrained:lite0"]
     assert rows["mug"] == {"neg:base": "skipped"}
     assert failure_file("cut_paste:tf/b:mug 0") == "failures/cut_paste_tf_b_mug_0.txt"
+    rows, cols = status_table([Outcome("pos:k1:mug_0", "done"), Outcome("pos:k2:mug_0", "failed", attempts=3)],
+                              {"k1": "cut_paste", "k2": "dreambooth/cfg5/template"})
+    assert cols == ["cut_paste", "dreambooth/cfg5/template"]
+    assert rows["mug_0"]["dreambooth/cfg5/template"] == "FAILED (3 tries)"
 
 
 def test_terminal_bar_on_a_tty_is_rich(monkeypatch):

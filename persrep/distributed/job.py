@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         # data, storage and model weights are checked here, before Ray and MLflow start
         ctx = prepare_run(settings, console, args.run_id)
+        from persrep.generation.plan import data_configs
+
+        console.aliases = {c.key: c.label for c in data_configs(settings)}  # readable status tables
         log = log_path(ctx)
         if not args.verbose:
             console.line(f"log: {log} (Ray, Tune and MLflow output; --verbose shows it here)")
