@@ -136,13 +136,13 @@ class Console:
         self._log(stamped)
 
     def _log(self, text: str) -> None:
-        if self._err is not None:  # capturing: sys.stderr is the log file
+        if self._err is not None and self._err is not sys.stderr:  # capturing: sys.stderr is the log
             print(text, file=sys.stderr, flush=True)
 
     def print_out(self, text: str = "") -> None:
         """Result text (the summary table) on stdout, and in the log."""
         print(text, file=self.out, flush=True)
-        if self._out is not None:
+        if self._out is not None and self._out is not sys.stdout:
             print(text, file=sys.stdout, flush=True)
 
     # -- the say callback -----------------------------------------------------------------------

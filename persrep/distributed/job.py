@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from persrep.pipeline import run_pipeline
         from persrep.pipeline.context import prepare_run
 
+        if settings.tracking.enabled and settings.tracking.required:  # down: stop before writing anything
+            from persrep.tracking import Tracker
+
+            Tracker.from_settings(settings, say=lambda _m: None).connect()
         # data, storage and model weights are checked here, before Ray and MLflow start
         ctx = prepare_run(settings, console, args.run_id)
         from persrep.generation.plan import data_configs
