@@ -125,6 +125,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return job_main(args.job_args, prog="persrep run")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The same sweep as ``ray_jobs/sweep.py`` (its arguments, its Ray handling, its exit codes)."""
+    from persrep.distributed.sweep_job import main as sweep_main
+
+    return sweep_main(args.job_args, prog="persrep sweep")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from persrep.report import main_report
 
@@ -228,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("sweep", add_help=False,
+                       help="a Ray Tune sweep over settings: the same as ray_jobs/sweep.py "
+                            "(persrep sweep --help lists its options)")
+    p.add_argument("job_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("report", help="HTML + markdown report of a finished run")
     p.add_argument("run", help="run directory: <storage root>/runs/<run_id> (local or s3://)")
     p.add_argument("--out", default=None, help="output directory (default RUN/report)")
@@ -254,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["run"]:  # the job parses its own options (argparse's REMAINDER drops leading ones)
         args = argparse.Namespace(func=cmd_run, job_args=argv[1:])
+    elif argv[:1] == ["sweep"]:
+        args = argparse.Namespace(func=cmd_sweep, job_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

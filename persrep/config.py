@@ -243,6 +243,10 @@ class EvaluationSettings(Section):
                               min_length=1)
     global_feature: GlobalFeature = "cls"
     dense_input_size: int = Field(896, ge=32, le=4096)
+    dense_features: Literal["hypercolumn", "last"] = Field(
+        "hypercolumn", description="CNN dense features: 'hypercolumn' = the stride-16 stage and the "
+        "last map (upsampled), each L2-normalised, concatenated; 'last' = the last map only. ViTs: "
+        "patch tokens either way (docs/DESIGN.md, dense head)")
     batch_size: int = Field(32, ge=1, le=4096)
     evaluate_pretrained: bool = True
 

@@ -107,7 +107,7 @@ def test_every_mask_is_exactly_the_pixels_its_target_changed(small):
         if image.scene in ("in_distribution", "pose", "train"):
             assert n_objects == 1, image.path
         elif image.scene == "dense":
-            assert 3 <= n_objects - 1 <= 5, image.path
+            assert 1 <= n_objects - 1 <= 2, image.path
         else:
             assert 1 <= n_objects - 1 <= 3, image.path
     assert occluded > 0, "no scene occludes its target: occlusion handling is untested"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -22,6 +23,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--storage", default=None, help="storage root: local dir or s3://bucket/prefix")
     p.add_argument("--run-id", default=None, help="name of this run's results folder")
     p.add_argument("--no-ray", action="store_true", help="run every unit in this process")
+    p.add_argument("--verbose", action="store_true", help="show Ray's, Tune's and MLflow's own output "
+                   "here (default: in job.log in the run directory) and every progress message")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return p.parse_args(argv)
 
@@ -52,40 +55,66 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def log_path(ctx) -> str:
+    """Where Ray's, Tune's and MLflow's own output goes: ``job.log`` in the run directory (a local
+    temp file for an ``s3://`` root, copied into the run directory at the end)."""
+    if not ctx.storage.is_s3:
+        return ctx.storage.path("runs", ctx.run_id, "job.log")
+    import tempfile
+
+    return str(Path(tempfile.gettempdir()) / "persrep-logs" / f"{ctx.run_id}.log")
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from persrep.cli import _model_errors
     from persrep.config import ConfigError, load_settings
+    from persrep.console import Console
     from persrep.data.layout import DatasetError
     from persrep.storage import StorageError
 
     args = parse_args(argv, prog)
     overrides = settings_overrides(args)
+    console = Console(verbose=args.verbose)
     try:
         settings = load_settings(args.config, overrides)
         from persrep.pipeline import run_pipeline
+        from persrep.pipeline.context import prepare_run
 
-        if args.no_ray:
-            summary = run_pipeline(settings, say, run_id=args.run_id)
-        else:
-            from persrep.distributed.ray_executor import RayExecutor
-            from persrep.distributed.session import ensure_ray, release
+        if settings.tracking.enabled and settings.tracking.required:  # down: stop before writing anything
+            from persrep.tracking import Tracker
 
-            started = ensure_ray(settings.resources)
-            say(describe_cluster(started))
-            try:
-                executor = RayExecutor(settings.resources.max_retries, say)
-                summary = run_pipeline(settings, say, executor, run_id=args.run_id)
-            finally:
-                release(started)
+            Tracker.from_settings(settings, say=lambda _m: None).connect()
+        # data, storage and model weights are checked here, before Ray and MLflow start
+        ctx = prepare_run(settings, console, args.run_id)
+        from persrep.generation.plan import data_configs
+
+        console.aliases = {c.key: c.label for c in data_configs(settings)}  # readable status tables
+        log = log_path(ctx)
+        if not args.verbose:
+            console.line(f"log: {log} (Ray, Tune and MLflow output; --verbose shows it here)")
+        with console.capture(log):
+            if args.no_ray:
+                summary = run_pipeline(settings, console, run_id=ctx.run_id, ctx=ctx)
+            else:
+                from persrep.distributed.ray_executor import RayExecutor
+                from persrep.distributed.session import ensure_ray, release
+
+                started = ensure_ray(settings.resources)
+                console(describe_cluster(started))
+                try:
+                    executor = RayExecutor(settings.resources.max_retries, console)
+                    summary = run_pipeline(settings, console, executor, run_id=ctx.run_id, ctx=ctx)
+                finally:
+                    release(started)
+            console.summary(summary)
     except (ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
         print(f"{prog or 'run_all'}: {exc}", file=sys.stderr)
         return 2
-    print(summary.table)
-    print(f"\nresults: {summary.run_uri}   stages: {summary.stages}   total {summary.timings.get('total')} s")
-    for r in summary.retries:
-        print(f"RETRIED {r['stage']} {r['unit']}: {r['attempts']} attempts, {r['status']}")
-    for f in summary.failures:
-        print(f"FAILED {f['stage']} {f['unit']}: {f['error']}")
+    if ctx.storage.is_s3 and not args.verbose and Path(log).is_file():
+        try:
+            ctx.storage.write_bytes(f"runs/{ctx.run_id}/job.log", Path(log).read_bytes())
+        except Exception:  # noqa: BLE001 - the results are written; the log stays local
+            print(f"log kept at {log}", file=sys.stderr)
     return summary.exit_code
 
 

@@ -86,6 +86,7 @@ class RayExecutor:
                     continue
                 if isinstance(cause, StorageUnavailableError):
                     raise cause  # storage gone: no later unit can run; stop with its one line
-                outcomes[i] = failed_outcome(labels[i], cause, attempts[i], time.perf_counter() - started[i])
+                outcomes[i] = failed_outcome(labels[i], cause, attempts[i], time.perf_counter() - started[i],
+                                             str(exc))  # remote traceback
             self.progress(f"{stage}: {len(outcomes)}/{len(units)} {labels[i]} -> {outcomes[i].status}")
         return [outcomes[i] for i in range(len(units))]

@@ -251,6 +251,7 @@ class _TrialRecord:
     num_failures: int = 0
     last_result: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    trace: str | None = None  # the trial's error file (full traceback), when it failed
 
 
 @dataclass
@@ -301,6 +302,14 @@ def _trial_error(trial: Any) -> str:
         txt = Path(path).read_text(errors="replace")
     lines = [ln for ln in txt.strip().splitlines() if ln.strip() and not ln.startswith("Failure #")]
     return (lines[-1] if lines else "trial failed")[:300]
+
+
+def _trial_trace(trial: Any) -> str | None:
+    """The full text of a trial's error file (every failure's traceback), if there is one."""
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text(errors="replace")
+    return None
 
 
 class StageCallback(CallbackList):
@@ -378,6 +387,7 @@ class StageCallback(CallbackList):
             rec.status, rec.finished = "error", time.perf_counter()
             rec.num_failures = trial.num_failures
             rec.errors.append(_trial_error(trial))
+            rec.trace = _trial_trace(trial)
             rec.last_result = dict(trial.last_result or {})
             self._done_line(st, rec, "failed")
         super().on_trial_error(**info)
@@ -463,7 +473,7 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
         for i, u in enumerate(units):
             if outcomes[i] is None:
                 o = by_key[u.key]
-                outcomes[i] = Outcome(labels[i], o.status, o.value, o.error, o.attempts, o.seconds)
+                outcomes[i] = Outcome(labels[i], o.status, o.value, o.error, o.attempts, o.seconds, o.trace)
     return [o for o in outcomes if o is not None]
 
 
@@ -485,7 +495,7 @@ def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcom
                            rec.num_failures + 1, seconds)
         return Outcome(label, value.get("status", "done"), value, None, rec.num_failures + 1, seconds)
     err = rec.errors[-1] if rec.errors else "trial failed"
-    return Outcome(label, "failed", {}, err, max(1, rec.num_failures), seconds)
+    return Outcome(label, "failed", {}, err, max(1, rec.num_failures), seconds, rec.trace)
 
 
 def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, str],

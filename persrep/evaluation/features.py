@@ -47,14 +47,16 @@ class WithGlobalFeature:
     (the training feature) needs the mode bound explicitly, and named in the extractor key.
     """
 
-    def __init__(self, backbone, feature: str):
-        self.backbone, self.feature = backbone, feature
+    def __init__(self, backbone, feature: str, dense: str = "last"):
+        self.backbone, self.feature, self.dense = backbone, feature, dense
 
     def global_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone.global_features(images, feature=self.feature)
 
     def dense_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.dense_features(images)
+        if self.dense == "last":
+            return self.backbone.dense_features(images)
+        return self.backbone.dense_features(images, mode=self.dense)
 
 
 def check_global_output(out: torch.Tensor, n_images: int) -> None:

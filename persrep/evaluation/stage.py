@@ -105,6 +105,7 @@ class Evaluator:
         self.cache = EmbeddingCache(cache_dir, batch_size=ev.batch_size, progress=progress)
         self.dense_tasks = [t for t in ev.tasks if t in ("detection", "segmentation")]
         self._dense_masks: list[np.ndarray | None] | None = None
+        self.last_examples: dict[str, Any] = {}  # the last evaluation's examples, by instance
         self._train_masks: list[np.ndarray | None] | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -147,12 +148,25 @@ class Evaluator:
         pool = DensePool(feats, p.dense_labels, self._image_sizes(p.dense), masks)
         return pool, dense_train_sets(train_feats, p.train_labels, train_masks)
 
+    def _examples(self, i: int, gpool, dpool, dtrain) -> dict[str, Any]:
+        """Concrete predictions for the report's gallery (persrep.evaluation.examples)."""
+        from persrep.evaluation.examples import dense_examples, retrieval_examples
+
+        p = self.pools
+        out: dict[str, Any] = {}
+        if "retrieval" in self.ev.tasks and gpool is not None:
+            out["retrieval"] = retrieval_examples(gpool.test_embeddings, gpool.test_labels, p.test,
+                                                  gpool.train_embeddings, gpool.train_labels, p.train, i)
+        if dpool is not None and dtrain is not None:
+            out["dense"] = dense_examples(dpool, p.dense, dtrain(i), i)
+        return out
+
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate_pretrained(self, bs: BackboneSettings, instances: list[str],
                             keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = build_backbone(bs).eval()
-        extractor = WithGlobalFeature(backbone, self.ev.global_feature)
-        key = content_key("pretrained", bs, self.ev.global_feature)
+        extractor = WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+        key = content_key("pretrained", bs, self.ev.global_feature, self.ev.dense_features)
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=True)
         return self._rows(instances, gpool, dpool, dtrain, {**keys, "model": "pretrained"})
@@ -160,8 +174,9 @@ class Evaluator:
     def evaluate_adapter(self, bs: BackboneSettings, instance: str, adapter_path: str | Path,
                          keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = load_adapter(build_backbone(bs), adapter_path).eval()
-        extractor = WithGlobalFeature(backbone, self.ev.global_feature)
-        key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)))
+        extractor = WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+        key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)),
+                          self.ev.dense_features)
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
         rows = self._rows([instance], gpool, dpool, dtrain, {**keys, "model": "personalised"})
@@ -171,8 +186,11 @@ class Evaluator:
     def _rows(self, instances, gpool, dpool, dtrain, keys) -> list[dict[str, Any]]:
         p = self.pools
         rows: list[dict[str, Any]] = []
+        self.last_examples = {"keys": {k: keys.get(k) for k in ("model", "backbone", "data_config",
+                                                               "adapter_key")}, "instances": {}}
         for name in instances:
             i = p.names.index(name)
+            self.last_examples["instances"][name] = self._examples(i, gpool, dpool, dtrain)
             rows += evaluate_instance(i, name, p.categories[i], global_pool=gpool,
                                       dense_pool=dpool, dense_train=dtrain(i) if dtrain else None,
                                       tasks=self.ev.tasks,

@@ -83,7 +83,11 @@ class Backbone(nn.Module):
     patches" *is* its average pool, so the second half uses max pooling to add the complementary
     peak-response summary instead of repeating the same vector. Both modes give ``[N, D]``.
     ``dense_features(x)``: ``[N, D, h, w]``: ViT patch tokens on their grid (prefix/register tokens
-    dropped, any input size), CNN last feature map.
+    dropped, any input size), CNN last feature map. ``dense_features(x, "hypercolumn")``: for a
+    CNN, its stride-16 stage and its last map bilinearly upsampled to that grid, each L2-normalised
+    per cell, concatenated (cosine = mean of the two cosines): twice the resolution of the last
+    map, which alone is too coarse to outline an object at the demo's sizes, while keeping the
+    adapted last stages (LoRA sits there) in the feature. ViTs: patch tokens either way.
     """
 
     def __init__(self, model: nn.Module, settings: BackboneSettings, identity: dict[str, Any],
@@ -119,15 +123,28 @@ class Backbone(nn.Module):
         avg = fmap.mean(dim=(2, 3))
         return avg if feature == "cls" else torch.cat([avg, fmap.amax(dim=(2, 3))], dim=1)
 
-    def dense_features(self, x: torch.Tensor) -> torch.Tensor:
+    def dense_features(self, x: torch.Tensor, mode: str = "last") -> torch.Tensor:
+        if mode not in ("last", "hypercolumn"):
+            raise ValueError(f"dense mode must be 'last' or 'hypercolumn', got {mode!r}")
         if not self.is_token_model:
-            return self._feature_map(x)
+            return self._feature_map(x) if mode == "last" else self._hypercolumn(x)
         patches = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
         gh, gw = _token_grid(self.model, x.shape[-2:])
         if gh * gw != patches.shape[1]:
             raise RuntimeError(f"{self.settings.name}: {patches.shape[1]} patch tokens do not "
                                f"form the expected {gh}x{gw} grid for input {tuple(x.shape[-2:])}")
         return patches.reshape(x.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _hypercolumn(self, x: torch.Tensor) -> torch.Tensor:
+        info = getattr(self.model, "feature_info", None)
+        fine = [i for i, f in enumerate(info or []) if f.get("reduction") == 16]
+        if not fine or not hasattr(self.model, "forward_intermediates"):
+            raise RuntimeError(f"{self.settings.name}: no stride-16 stage for hypercolumn dense "
+                               "features; set evaluation.dense_features=last")
+        last, (mid,) = self.model.forward_intermediates(x, indices=[fine[-1]], intermediates_only=False)
+        up = nn.functional.interpolate(nn.functional.normalize(last, dim=1), size=mid.shape[-2:],
+                                       mode="bilinear", align_corners=False)
+        return torch.cat([nn.functional.normalize(mid, dim=1), nn.functional.normalize(up, dim=1)], 1)
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.model.forward_features(x)

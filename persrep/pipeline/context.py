@@ -59,7 +59,9 @@ class RunContext:
 def _toy_dataset(settings: Settings, storage: Storage, progress: Progress | None) -> str:
     from persrep.data.toy import write_toy_from_settings
 
-    key = content_key("toy", settings.data.toy)
+    from persrep.data.toy import VERSION
+
+    key = content_key("toy", settings.data.toy, VERSION)  # a new toy version: a new folder
     if storage.is_s3:
         # build locally, then upload; the unit's manifest makes the upload atomic for readers
         local = Path.home() / ".cache" / "persrep" / f"toy-{key}"

@@ -28,6 +28,7 @@ class Outcome:
     error: str | None = None
     attempts: int = 1
     seconds: float = 0.0
+    trace: str | None = None  # a failed unit's full traceback (run dir: failures/<unit>.txt)
 
 
 @dataclass
@@ -37,10 +38,12 @@ class Resources:
     memory: float = 0.0  # bytes of host memory the unit reserves (Ray's `memory` resource); 0 = none
 
 
-def failed_outcome(label: str, exc: BaseException, attempts: int, seconds: float) -> Outcome:
-    """A failed unit: its one-line error, and its failure record (``UnitRejected.details``) as value."""
+def failed_outcome(label: str, exc: BaseException, attempts: int, seconds: float,
+                   trace: str | None = None) -> Outcome:
+    """A failed unit: its one-line error, its failure record (``UnitRejected.details``) as value,
+    and the full traceback (written to ``failures/<unit>.txt`` in the run directory)."""
     error = str(exc).strip().splitlines()[0][:500] if not is_retryable(exc) else short_error(exc)
-    return Outcome(label, "failed", dict(getattr(exc, "details", None) or {}), error, attempts, seconds)
+    return Outcome(label, "failed", dict(getattr(exc, "details", None) or {}), error, attempts, seconds, trace)
 
 
 class Executor(Protocol):
@@ -89,7 +92,8 @@ class LocalExecutor:
                     if attempt > self.max_retries or not is_retryable(exc):
                         if isinstance(exc, StorageUnavailableError):
                             raise  # storage gone: no later unit can run; stop with its one line
-                        outcomes.append(failed_outcome(label, exc, attempt, time.perf_counter() - t0))
+                        outcomes.append(failed_outcome(label, exc, attempt, time.perf_counter() - t0,
+                                                       traceback.format_exc()))
                         break
             self.progress(f"{stage}: {i + 1}/{len(units)} {label} -> {outcomes[-1].status}")
         return outcomes

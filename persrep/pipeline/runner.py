@@ -46,17 +46,22 @@ class RunSummary:
     rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
     synthesis_units: list[dict[str, Any]] = field(default_factory=list)  # counts + filter scores
     fallbacks: list[dict[str, Any]] = field(default_factory=list)  # adapters not trained as labelled
+    traces: dict[str, str] = field(default_factory=dict, repr=False)  # failed unit -> traceback
+    units: list[dict[str, Any]] = field(default_factory=list, repr=False)  # units.json: the report's map
 
     def record(self, stage: str, outcomes: list[Outcome], seconds: float) -> None:
         counts = {"done": 0, "skipped": 0, "failed": 0, "retried": 0}
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
+            self.units.append({"stage": stage, "label": o.label, "status": o.status,
+                               "key": (o.value or {}).get("key"), "attempts": o.attempts})
             counts["retried"] += o.attempts > 1
             if o.attempts > 1:
                 self.retries.append({"stage": stage, "unit": o.label, "attempts": o.attempts, "status": o.status})
             if o.status == "failed":
                 self.failures.append({"stage": stage, "unit": o.label, "error": o.error, "attempts": o.attempts,
                                       **({"details": o.value} if o.value else {})})
+                self.traces[o.label] = getattr(o, "trace", None) or str(o.error)
         self.stages[stage] = counts
         self.timings[stage] = round(seconds, 2)
 
@@ -98,6 +103,8 @@ def _special_stage(summary: RunSummary, name: str, how: str, n_units: int, say: 
     c = summary.stages[name]
     say(f"stage {name}: {c['done']} done, {c['skipped']} skipped (finished earlier), "
         f"{c['failed']} failed in {summary.timings[name]:.1f} s")
+    if callable(getattr(say, "stage_outcomes", None)):  # persrep.console: per-instance table
+        say.stage_outcomes(name, outs)
     return outs
 
 
@@ -109,13 +116,15 @@ def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, l
 
 
 def run_pipeline(settings: Settings, progress: Progress | None = None,
-                 executor: Executor | None = None, run_id: str | None = None) -> RunSummary:
+                 executor: Executor | None = None, run_id: str | None = None,
+                 ctx: RunContext | None = None) -> RunSummary:
+    """``ctx``: a context from :func:`prepare_run` (data validated before Ray and MLflow start)."""
     from persrep.tracking import Tracker
 
     say = progress or (lambda _m: None)
     t_start = time.perf_counter()
     tracker = Tracker.from_settings(settings, say=say).connect()  # required + down: fails here
-    ctx = prepare_run(settings, say, run_id)
+    ctx = ctx or prepare_run(settings, say, run_id)
     for note in ctx.notes:
         say(note)
     executor = executor or LocalExecutor(settings.resources.max_retries, say)
@@ -390,11 +399,16 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
     base = f"runs/{ctx.run_id}"
     st = ctx.storage
     st.write_bytes(f"{base}/results.parquet", table_bytes(pa.Table.from_pandas(frame, preserve_index=False)))
-    from persrep.redaction import redact_obj  # no credentials in a results folder
+    from persrep.redaction import redact_obj, redact_text  # no credentials in a results folder
 
     st.write_bytes(f"{base}/settings.yaml",
                    yaml.safe_dump(redact_obj(settings_to_dict(ctx.settings)), sort_keys=False).encode())
     st.write_bytes(f"{base}/summary.md", summary.table.encode())
+    st.write_bytes(f"{base}/units.json", json.dumps(summary.units, indent=0).encode())
+    from persrep.console import failure_file, failure_text
+
+    for unit, trace in summary.traces.items():  # full tracebacks, named by the FAILED lines
+        st.write_bytes(f"{base}/{failure_file(unit)}", failure_text(redact_text(trace)).encode())
     doc = {"run_id": ctx.run_id, "config": ctx.settings.name, "data": ctx.data_path,
            "instances": len(ctx.instances), "stages": summary.stages, "failures": summary.failures,
            "retries": summary.retries, "timings": summary.timings, "notes": summary.notes,

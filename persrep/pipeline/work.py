@@ -269,13 +269,14 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
 
 
 # -- evaluation ---------------------------------------------------------------------------------
-def _publish_rows(ctx: RunContext, key: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def _publish_rows(ctx: RunContext, key: str, rows: list[dict[str, Any]], meta: dict[str, Any],
+                  extra: dict[str, bytes] | None = None) -> None:
     import pyarrow as pa
 
     from persrep.evaluation.aggregate import results_frame
 
     table = pa.Table.from_pandas(results_frame(rows), preserve_index=False)
-    ctx.storage.publish(EVALUATIONS, key, {"results.parquet": shards.table_bytes(table)}, meta)
+    ctx.storage.publish(EVALUATIONS, key, {"results.parquet": shards.table_bytes(table), **(extra or {})}, meta)
 
 
 def read_rows(storage: Storage, key: str) -> list[dict[str, Any]]:
@@ -311,7 +312,8 @@ def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]
             path.write_bytes(ctx.storage.read_unit_file(ADAPTERS, unit["adapter_key"], ADAPTER, man))
             rows = ev.evaluate_adapter(bs, unit["instance"], path, {**unit["keys"], **positives_used(man.meta)})
     _publish_rows(ctx, key, rows, {"kind": unit["kind"], "backbone": bs.name,
-                                   "seconds": time.perf_counter() - t0})
+                                   "seconds": time.perf_counter() - t0},
+                  {"examples.json": json.dumps(ev.last_examples).encode()})  # the report's gallery
     return {"status": "done", "key": key, "rows": len(rows), "seconds": time.perf_counter() - t0}
 
 

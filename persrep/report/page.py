@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from persrep.report.gallery import GALLERY_CSS
 from persrep.report.plots import (plot_cfg_curves, plot_retrieval_examples, plot_scene_bars,
                                   plot_task_bars)
 from persrep.report.tables import (HEADLINE, METRIC_NAME, _all_metrics, _headline_rows, _scenes,
@@ -113,7 +114,7 @@ figure img{max-width:100%} figcaption{color:#5f6368;font-size:13px}
 details{margin:8px 0} summary{cursor:pointer;font-weight:600}
 .tw{overflow-x:auto;max-width:100%}
 code{background:#eef1f5;padding:1px 4px;border-radius:3px}
-"""
+""" + GALLERY_CSS
 
 
 def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequence[Any] | None = None,
@@ -230,6 +231,11 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         if p:
             add_plot(p, "Classification AP per test scene")
 
+    # (d) compute vs quality, then the per-instance galleries (need the run's units.json)
+    h_more, md_more = _compute_and_galleries(run, frame, out, plots_dir)
+    h += h_more
+    md += md_more
+
     # retrieval examples
     if examples:
         p = plot_retrieval_examples(examples, plots_dir / "retrieval_examples.png")
@@ -273,6 +279,69 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     (out / "report.html").write_text(doc, encoding="utf-8")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return out / "report.html"
+
+
+def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
+                           plots_dir: Path) -> tuple[list[str], list[str]]:
+    """Section (d) and the galleries; a run without ``units.json`` (older runs, a bare
+    results table) gets neither, and a note says why."""
+    from persrep.redaction import redact_text
+    from persrep.report.compute import compute_frame, plot_compute_quality
+    from persrep.report.gallery import gallery_html, run_root
+
+    src = str(run.source)
+    raw = _read_text(src, "units.json")
+    if raw is None:
+        return [], []
+    h: list[str] = []
+    md: list[str] = []
+    units = json.loads(raw)
+    try:
+        from persrep.storage import Storage
+
+        storage = Storage(run_root(src), ((run.settings or {}).get("storage") or {}).get("s3_endpoint"))
+        table = compute_frame(units, storage, frame)
+    except Exception as exc:  # noqa: BLE001 - the storage moved: the rest of the report stands
+        table = pd.DataFrame()
+        h.append(f'<div class="note">compute vs quality not shown: {html.escape(redact_text(str(exc)))}</div>')
+    if not table.empty:
+        cap = ("Seconds per instance spent generating (generator prep + synthesis, from the units' "
+               "recorded seconds) and training (personalisation) vs the gain over the pretrained "
+               "backbone (x100, mean over instances).")
+        h.append(f'<h2>(d) Compute vs quality per data configuration</h2><p class="cap">{cap}</p>')
+        md += ["## (d) Compute vs quality per data configuration", "", cap, ""]
+        gains = [c for c in table.columns if c.startswith("gain_")]
+        head = ["backbone", "data config", "s generate", "s train"] + [c[5:] + " gain" for c in gains]
+        rows = [[r["backbone"], r["data_config"], f"{r['seconds_generate']:.1f}", f"{r['seconds_train']:.1f}"]
+                + [f"{r[c]:+.1f}" if np.isfinite(r[c]) else "–" for c in gains] for r in table.to_dict("records")]
+        h.append(_html_table(head, [[html.escape(c) for c in row] for row in rows]))
+        md += [_md_table(head, rows), ""]
+        p = plot_compute_quality(table, plots_dir / "compute_quality.png")
+        if p:
+            caption = "Gain over pretrained vs seconds per instance, per data configuration"
+            h.append(_img_tag(p, caption))
+            md += [f"![{caption}](plots/{p.name})", ""]
+    instances = sorted(frame["instance"].dropna().unique()) if "instance" in frame else []
+    try:
+        body, _ = gallery_html(src, run.summary, run.settings, out, [str(i) for i in instances])
+    except Exception as exc:  # noqa: BLE001 - data set or units moved: say so, keep the tables
+        h.append(f'<div class="note">galleries not shown: {html.escape(redact_text(str(exc)))}</div>')
+        return h, md
+    if body:
+        h.append(f"<h2>Instances ({len(instances)})</h2><p class=\"cap\">Click an instance to see its "
+                 "training photos, synthetic data, negatives, retrieval and dense predictions "
+                 "(thumbnails in thumbs/, loaded when opened).</p>" + body)
+        md += ["## Instances", "", f"Image galleries for {len(instances)} instances: see report.html.", ""]
+    return h, md
+
+
+def _read_text(src: str, name: str) -> bytes | None:
+    from persrep.report.tables import _read
+
+    try:
+        return _read(src, name)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _run_details_html(s: dict[str, Any], settings: dict[str, Any] | None, redact_obj, redact_text) -> str:

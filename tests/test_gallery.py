@@ -1,0 +1,204 @@
+"""Report galleries from a real (tiny) run: thumbnails, examples and compute-vs-quality are right,
+the page stays light for 100 instances, and headless Chromium shows the images."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from persrep.config import load_settings
+from persrep.evaluation.examples import pack_mask, unpack_mask
+from persrep.pipeline import run_pipeline
+from persrep.report import write_report
+from persrep.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
+         "data.toy.test_per_scene=1", "data.toy.negatives_per_category=4", "data.max_instances=2",
+         "generator.types=[real_only, cut_paste]", "synthesis.num_positives=4", "synthesis.resolution=32",
+         "personalization.max_steps=2", "personalization.batch_size=4",
+         "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
+         "evaluation.dense_input_size=64", "tracking.enabled=false"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery") / "root"
+    summary = run_pipeline(load_settings("local", [*SMALL, f"storage.root={root}"]), run_id="g")
+    assert summary.exit_code == 0, summary.failures
+    run_dir = root / "runs" / "g"
+    return root, run_dir, run_dir / "report" / "report.html"
+
+
+def _gallery_part(page: str) -> str:
+    return page[page.index("<h2>Instances"):page.index("<h2>All metrics")]
+
+
+def test_every_instance_has_a_closed_section_of_lazy_small_thumbnails(run):
+    root, run_dir, html_path = run
+    page = html_path.read_text()
+    gal = _gallery_part(page)
+    frame = pd.read_parquet(run_dir / "results.parquet")
+    instances = sorted(frame["instance"].unique())
+    blocks = re.findall(r'<details class="inst gal"( open)?><summary>(\S+) ', gal)
+    assert [b[1] for b in blocks] == instances and not any(b[0] for b in blocks)  # all collapsed
+    imgs = re.findall(r"<img [^>]*>", gal)
+    assert imgs and all('loading="lazy"' in i for i in imgs)
+    assert "data:image" not in gal  # thumbnails are files, never inlined
+    srcs = [re.search(r'src="([^"]+)"', i)[1] for i in imgs]
+    assert all(re.fullmatch(r"thumbs/[0-9a-f]{20}\.jpg", s) for s in srcs)
+    for s in set(srcs):
+        p = html_path.parent / s
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and max(im.size) <= 128
+        assert p.stat().st_size < 20_000
+    per_instance = len(gal) / len(instances)
+    assert per_instance < 20_000, f"{per_instance:.0f} bytes of HTML per instance"
+    for name in instances:  # 3 training photos, positives of cut_paste, negatives, both tasks
+        block = gal[gal.index(f"<summary>{name} "):]
+        block = block[:block.index("</details>")]
+        assert block.count('alt="0.png"') + block.count('alt="1.png"') + block.count('alt="2.png"') == 3
+        for heading in ("Training photos (mask outlined)", "Synthetic positives", "Negatives",
+                        "Retrieval", "Detection / segmentation"):
+            assert heading in block, (name, heading)
+        assert "cut_paste (4 rows)" in block and "pretrained: " in block and "real_only: " in block
+
+
+def test_train_thumbnails_outline_the_mask(run):
+    root, run_dir, html_path = run
+    gal = _gallery_part(html_path.read_text())
+    src = re.search(r'src="(thumbs/[^"]+)" alt="0.png"', gal)[1]
+    arr = np.asarray(Image.open(html_path.parent / src).convert("RGB")).astype(int)
+    orange = (np.abs(arr - np.array([232, 113, 10])).sum(axis=2) < 120)
+    assert orange.sum() > 40, "no mask outline drawn"
+    # an outline, not a filled mask: a thin ring
+    assert orange.mean() < 0.25
+
+
+def test_examples_are_honest(run):
+    """The gallery's evaluation examples agree with the data set: hits are marked correct exactly
+    when they show the instance, ground-truth boxes are the masks' extents, IoU is in range."""
+    root, run_dir, _ = run
+    st = Storage(str(root))
+    units = json.loads((run_dir / "units.json").read_text())
+    evals = [u for u in units if u["stage"] == "evaluation"]
+    assert len(evals) == 1 + 2 * 2  # pretrained + (2 configs x 2 instances)
+    data = Path(json.loads((run_dir / "summary.json").read_text())["data"])
+    for u in evals:
+        doc = json.loads(st.read_unit_file("evaluations", u["key"], "examples.json"))
+        assert doc["keys"]["model"] in ("pretrained", "personalised")
+        for inst, ex in doc["instances"].items():
+            assert ex["retrieval"], inst
+            for q in ex["retrieval"]:
+                assert q["query"].startswith(f"test/{inst}/") and len(q["hits"]) == 5
+                assert q["correct"] == [h.split("/")[1] == inst for h in q["hits"]]
+                assert q["scores"] == sorted(q["scores"], reverse=True)
+            assert ex["dense"], inst
+            for d in ex["dense"]:
+                mask_rel = d["image"].replace("test_dense/", "test_dense_masks/", 1)
+                gt = np.asarray(Image.open(data / mask_rel).convert("L")) > 0
+                ys, xs = np.nonzero(gt)
+                assert d["gt_box"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+                assert 0.0 <= d["iou"] <= 1.0
+                assert unpack_mask(d["pred_mask"]).shape == tuple(d["pred_mask"]["shape"])
+
+
+def test_pack_mask_round_trip():
+    rng = np.random.default_rng(0)
+    m = rng.random((40, 30)) > 0.5
+    assert (unpack_mask(pack_mask(m, side=64)) == m).all()  # smaller than side: exact
+    big = np.zeros((256, 128), bool)
+    big[64:192, 32:96] = True
+    small = unpack_mask(pack_mask(big, side=64))
+    assert small.shape == (64, 32) and small.mean() == pytest.approx(big.mean(), abs=0.02)
+
+
+def test_compute_vs_quality_reads_the_units_seconds(run):
+    from persrep.report.compute import compute_frame
+
+    root, run_dir, html_path = run
+    st = Storage(str(root))
+    units = json.loads((run_dir / "units.json").read_text())
+    frame = pd.read_parquet(run_dir / "results.parquet")
+    table = compute_frame(units, st, frame).set_index("data_config")
+    assert set(table.index) == {"real_only", "cut_paste"}
+    assert table.loc["real_only", "seconds_generate"] == 0.0
+    # independent: the manifests' seconds, averaged by hand
+    syn = [st.manifest("synthesis", u["key"]).meta["seconds"] for u in units
+           if u["stage"] == "synthesis" and u["label"].startswith("pos:")]
+    assert table.loc["cut_paste", "seconds_generate"] == pytest.approx(np.mean(syn))
+    pz = [st.manifest("adapters", u["key"]).meta["seconds"] for u in units
+          if u["stage"] == "personalization" and u["label"].startswith("cut_paste:")]
+    assert table.loc["cut_paste", "seconds_train"] == pytest.approx(np.mean(pz))
+    pre = frame[(frame.model == "pretrained") & (frame.task == "retrieval") & (frame.metric == "ndcg")
+                & (frame.scene == "all")].set_index("instance")["value"]
+    per = frame[(frame.data_config == "cut_paste") & (frame.task == "retrieval") & (frame.metric == "ndcg")
+                & (frame.scene == "all")].set_index("instance")["value"]
+    assert table.loc["cut_paste", "gain_retrieval"] == pytest.approx(100 * (per - pre[per.index]).mean())
+    assert (html_path.parent / "plots" / "compute_quality.png").is_file()
+    assert "(d) Compute vs quality" in html_path.read_text()
+
+
+def test_rewriting_the_report_reuses_thumbnails(run):
+    root, run_dir, html_path = run
+    thumbs = sorted((html_path.parent / "thumbs").iterdir())
+    mtimes = [p.stat().st_mtime_ns for p in thumbs]
+    write_report(run_dir, html_path.parent)
+    assert sorted((html_path.parent / "thumbs").iterdir()) == thumbs
+    assert [p.stat().st_mtime_ns for p in thumbs] == mtimes
+
+
+def _chromium(url: str, shot: Path, profile: Path, size: str = "1280,2400") -> None:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+           "--virtual-time-budget=10000",  # lazy thumbnails in view load before the shot
+           f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size={size}", url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"chromium did not finish within 90 s: {err[-800:]}")
+    assert shot.is_file(), f"no screenshot (rc={proc.returncode}): {err[-800:]}"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_galleries_render_in_chromium_for_100_instances(run, tmp_path):
+    """A page with 100 instance sections (the run's sections repeated) opens in Chromium; with the
+    first section opened the screenshot shows its thumbnails (coloured frames of the retrieval
+    rows), and the HTML of 100 collapsed sections stays small."""
+    root, run_dir, html_path = run
+    page = html_path.read_text()
+    start, end = page.index("<h2>Instances"), page.index("<h2>All metrics")
+    blocks = re.findall(r'<details class="inst gal">.*?</details>', page[start:end], re.S)
+    many = "".join(blocks[i % len(blocks)] for i in range(100))
+    many = many.replace('<details class="inst gal">', '<details class="inst gal" open>', 1)
+    body = page[:page.index("<main>") + 6] + "<h2>Instances (100)</h2>" + many + "</main></body></html>"
+    out = html_path.parent / "many.html"
+    out.write_text(body)
+    assert len(many.encode()) < 2_000_000  # 100 sections: links to thumbnails, no pixels
+    shot = tmp_path / "gallery.png"
+    _chromium(out.resolve().as_uri(), shot, tmp_path / "profile")
+    arr = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert arr.std() > 15
+    green = (np.abs(arr - np.array([24, 128, 56])).sum(axis=2) < 60).sum()
+    red = (np.abs(arr - np.array([217, 48, 37])).sum(axis=2) < 60).sum()
+    assert green > 200 and red > 200, (green, red)  # retrieval frames drawn in the thumbnails
+    keep = os.environ.get("PERSREP_KEEP_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "gallery.png")
