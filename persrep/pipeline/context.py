@@ -133,6 +133,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     report.raise_on_errors()
     for f in report.of("warning")[:10]:
         notes.append(f"data warning: {f.line()}")
+    notes += [f"data: {f.line()}" for f in report.of("note") if "masks predicted by" in f.problem]
     names = select_instances(ds, settings.data.instances, settings.data.split, settings.data.max_instances)
     needs_masks = [t for t in settings.generator.types if t in ("cut_paste", "masked_dreambooth")]
     if needs_masks and not ds.has_masks("train") and not settings.generator.auto_masks:
