@@ -62,6 +62,7 @@ def test_a_run_without_masks_names_the_command_and_auto_masks_runs_as_keyed_unit
     summary = run_pipeline(s, run_id="first")
     assert summary.exit_code == 0, summary.failures
     assert summary.stages["auto_masks"]["done"] == 2  # one unit per instance, before generator prep
+    assert any(n.startswith("auto masks: segmenter grabcut") for n in summary.notes)  # labelled in the run
     assert summary.stages["synthesis"]["done"] >= 2  # cut-and-paste from the predicted masks
     assert summary.stages["personalization"]["done"] == 2  # cut-and-paste, 2 instances
     units = sorted((root / "masks").iterdir())
