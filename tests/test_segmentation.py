@@ -232,3 +232,17 @@ def test_check_flags_empty_whole_frame_tiny_and_low_confidence_masks(tmp_path):
     assert any(f.where.endswith("test_masks/obj0/3.png") and "empty" in f.problem for f in report.of("warning"))
     assert not any(f.where.endswith("test_masks/obj0/4.png") for f in report.findings)
     assert report.exit_code == 1
+
+
+def test_import_with_auto_masks(tmp_path, capsys):
+    src = tmp_path / "photos"
+    for i in range(2):
+        (src / f"thing{i}").mkdir(parents=True)
+        for s in range(4):
+            disc_photo(size=64, seed=20 * i + s)[0].save(src / f"thing{i}" / f"{s}.png")
+    assert cli(["data", "import", str(src), str(tmp_path / "ds"), "--auto-masks"]) == 0
+    assert "train_masks: 6 predicted with grabcut" in capsys.readouterr().out
+    ds = open_dataset(str(tmp_path / "ds"))
+    assert ds.has_masks("train") and not ds.has_masks("test")
+    assert json.loads((tmp_path / "ds" / ds.info_file).read_text())["predicted_masks"]["train"]["status"] == "complete"
+    assert mask_iou(ds.read_mask(ds.instances["thing0"].train[0]), disc_photo(size=64, seed=0)[1]) > 0.8
