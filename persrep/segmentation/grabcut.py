@@ -13,6 +13,8 @@ Initialisation (``segmentation.init``):
   probable background, so GrabCut's colour models start from the object instead of the box.
 - ``auto``: both, keeping the mask with the higher confidence (twice the time).
 
+A start that finds nothing (an empty mask) is retried with the other start.
+
 Post-processing: largest connected component, holes filled, mask upsampled (bilinear, 0.5) to
 the photo's size. Confidence in [0, 1]: how well the final mask's colour histograms separate
 foreground from background (mean posterior agreement, rescaled from [0.5, 1]) times the share of
@@ -52,7 +54,12 @@ class GrabCutSegmenter(Segmenter):
         init = self.settings.init
         priors = feature_priors(images, reference) if init in ("prior", "auto") and images else [None] * len(images)
         if init != "auto":
-            return [self._one(img, prior) for img, prior in zip(images, priors)]
+            out = [self._one(img, prior) for img, prior in zip(images, priors)]
+            for i, seg in enumerate(out):  # nothing found: try the other start before giving up
+                if not seg.mask.any():
+                    other = None if init == "prior" else feature_priors([images[i]], reference)[0]
+                    out[i] = max(seg, self._one(images[i], other), key=lambda s: (s.mask.any(), s.confidence))
+            return out
         # auto: both starts, keep the more confident mask (the confidence decides, not the data set)
         return [max(self._one(img, prior), self._one(img, None), key=lambda s: s.confidence)
                 for img, prior in zip(images, priors)]
