@@ -13,7 +13,13 @@ Data (built under ``--work``, never in the repo):
     background photos are split into two disjoint halves: test scenes use one, cut-and-paste
     positives use the other (``@data/backgrounds``), so training never sees a test background.
     Three COIL objects are held out as distractors (never evaluated).
-(b) **DreamBooth** (29 real instances, no masks): real-only only; near saturation (~94 AP).
+(b) **DreamBooth** (29 real instances, no masks): real-only; near saturation (~94 AP).
+    ``--dreambooth-configs real_only,cut_paste_auto`` adds cut-and-paste from *predicted* masks
+    (``segmentation.*``, GrabCut by default) pasted on the composite's training backgrounds.
+
+Data configuration ``cut_paste_auto`` (COIL or DreamBooth): cut-and-paste whose train masks are
+predicted by the segmenter instead of read from the data set: what a user with 3 plain photos gets.
+On COIL its runs also record the predicted masks' IoU against the provided ones.
 
 Negatives never come from the evaluated data set (REFERENCE.md, last section): COIL uses the
 DreamBooth photos; DreamBooth uses COIL views + background photos. One variant, ``in_pool``,
@@ -61,6 +67,8 @@ from persrep.evaluation.aggregate import results_frame  # noqa: E402
 from persrep.evaluation.stage import Evaluator  # noqa: E402
 from persrep.generation.base import InstanceData, SampleRow, stable_seed  # noqa: E402
 from persrep.generation.cut_paste import CutPasteGenerator  # noqa: E402
+from persrep.segmentation import get_segmenter  # noqa: E402
+from persrep.segmentation.dataset import mask_iou  # noqa: E402
 
 HEADLINE = [("classification", "ap"), ("retrieval", "ndcg"), ("detection", "map"),
             ("segmentation", "map")]
@@ -144,17 +152,34 @@ def _cached(key: str, fn) -> list[Image.Image]:
     return _CACHE[key]
 
 
+def auto_masks(settings, images: list[Image.Image], provided: list[np.ndarray] | None) -> tuple[list[Image.Image], dict]:
+    """Masks predicted by ``segmentation.*`` (GrabCut by default); IoU vs provided ones when they exist."""
+    t0 = time.perf_counter()
+    out = get_segmenter(settings.segmentation.segmenter, settings.segmentation).segment(images)
+    info = {"mask_s": round(time.perf_counter() - t0, 2),
+            "mask_confidence": [round(o.confidence, 3) for o in out]}
+    if provided is not None:
+        info["mask_iou_vs_provided"] = [round(mask_iou(o.mask, g), 3) for o, g in zip(out, provided)]
+    return [o.image() for o in out], info
+
+
 def cut_paste_positives(settings, ds: InstanceDataset, name: str, data_root: Path, n: int,
-                        scratch: Path) -> list[Image.Image]:
+                        scratch: Path, masks_from: str = "provided") -> tuple[list[Image.Image], dict]:
     inst = ds.instances[name]
-    masks = [Image.fromarray(ds.read_mask(p).astype(np.uint8) * 255) for p in inst.train]
-    data = InstanceData(name, inst.category, [ds.read_image(p) for p in inst.train], masks)
+    images = [ds.read_image(p) for p in inst.train]
+    provided = [ds.read_mask(p) for p in inst.train] if all(p in ds.masks for p in inst.train) else None
+    info: dict = {}
+    if masks_from == "auto":  # what a user with 3 plain photos gets: no annotation at all
+        masks, info = auto_masks(settings, images, provided)
+    else:
+        masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in provided]
+    data = InstanceData(name, inst.category, images, masks)
     gen = CutPasteGenerator(settings, data_root=str(data_root))
     gen.load(gen.prepare(data, scratch))
     rows = [SampleRow(name, "positive", "cut_paste", "", 0.0,
                       stable_seed("pos", "cut_paste", name, settings.synthesis.seed, i), "template", i)
             for i in range(n)]
-    return [s.image for s in gen.sample(rows)]
+    return [s.image for s in gen.sample(rows)], info
 
 
 # -- one data set ------------------------------------------------------------------------------
@@ -184,11 +209,16 @@ def run_dataset(label: str, ds_path: Path, instances: list[str], configs: list[t
                                                                  comp=comp, ds=ds, instance=name)
                 notes["negatives"][neg_kind] = {"description": neg_desc, "count": len(negatives)}
                 anchors = [ds.read_image(p) for p in ds.instances[name].train]
-                positives = (cut_paste_positives(settings, ds, name, ds_path, pz.num_positives, Path(tmp))
-                             if data_config == "cut_paste" else list(anchors))  # real-only: the photos
+                masks_info: dict = {}
+                if data_config in ("cut_paste", "cut_paste_auto"):  # auto: predicted masks
+                    positives, masks_info = cut_paste_positives(
+                        settings, ds, name, args.cut_paste_root or ds_path, pz.num_positives, Path(tmp),
+                        "auto" if data_config == "cut_paste_auto" else "provided")
+                else:
+                    positives = list(anchors)  # real-only: the photos
                 synth_s = time.perf_counter() - t1
                 data = TrainingData(name, anchors, positives, negatives,
-                                    "synthetic" if data_config == "cut_paste" else "real", neg_source)
+                                    "real" if data_config == "real_only" else "synthetic", neg_source)
                 res = train_one_instance(pz, bs, data, Path(tmp) / "train")
                 t2 = time.perf_counter()
                 keys = {"dataset": label, "variant": variant, "data_config": data_config,
@@ -200,7 +230,8 @@ def run_dataset(label: str, ds_path: Path, instances: list[str], configs: list[t
                          "negatives": neg_kind, "leaky": neg_source == "in_pool", "steps": res.steps,
                          "synthesis_s": round(synth_s, 1), "train_s": round(res.seconds, 1),
                          "eval_s": round(eval_s, 1), "initial_loss": m["initial_loss"],
-                         "final_loss": m["final_loss"], "final_triplet_accuracy": m["final_triplet_accuracy"]})
+                         "final_loss": m["final_loss"], "final_triplet_accuracy": m["final_triplet_accuracy"],
+                         **masks_info})
             r = runs[-1]
             log(f"{label} {name} {variant}: {res.steps} steps, train {r['train_s']} s, eval {r['eval_s']} s, "
                 f"loss {m['initial_loss']:.3f} -> {m['final_loss']:.4f}")
@@ -256,6 +287,12 @@ def summarise(frame: pd.DataFrame, runs: list[dict], tasks: list[tuple[str, str]
                     "synthesis": float(np.mean([r["synthesis_s"] for r in vr])),
                     "eval": float(np.mean([r["eval_s"] for r in vr])),
                     "total": float(np.mean([r["train_s"] + r["eval_s"] + r["synthesis_s"] for r in vr]))}
+                if any("mask_confidence" in r for r in vr):
+                    entry["auto_masks"] = {
+                        "seconds_per_instance": float(np.mean([r["mask_s"] for r in vr])),
+                        "confidence_mean": float(np.mean([c for r in vr for c in r["mask_confidence"]])),
+                        "iou_vs_provided_mean": (float(np.mean([c for r in vr for c in r["mask_iou_vs_provided"]]))
+                                                 if all("mask_iou_vs_provided" in r for r in vr) else None)}
                 entry["loss"] = {"initial": float(np.mean([r["initial_loss"] for r in vr])),
                                  "final": float(np.mean([r["final_loss"] for r in vr]))}
             res_ds["variants"][variant] = entry
@@ -384,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, oversubscribed 2-core machine one thread "
                          "was 2-3x faster per step than two, measured; use 2 on an idle machine)")
+    ap.add_argument("--dreambooth-configs", default="real_only",
+                    help="comma list for DreamBooth (no masks): real_only, cut_paste_auto")
     ap.add_argument("--seed", type=int, default=0, help="instance selection and composite seed")
     ap.add_argument("--out", default=str(REPO / "bench" / "quality.json"))
     ap.add_argument("--record-as", default=None,
@@ -421,14 +460,17 @@ def main(argv: list[str] | None = None) -> int:
         configs.append((dc, neg, dc if neg == args.coil_negatives else f"{dc}+neg={neg}"))
     if args.leaky_instances:
         configs.append(("cut_paste", "in_pool", "leaky_cut_paste_in_pool"))
+    args.cut_paste_root = None
     rows, runs, notes = run_dataset("coil", comp, coil_names, configs, settings, args, shared, coil, comp)
     if args.dreambooth_instances:
         db_ds = open_dataset(str(db))
         db_names = [db_ds.names[i] for i in np.random.default_rng(args.seed).permutation(len(db_ds.names))][
             : args.dreambooth_instances]
+        # cut_paste_auto pastes on the composite's training backgrounds (DreamBooth has none)
         r2, runs2, notes2 = run_dataset("dreambooth", db, db_names,
-                                        [("real_only", "coil+backgrounds", "real_only")],
-                                        settings, argparse.Namespace(**{**vars(args), "leaky_instances": 0}),
+                                        [(c, "coil+backgrounds", c) for c in args.dreambooth_configs.split(",") if c],
+                                        settings, argparse.Namespace(**{**vars(args), "leaky_instances": 0,
+                                                                        "cut_paste_root": comp}),
                                         shared, coil, comp)
         rows, runs = rows + r2, runs + runs2
         notes = {"coil": notes, "dreambooth": notes2}

@@ -66,6 +66,10 @@ def cmd_data_import(args: argparse.Namespace) -> int:
         print(f"  note: {line}")
     for line in res.skipped:
         print(f"  skipped: {line}")
+    if args.auto_masks:
+        from persrep.segmentation.cli import auto_masks_after_import
+
+        return auto_masks_after_import(args, res.dest, _progress)
     return 0
 
 
@@ -76,6 +80,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
                            dense_tasks=args.dense)
     print(report.summary())
     return report.exit_code
+
+
+def cmd_data_masks(args: argparse.Namespace) -> int:
+    from persrep.segmentation.cli import cmd_data_masks as run
+
+    return run(args, _progress)
 
 
 def cmd_data_composite(args: argparse.Namespace) -> int:
@@ -167,8 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="category mapping: prompts_and_classes.txt, CSV instance,category, or JSON")
     p.add_argument("--category", default=None, help="one category for every instance")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
+    p.add_argument("--auto-masks", action="store_true",
+                   help="predict the missing train masks after the import (persrep data masks)")
+    p.add_argument("--segmenter", default="grabcut", help="with --auto-masks: grabcut (default) or sam")
+    p.add_argument("--model", default=None, help="with --auto-masks: SAM model id or local directory")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_data_import)
+
+    p = data.add_parser("masks", help="predict missing masks with a segmenter (labelled as predicted)")
+    p.add_argument("src", help="data set in the reference layout (local or s3://), written in place")
+    p.add_argument("--segmenter", default=None, help="grabcut (default, no weights), sam or persam")
+    p.add_argument("--model", default=None, help="SAM/PerSAM: model id (HF cache) or local directory")
+    p.add_argument("--test", action="store_true", help="also test_masks/ (dense tasks; labelled predicted)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing masks, provided ones too")
+    _add_settings_args(p)
+    p.set_defaults(func=cmd_data_masks)
 
     p = data.add_parser("check", help="validate a data set (exit 0 clean, 1 warnings, 2 errors)")
     p.add_argument("path", help="data set directory or s3:// URI")
@@ -254,9 +277,11 @@ def _model_errors() -> tuple[type[Exception], ...]:
     from persrep.models.errors import ModelError
     from persrep.captions.backends import CaptionError
     from persrep.pipeline.memory import InsufficientResourcesError
+    from persrep.segmentation.base import SegmenterUnavailableError
     from persrep.tracking import TrackingError
 
-    return (ModelError, ModelUnavailableError, TrackingError, CaptionError, InsufficientResourcesError)
+    return (ModelError, ModelUnavailableError, TrackingError, CaptionError, InsufficientResourcesError,
+            SegmenterUnavailableError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from the benchmarks: exit 1), ``note`` (handled automatically, e.g. a CMYK image
 from __future__ import annotations
 
 import io
+import json
 import unicodedata
 import warnings
 from collections.abc import Callable
@@ -118,6 +119,7 @@ def check_dataset(path_or_ds: str | InstanceDataset, *, deep: bool = True,
         report.add("error", str(path_or_ds), str(exc), "fix the layout")
         return report
     report = CheckReport(ds.root, n_instances=len(ds.instances))
+    confidence = _predicted_mask_confidence(ds, report)
     seen: dict[str, str] = {}
     for name in ds.names:
         bad = check_name(name)
@@ -150,7 +152,7 @@ def check_dataset(path_or_ds: str | InstanceDataset, *, deep: bool = True,
             for rel in rels:
                 report.n_images += 1
                 size = _check_file(ds, rel, report, deep)
-                _check_mask(ds, rel, size, split, report, deep)
+                _check_mask(ds, rel, size, split, report, deep, confidence)
     check_info(ds, report, needs_categories)  # info file vs folders (info_check.py)
     if dense_tasks and not ds.has_masks("test"):
         report.add("warning", ds.root, "dense tasks asked but test images lack masks",
@@ -161,6 +163,27 @@ def check_dataset(path_or_ds: str | InstanceDataset, *, deep: bool = True,
             report.add("warning", ds.info_file or ds.root, f"{len(unknown)} image_to_scene entries "
                        "name no test image", "regenerate the info file")
     return report
+
+
+def _predicted_mask_confidence(ds: InstanceDataset, report: CheckReport) -> dict[str, float]:
+    """``mask_confidence`` of the info file (written by `persrep data masks`); notes which splits'
+    masks are predicted, not annotated."""
+    if not ds.info_file:
+        return {}
+    try:
+        info = json.loads(ds.read_bytes(ds.info_file))
+    except (ValueError, OSError):
+        return {}  # an unreadable info file is reported by the layout reader
+    for split, rec in (info.get("predicted_masks") or {}).items():
+        if isinstance(rec, dict):
+            status = rec.get("status", "?")
+            report.add("warning" if status != "complete" else "note", f"{split}_masks",
+                       f"masks predicted by {rec.get('segmenter', {}).get('segmenter', '?')} "
+                       f"(not annotated; {status})",
+                       "re-run `persrep data masks` to finish" if status != "complete"
+                       else "results that use them are labelled as from predicted masks")
+    conf = info.get("mask_confidence") or {}
+    return {str(k): float(v) for k, v in conf.items() if isinstance(v, (int, float))}
 
 
 def _check_file(ds: InstanceDataset, rel: str, report: CheckReport, deep: bool) -> tuple[int, int] | None:
@@ -187,7 +210,7 @@ def _check_file(ds: InstanceDataset, rel: str, report: CheckReport, deep: bool) 
 
 
 def _check_mask(ds: InstanceDataset, rel: str, size: tuple[int, int] | None, split: str,
-                report: CheckReport, deep: bool) -> None:
+                report: CheckReport, deep: bool, confidence: dict[str, float] | None = None) -> None:
     mrel = ds.masks.get(rel)
     split_has_masks = any(ds.masks.get(p) for i in ds.instances.values() for p in i.images.get(split, []))
     if mrel is None:
@@ -212,3 +235,25 @@ def _check_mask(ds: InstanceDataset, rel: str, size: tuple[int, int] | None, spl
         sev = "error" if split == "train" else "warning"
         report.add(sev, where, "mask is empty (all zero)", "fix the mask (foreground > 0)"
                    + (" - cut-and-paste and masked DreamBooth need it" if split == "train" else ""))
+    elif deep:
+        _check_mask_quality(np.asarray(mask_img.convert("L")) > 0, where, mrel, confidence or {}, report)
+
+
+MASK_WHOLE_FRAME = 0.95  # foreground share above which a mask is "the whole frame"
+MASK_TINY = 0.005  # foreground share below which a mask is "tiny"
+MASK_LOW_CONFIDENCE = 0.5  # predicted masks (info file mask_confidence) below this are flagged
+
+
+def _check_mask_quality(mask: np.ndarray, where: str, mrel: str, confidence: dict[str, float],
+                        report: CheckReport) -> None:
+    """Masks that are nearly the whole frame or tiny, and predicted masks of low confidence."""
+    share = float(mask.mean())
+    redo = "re-draw it, or predict it again (`persrep data masks --overwrite`, another segmenter)"
+    if share > MASK_WHOLE_FRAME:
+        report.add("warning", where, f"mask covers {share:.0%} of the frame (nearly the whole image)", redo)
+    elif share < MASK_TINY:
+        report.add("warning", where, f"mask is tiny ({share:.2%} of the frame)", redo)
+    conf = confidence.get(mrel)
+    if conf is not None and conf < MASK_LOW_CONFIDENCE:
+        report.add("warning", where, f"predicted mask (automatic) has low confidence {conf:.2f} "
+                   f"< {MASK_LOW_CONFIDENCE}", "look at it; " + redo)

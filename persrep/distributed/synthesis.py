@@ -167,6 +167,11 @@ class SynthesisWorker:
                 from persrep.generation.filtering import scorer_from_settings
 
                 scorer = scorer_from_settings(syn.filter, work.instance_data(self.ctx, unit.instance))
+                if syn.filter.segmenter != "none":  # segment each generated image (PerSAM)
+                    from persrep.segmentation.filtering import SegmentingScorer
+
+                    scorer = SegmentingScorer.from_settings(scorer, self.ctx.settings,
+                                                            work.instance_data(self.ctx, unit.instance))
         except Exception as exc:  # fails the unit (recorded by the caller), not the actor
             self.failed[key] = short_error(exc)
             raise

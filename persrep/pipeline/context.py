@@ -147,12 +147,17 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     report.raise_on_errors()
     for f in report.of("warning")[:10]:
         notes.append(f"data warning: {f.line()}")
+    notes += [f"data: {f.line()}" for f in report.of("note") if "masks predicted by" in f.problem]
     names = select_instances(ds, settings.data.instances, settings.data.split, settings.data.max_instances)
     needs_masks = [t for t in settings.generator.types if t in ("cut_paste", "masked_dreambooth")]
-    if needs_masks and not ds.has_masks("train"):
+    if needs_masks and not ds.has_masks("train") and not settings.generator.auto_masks:
         raise DatasetError(f"generator types {needs_masks} need train masks, but {data_path} has none: "
-                           "add train_masks/ (see `persrep data import --masks`) or use "
-                           "generator.types=[real_only, dreambooth]")
+                           f"predict them with `persrep data masks {data_path}` (or set "
+                           "generator.auto_masks=true), add train_masks/ (`persrep data import --masks`), "
+                           "or use generator.types=[real_only, dreambooth]")
+    from persrep.segmentation.preflight import preflight_segmenters
+
+    notes += preflight_segmenters(settings)
     say(f"data: {data_path} ({len(ds.instances)} instances, {n_images} images, "
         f"{len(names)} selected; checked in {time.perf_counter() - t0:.1f} s)")
     ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},

@@ -276,6 +276,16 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
     skip = skip_keys if skip_keys is not None else set()
     out = DataStages()
 
+    # 0. auto masks (generator.auto_masks): one unit per instance without train masks
+    from persrep.pipeline.auto_masks import low_confidence_notes, plan_mask_units, run_mask_unit
+
+    mask_units = [u for u in plan_mask_units(ctx) if u["key"] not in skip]
+    if mask_units:
+        skip.update(u["key"] for u in mask_units)
+        _stage(summary, executor, "auto_masks", run_mask_unit, ctx, mask_units,
+               [f"masks:{u['instance']}" for u in mask_units], unit_resources(ctx, "auto_masks"), say)
+        summary.notes += low_confidence_notes(ctx, mask_units)
+
     # 0. LLM captions: one unit per category, before the synthesis rows are planned (captions_stage.py)
     cap_units = [u for u in plan_caption_units(ctx) if u["key"] not in skip]
     skip.update(u["key"] for u in cap_units)

@@ -43,6 +43,10 @@ def instance_data(ctx: RunContext, name: str) -> InstanceData:
     masks = None
     if all(p in ds.masks for p in inst.train):
         masks = [Image.fromarray(ds.read_mask(p).astype("uint8") * 255, mode="L") for p in inst.train]
+    elif ctx.settings.generator.auto_masks:  # predicted masks: a keyed unit (pipeline/auto_masks.py)
+        from persrep.pipeline.auto_masks import auto_masks_for
+
+        masks = auto_masks_for(ctx, name, images)
     return InstanceData(name, inst.category, images, masks)
 
 
@@ -165,6 +169,10 @@ def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
         from persrep.generation.filtering import scorer_from_settings
 
         scorer = scorer_from_settings(syn.filter, instance_data(ctx, unit.instance))
+        if syn.filter.segmenter != "none":  # segment each generated image first (PerSAM in the paper)
+            from persrep.segmentation.filtering import SegmentingScorer
+
+            scorer = SegmentingScorer.from_settings(scorer, ctx.settings, instance_data(ctx, unit.instance))
     records: list[dict[str, Any]] = []
     for i in range(0, len(unit.rows), syn.batch_size):
         batch = unit.rows[i:i + syn.batch_size]

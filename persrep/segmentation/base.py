@@ -1,0 +1,172 @@
+"""The segmenter slot: one interface, a registry, and what each implementation needs.
+
+A *segmenter* turns images into binary object masks, each with a confidence in [0, 1]::
+
+    seg = make_segmenter(settings.segmentation)                  # or get_segmenter("grabcut", ...)
+    out = seg.segment(images, reference=Reference(train_images, train_masks))   # reference optional
+    out[0].mask      # bool [H, W], the image's size
+    out[0].confidence
+
+``reference`` is the instance's train photos and their masks: PerSAM needs it (its location
+prior), GrabCut uses it when given (feature prior from the object's own pixels), SAM ignores it.
+Every class declares its :class:`Needs` (weights, GPU preferred) so pre-flight can refuse a
+missing model before compute (:func:`require_available`).
+
+Adding one: subclass :class:`Segmenter`, set ``name``, decorate with :func:`register_segmenter`,
+and name its module in :data:`_BUILTIN_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+_BUILTIN_MODULES = {"grabcut": "persrep.segmentation.grabcut", "sam": "persrep.segmentation.sam",
+                    "persam": "persrep.segmentation.sam"}
+_REGISTRY: dict[str, type["Segmenter"]] = {}
+
+
+class SegmenterUnavailableError(RuntimeError):
+    """A segmenter's weights or package are missing; the one-line message says what to provide."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    weights: bool  # needs a model (segmentation.model) that must exist before compute
+    gpu_preferred: bool  # runs on CPU, but slowly at real size
+    reference: bool  # needs the instance's train images + masks (PerSAM)
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # bool [H, W]
+    confidence: float  # [0, 1]
+
+    def image(self) -> Image.Image:
+        """The mask as an L image (0 / 255), as written to ``*_masks/``."""
+        return Image.fromarray(self.mask.astype(np.uint8) * 255, mode="L")
+
+
+@dataclass
+class Reference:
+    """An instance's train photos and their (given or predicted) masks."""
+
+    images: list[Image.Image]
+    masks: list[np.ndarray | Image.Image]
+
+    def __post_init__(self) -> None:
+        if not self.images or len(self.images) != len(self.masks):
+            raise ValueError(f"segmenter reference: {len(self.images)} images and {len(self.masks)} "
+                             "masks; give one mask per train image")
+        self.masks = [as_bool_mask(m, im.size) for m, im in zip(self.masks, self.images)]
+
+
+def as_bool_mask(mask: np.ndarray | Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A bool [H, W] array (foreground > 0), resized (nearest) to ``size`` = (W, H) if given."""
+    img = mask if isinstance(mask, Image.Image) else Image.fromarray(np.asarray(mask).astype(np.uint8) * 255)
+    img = img.convert("L")
+    if size is not None and img.size != tuple(size):
+        img = img.resize(tuple(size), Image.Resampling.NEAREST)
+    return np.asarray(img) > 0
+
+
+class Segmenter(ABC):
+    name: ClassVar[str]
+    needs: ClassVar[Needs]
+
+    def __init__(self, settings: Any, device: Any = None):
+        """``settings``: :class:`persrep.config.SegmentationSettings`; ``device``: None = GPU if any."""
+        self.settings = settings
+        self.device = device
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine this segmenter's masks (unit keys hash it)."""
+        s = self.settings
+        return {"segmenter": self.name, "model": s.model if self.needs.weights else None}
+
+    @abstractmethod
+    def segment(self, images: list[Image.Image], reference: Reference | None = None) -> list[Segmentation]:
+        """One :class:`Segmentation` per image, at the image's size, in order."""
+
+
+def register_segmenter(cls: type[Segmenter]) -> type[Segmenter]:
+    if not isinstance(getattr(cls, "name", None), str) or not isinstance(getattr(cls, "needs", None), Needs):
+        raise TypeError(f"{cls.__name__} needs class attributes name (str) and needs (Needs)")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def segmenter_names() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def segmenter_class(name: str) -> type[Segmenter]:
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown segmenter {name!r}: choose one of {segmenter_names()} "
+                         "(segmentation.segmenter)")
+    return _REGISTRY[name]
+
+
+def get_segmenter(name: str, settings: Any, device: Any = None) -> Segmenter:
+    """The segmenter ``name`` with ``settings`` (a SegmentationSettings; its ``segmenter`` is ignored)."""
+    return segmenter_class(name)(settings, device=device)
+
+
+def make_segmenter(settings: Any, device: Any = None) -> Segmenter:
+    """The segmenter named by ``settings.segmenter``."""
+    return get_segmenter(settings.segmenter, settings, device)
+
+
+def require_available(name: str, settings: Any) -> str:
+    """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when the segmenter
+    ``name`` cannot run here; return a note saying what it will use."""
+    cls = segmenter_class(name)
+    if cls.needs.weights:
+        from persrep.segmentation.sam import locate_sam
+
+        return f"segmenter {name}: weights {locate_sam(settings.model)}"
+    if name == "grabcut":
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            raise SegmenterUnavailableError(
+                "segmenter grabcut: opencv is not installed: `pip install opencv-python-headless`") from None
+    return f"segmenter {name}: no weights needed"
+
+
+# -- post-processing shared by the implementations -------------------------------------------
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 8-connected foreground component."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_fill_holes(mask)
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Largest component, holes filled: one solid object."""
+    return fill_holes(largest_component(mask)) if mask.any() else mask.astype(bool)
+
+
+def border_fraction(mask: np.ndarray) -> float:
+    """Fraction of the image's border pixels that are foreground (an object cut by the frame, or
+    a mask that leaked into the background)."""
+    border = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    return float(border.mean()) if border.size else 0.0
