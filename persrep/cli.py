@@ -100,6 +100,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return job_main(args.job_args, prog="persrep run")
 
 
+def cmd_find(args: argparse.Namespace) -> int:
+    """The same job as ``ray_jobs/find.py`` (its arguments, its Ray handling, its exit codes)."""
+    from persrep.distributed.find import main as find_main
+
+    return find_main(args.job_args, prog="persrep find")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from persrep.report import main_report
 
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("find", add_help=False,
+                       help="find your objects in a photo collection: the same job as ray_jobs/find.py "
+                            "(persrep find --help lists its options)")
+    p.add_argument("job_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_find)
+
     p = sub.add_parser("report", help="HTML + markdown report of a finished run")
     p.add_argument("run", help="run directory: <storage root>/runs/<run_id> (local or s3://)")
     p.add_argument("--out", default=None, help="output directory (default RUN/report)")
@@ -197,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["run"]:  # the job parses its own options (argparse's REMAINDER drops leading ones)
         args = argparse.Namespace(func=cmd_run, job_args=argv[1:])
+    elif argv[:1] == ["find"]:
+        args = argparse.Namespace(func=cmd_find, job_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
