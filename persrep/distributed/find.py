@@ -53,13 +53,14 @@ def _data_context(no_progress_timeout_s: float, retries: int):
 
     dctx = ray.data.DataContext.get_current()
     names = ("execution_no_progress_timeout_s", "wait_for_min_actors_s",
-             "max_consecutive_actor_init_deaths", "actor_task_retry_on_errors")
+             "max_consecutive_actor_init_deaths", "actor_task_retry_on_errors", "enable_progress_bars")
     saved = {k: getattr(dctx, k) for k in names}
     try:
         dctx.execution_no_progress_timeout_s = float(no_progress_timeout_s)
         dctx.wait_for_min_actors_s = int(no_progress_timeout_s)
         dctx.max_consecutive_actor_init_deaths = retries
         dctx.actor_task_retry_on_errors = False
+        dctx.enable_progress_bars = False  # the job prints its own progress lines
         yield
     finally:
         for k, v in saved.items():
@@ -110,6 +111,8 @@ class RayRunner:
         n_batches = len(listed)
         n, per = pool_shape(SimpleNamespace(settings=plan.source.settings), n_batches,
                             self.num_actors, self.use_gpus)
+        if per["num_gpus"]:  # never ask for more GPU actors than GPUs: the pool would wait forever
+            n = min(n, int(ray.cluster_resources().get("GPU", 1)))
         # blocks of whole batches, at least 4 per actor so every actor gets work, at most 64 batches
         per_block = max(1, min(64, n_batches // (4 * n)))
         blocks = [pa.table({"path": [p for b in listed[k:k + per_block] for p in b]})
