@@ -311,3 +311,20 @@ def test_cli_bad_input_is_one_line_exit_2(finished_run, tmp_path, capsys):
         assert main(["find", *args, "--no-ray", "--no-tracking"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
+
+
+@pytest.mark.slow
+def test_adapter_dir_resolves_to_its_run_and_instance(finished_run):
+    from persrep.find.source import resolve_adapter, resolve_run
+
+    root, run_dir = finished_run
+    best = resolve_run(str(run_dir))
+    target = best.targets[0]
+    one = resolve_adapter(str(root / "adapters" / target.adapter_key))
+    assert one.run_id == "toy" and [t.instance for t in one.targets] == [target.instance]
+    assert one.targets[0].adapter_key == target.adapter_key
+    # the best configuration per instance is the one with the highest AP in the run's results
+    frame = pd.read_parquet(run_dir / "results.parquet")
+    mine = frame[(frame["instance"] == target.instance) & (frame["model"] == "personalised")
+                 & (frame["task"] == "classification") & (frame["metric"] == "ap") & (frame["scene"] == "all")]
+    assert target.run_ap == pytest.approx(mine["value"].max())
