@@ -142,6 +142,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return sweep_main(args.job_args, prog="persrep sweep")
 
 
+def cmd_find(args: argparse.Namespace) -> int:
+    """The same job as ``ray_jobs/find.py`` (its arguments, its Ray handling, its exit codes)."""
+    from persrep.distributed.find import main as find_main
+
+    return find_main(args.job_args, prog="persrep find")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from persrep.report import main_report
 
@@ -263,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(persrep sweep --help lists its options)")
     p.add_argument("job_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("find", add_help=False,
+                       help="find your objects in a photo collection: the same job as ray_jobs/find.py "
+                            "(persrep find --help lists its options)")
+    p.add_argument("job_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_find)
 
     p = sub.add_parser("report", help="HTML + markdown report of a finished run")
     p.add_argument("run", help="run directory: <storage root>/runs/<run_id> (local or s3://)")
@@ -294,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=cmd_run, job_args=argv[1:])
     elif argv[:1] == ["sweep"]:
         args = argparse.Namespace(func=cmd_sweep, job_args=argv[1:])
+    elif argv[:1] == ["find"]:
+        args = argparse.Namespace(func=cmd_find, job_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

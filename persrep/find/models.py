@@ -1,0 +1,162 @@
+"""The extractors of one find scan on ONE loaded backbone.
+
+A find job embeds every photo once per *model*: the pretrained backbone and/or one adapter per
+instance. Loading a backbone copy per instance would cost (instances x backbone) memory, so the
+backbone is built once, LoRA layers are injected once (every adapter of a run has the same LoRA
+layout), and each adapter's small LoRA tensors are swapped in before its forward. The pretrained
+model is the same network with every ``lora_B`` set to zero (its LoRA delta is exactly 0).
+
+Shared trunk: a CNN whose adapters touch only its last blocks (the default LoRA targets of
+EfficientNet: the last two blocks' pointwise convs and ``conv_head``) runs its stem and earlier
+blocks once per batch for every model; only the adapted tail runs per model. Checked once at
+load time against the plain forward (max abs difference <= 1e-4, else sharing is turned off);
+ViTs with LoRA on every block's ``qkv`` share nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from persrep.config import content_key
+from persrep.models.backbones import Backbone, build_backbone, eval_transform
+from persrep.models.lora import (AdapterFormatError, identity_mismatches, load_adapter,
+                                 lora_state_dict, read_adapter_metadata)
+
+__all__ = ["ModelSpec", "extractor_key", "Extractors", "device"]
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a scan: ``name`` = "pretrained" or the instance whose adapter it is."""
+
+    name: str
+    adapter_key: str | None  # None: the pretrained backbone
+
+    @property
+    def kind(self) -> str:
+        return "pretrained" if self.adapter_key is None else "personalised"
+
+
+def extractor_key(source, spec: ModelSpec) -> str:
+    """Names everything that determines an embedding except the image: backbone, adapter, feature."""
+    return content_key("find-embedding", source.backbone, source.global_feature,
+                       spec.adapter_key or "pretrained")
+
+
+class Extractors:
+    """Global (and dense) features of image batches for every model of a scan."""
+
+    def __init__(self, source, specs: list[ModelSpec], share_trunk: bool = True):
+        self.source, self.specs = source, list(specs)
+        self.device = device()
+        self.transform = eval_transform(source.backbone)
+        self.backbone: Backbone = build_backbone(source.backbone).eval()
+        self.states: dict[str, dict[str, torch.Tensor]] = {}
+        adapters = [s for s in self.specs if s.adapter_key]
+        if adapters:
+            self._load_adapters(adapters)
+        self.backbone.to(self.device).eval()
+        self._current: str | None = None
+        self.split = self._trunk_split() if share_trunk and adapters else None
+        if self.split is not None and not self._sharing_is_exact():
+            self.split = None
+
+    # -- loading --------------------------------------------------------------------------
+    def _load_adapters(self, adapters: list[ModelSpec]) -> None:
+        st = self.source.storage
+        with tempfile.TemporaryDirectory(prefix="persrep-find-") as tmp:
+            metas = {}
+            for spec in adapters:
+                path = Path(tmp) / f"{spec.adapter_key}.safetensors"
+                path.write_bytes(st.read_unit_file("adapters", spec.adapter_key, ADAPTER_FILE))
+                metas[spec.name] = (path, read_adapter_metadata(path))
+            first = adapters[0]
+            load_adapter(self.backbone, metas[first.name][0])  # checks the base identity, injects LoRA
+            lora = metas[first.name][1]["lora"]
+            for spec in adapters:
+                path, meta = metas[spec.name]
+                problems = identity_mismatches(meta["base_identity"], self.backbone.identity)
+                if problems or meta["lora"] != lora:
+                    raise AdapterFormatError(
+                        f"adapter {spec.adapter_key} ({spec.name}) does not share the LoRA layout or "
+                        f"base of adapter {first.adapter_key}: {'; '.join(problems) or 'lora differs'}")
+                self.states[spec.name] = load_file(str(path))
+        zero = {k: (torch.zeros_like(v) if "lora_B" in k else v.clone())
+                for k, v in lora_state_dict(self.backbone).items()}
+        self.states["pretrained"] = zero
+
+    def use(self, name: str) -> Backbone:
+        """Swap in the LoRA tensors of model ``name`` (no-op without adapters)."""
+        if self.states and self._current != name:
+            set_peft_model_state_dict(self.backbone.model,
+                                      {k: v.to(self.device) for k, v in self.states[name].items()})
+            self._current = name
+        return self.backbone
+
+    # -- shared trunk -----------------------------------------------------------------------
+    def _trunk_split(self) -> int | None:
+        model = self.backbone.model
+        blocks = getattr(model, "blocks", None)
+        if self.backbone.is_token_model or not isinstance(blocks, torch.nn.Sequential):
+            return None
+        if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "conv_head", "bn2")):
+            return None
+        first = len(blocks)
+        for target in self.backbone.lora_settings["target_modules"]:
+            parts = target.split(".")
+            if parts[0] == "blocks" and parts[1].isdigit():
+                first = min(first, int(parts[1]))
+            elif parts[0] != "conv_head":
+                return None  # an adapted layer before the blocks: nothing can be shared
+        return first if first > 0 else None
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.backbone.model
+        return m.blocks[: self.split](m.bn1(m.conv_stem(x)))
+
+    def _tail(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.backbone.model
+        fmap = m.bn2(m.conv_head(m.blocks[self.split:](h)))
+        avg = fmap.mean(dim=(2, 3))
+        return avg if self.source.global_feature == "cls" else torch.cat([avg, fmap.amax(dim=(2, 3))], 1)
+
+    def _sharing_is_exact(self) -> bool:
+        x = torch.randn(2, 3, self.source.backbone.image_size, self.source.backbone.image_size,
+                        generator=torch.Generator().manual_seed(0)).to(self.device)
+        name = self.specs[-1].name
+        with torch.inference_mode():
+            plain = self.use(name).global_features(x, feature=self.source.global_feature)
+            shared = self._tail(self._trunk(x))
+        return float((plain - shared).abs().max()) <= 1e-4
+
+    # -- features ---------------------------------------------------------------------------
+    def global_features(self, images: torch.Tensor, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """``[N, 3, H, W]`` -> {model name: ``[N, D]`` float32}."""
+        names = names if names is not None else [s.name for s in self.specs]
+        x = images.to(self.device)
+        out: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            trunk = self._trunk(x) if self.split is not None and names else None
+            for name in names:
+                self.use(name)
+                feats = (self._tail(trunk) if trunk is not None else
+                         self.backbone.global_features(x, feature=self.source.global_feature))
+                out[name] = feats.float().cpu().numpy()
+        return out
+
+    def dense_features(self, images: torch.Tensor, name: str) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.use(name).dense_features(images.to(self.device)).float().cpu()

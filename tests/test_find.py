@@ -1,0 +1,330 @@
+"""``persrep find``: a finished tiny run searched for in photo collections (local and s3://),
+corrupt files, the calibration rule, the embedding cache (resume), a killed Ray actor, the
+gallery in headless Chromium, MLflow, and bad input."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from persrep.config import load_settings
+from persrep.find.calibrate import choose_threshold
+from persrep.find.job import FindOptions, LocalRunner, run_find
+
+TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
+        "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6",
+        "generator.types=[cut_paste]", "synthesis.num_positives=6",
+        "personalization.max_steps=3", "personalization.batch_size=4",
+        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
+        "evaluation.tasks=[classification]", "evaluation.dense_input_size=64"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished tiny run (4 instances, cut-and-paste adapters) for the whole module."""
+    from persrep.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("find") / "root"
+    summary = run_pipeline(load_settings("local", [*TINY, f"storage.root={root}"]), run_id="toy")
+    assert summary.exit_code == 0, summary.failures
+    return root, root / "runs" / "toy"
+
+
+def _dataset(run_dir: Path) -> Path:
+    return Path(json.loads((run_dir / "summary.json").read_text())["data"])
+
+
+def _collection(run_dir: Path, dest: Path) -> Path:
+    """The run's evaluation pool (labelled by folder) plus files that must be skipped."""
+    shutil.copytree(_dataset(run_dir) / "test", dest)
+    (dest / "bottle_0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(png, format="PNG")
+    (dest / "nested" / "deeper").mkdir(parents=True)
+    (dest / "nested" / "deeper" / "truncated.png").write_bytes(png.getvalue()[:60])
+    (dest / "nested" / "empty.webp").write_bytes(b"")
+    (dest / "notes.txt").write_text("not a photo")
+    (dest / ".hidden.jpg").write_bytes(b"hidden")
+    return dest
+
+
+BAD = {"bottle_0/corrupt.jpg", "nested/deeper/truncated.png", "nested/empty.webp"}
+
+
+# -- calibration rule (fast, independent oracle: sklearn's F1 on every candidate threshold) -----------
+def test_threshold_separable_is_max_margin_midpoint():
+    c = choose_threshold(np.array([0.8, 0.9, 0.95]), np.array([0.1, 0.4, 0.5]))
+    assert c.f1 == 1.0 and c.threshold == pytest.approx(0.65)
+
+
+def test_threshold_maximises_f1_against_sklearn():
+    from sklearn.metrics import f1_score, precision_recall_curve
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pos, neg = rng.normal(0.6, 0.15, 12), rng.normal(0.4, 0.15, 40)
+        c = choose_threshold(pos, neg)
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        s = np.r_[pos, neg]
+        precision, recall, _ = precision_recall_curve(y, s)
+        best = np.max(np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0))
+        assert c.f1 == pytest.approx(best)
+        assert f1_score(y, s >= c.threshold) == pytest.approx(best)
+
+
+# -- the job, in-process on a local collection -----------------------------------------------------
+@pytest.mark.slow
+def test_find_local_collection_in_process(finished_run, tmp_path):
+    root, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    out = tmp_path / "out" / "finds" / "mine"
+    res = run_find(FindOptions(photos=str(photos), run=str(run_dir), out=str(out), model="both",
+                               top_k=3, borderline=2))
+    s = res.summary
+    # corrupt files listed and skipped, other files ignored, every photo scanned
+    n_test = sum(1 for p in (_dataset(run_dir) / "test").rglob("*.png"))
+    assert s["images_scanned"] == n_test and s["unreadable"] == len(BAD)
+    assert {u["path"] for u in s["unreadable_files"]} == BAD
+    assert all(u["error"].startswith(("decode:", "read:")) for u in s["unreadable_files"])
+    assert s["files_ignored"] == 2  # notes.txt and the hidden .hidden.jpg
+    assert pd.read_parquet(out / "unreadable.parquet")["path"].tolist() == sorted(BAD)
+    # published manifest-last with every output
+    man = json.loads((out / "MANIFEST.json").read_text())
+    assert set(man["files"]) == {"hits.parquet", "scores.parquet", "unreadable.parquet", "find.html", "summary.json"}
+    # scores: every photo x (pretrained, personalised) x instance; decision = score >= threshold
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == n_test * 2 * 4
+    assert (scores["decision"] == (scores["score"] >= scores["threshold"])).all()
+    # hits: personalised decisions, boxes and RLE masks on the top hits
+    hits = pd.read_parquet(out / "hits.parquet")
+    assert set(hits["model"]) == {"personalised"}
+    per = scores[scores["model"] == "personalised"]
+    assert set(hits[hits["decision"]]["path"] + hits[hits["decision"]]["instance"]) == \
+        set(per[per["decision"]]["path"] + per[per["decision"]]["instance"])
+    top = hits[hits["top"]]
+    assert len(top) and top.groupby("instance").size().max() <= 3
+    from pycocotools import mask as mask_utils
+
+    for _, r in top.iterrows():
+        if r["box"] is None:
+            continue
+        h, w = r["mask_size"]
+        m = mask_utils.decode({"size": [int(h), int(w)], "counts": r["mask_rle"].encode()})
+        with Image.open(photos / r["path"]) as im:
+            assert (h, w) == (im.height, im.width)
+        ys, xs = np.nonzero(m)
+        assert list(r["box"]) == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+    assert hits["borderline"].sum() <= 2 * 4
+    # thresholds come from the calibration rule, one per (model, instance)
+    assert len(s["thresholds"]) == 8 and s["calibration"]["negatives_pool"].startswith("external")
+    assert set(s["calibration"]["synthetic_positives"]) == {"bottle_0", "bottle_1", "mug_0", "mug_1"}
+    # MLflow: one run for the job with the gallery as an artifact
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.data.tags["persrep.kind"] == "find"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"find.html", "summary.json"}
+    assert run.data.metrics["images_scanned"] == n_test
+
+
+@pytest.mark.slow
+def test_scores_match_an_independent_forward(finished_run, tmp_path):
+    """Swapped LoRA tensors + shared trunk give the scores of a plainly loaded adapter (float64)."""
+    import torch
+
+    from persrep.evaluation.features import l2_normalize
+    from persrep.find.models import Extractors, ModelSpec
+    from persrep.find.source import resolve_run
+    from persrep.models.backbones import build_backbone, eval_transform
+    from persrep.models.lora import load_adapter
+
+    _, run_dir = finished_run
+    src = resolve_run(str(run_dir))
+    specs = [ModelSpec("pretrained", None)] + [ModelSpec(t.instance, t.adapter_key) for t in src.targets]
+    ex = Extractors(src, specs, share_trunk=True)
+    assert ex.split is not None, "EfficientNet with LoRA on its last blocks should share its trunk"
+    ds = src.dataset
+    imgs = [ds.read_image(p) for _, p in ds.test_pool("test")[:6]]
+    tf = eval_transform(src.backbone)
+    x = torch.stack([tf(im) for im in imgs])
+    got = ex.global_features(x)
+    for t in src.targets:
+        path = tmp_path / f"{t.instance}.safetensors"
+        path.write_bytes(src.storage.read_unit_file("adapters", t.adapter_key, "adapter.safetensors"))
+        bb = load_adapter(build_backbone(src.backbone), path).eval()
+        with torch.inference_mode():
+            ref = bb.global_features(x, feature=src.global_feature).double().numpy()
+        assert np.allclose(got[t.instance], ref, atol=1e-4)
+        assert not np.allclose(got[t.instance], got["pretrained"], atol=1e-6)
+    with torch.inference_mode():
+        plain = build_backbone(src.backbone).eval().global_features(x, feature=src.global_feature).numpy()
+    assert np.allclose(got["pretrained"], plain, atol=1e-4)
+    assert np.allclose(l2_normalize(got["pretrained"]), l2_normalize(plain), atol=1e-4)
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+class _DyingRunner(LocalRunner):
+    """Stops the scan after ``after`` batches, as a killed job would."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def scan(self, plan, path_batches, say):
+        for k, table in enumerate(super().scan(plan, path_batches, say)):
+            if k == self.after:
+                raise _Interrupted("killed")
+            yield table
+
+
+@pytest.mark.slow
+def test_interrupted_job_resumes_from_the_embedding_cache(finished_run, tmp_path):
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    opts = dict(photos=str(photos), run=str(run_dir), cache=str(tmp_path / "cache"), batch_size=8,
+                instances=["mug_0"], tracking=False, out=str(tmp_path / "o" / "finds" / "a"))
+    with pytest.raises(_Interrupted):
+        run_find(FindOptions(**opts), _DyingRunner(after=2))
+    assert not (tmp_path / "o" / "finds" / "a" / "MANIFEST.json").exists()  # nothing looks finished
+    cached = sum(len(pd.read_parquet(f)) for f in (tmp_path / "cache").rglob("*.parquet"))
+    assert 0 < cached <= 3 * 8  # the batches embedded before the kill were written to the cache
+    first = run_find(FindOptions(**opts))
+    n = first.summary["images_scanned"]
+    assert first.summary["embeddings_computed"] == n - cached  # the rest, and only the rest
+    again = run_find(FindOptions(**opts))
+    assert again.summary["embeddings_computed"] == 0 and again.summary["embeddings_reused"] == n
+    pd.testing.assert_frame_equal(first.scores.to_pandas(), again.scores.to_pandas())
+    # a new instance on the same collection embeds only with its own adapter
+    third = run_find(FindOptions(**{**opts, "instances": ["mug_0", "bottle_1"]}))
+    assert third.summary["embeddings_computed"] == n
+
+
+@pytest.mark.slow
+def test_s3_collection_and_outputs(finished_run, tmp_path, s3_bucket, s3_server):
+    import boto3
+
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for f in sorted(photos.rglob("*")):
+        if f.is_file():
+            s3.put_object(Bucket=s3_bucket, Key=f"photos/{f.relative_to(photos)}", Body=f.read_bytes())
+    local = run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["bottle_0"], tracking=False,
+                                 out=str(tmp_path / "o" / "finds" / "local")))
+    res = run_find(FindOptions(photos=f"s3://{s3_bucket}/photos", run=str(run_dir), instances=["bottle_0"],
+                               tracking=False, out=f"s3://{s3_bucket}/finds/out/mine",
+                               cache=f"s3://{s3_bucket}/cache"))
+    assert res.summary["unreadable"] == len(BAD)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="finds/out/mine/")["Contents"]}
+    assert "finds/out/mine/MANIFEST.json" in keys and "finds/out/mine/find.html" in keys
+    hits = pd.read_parquet(io.BytesIO(s3.get_object(Bucket=s3_bucket, Key="finds/out/mine/hits.parquet")["Body"].read()))
+    assert len(hits) > 0
+    pd.testing.assert_frame_equal(local.scores.to_pandas(), res.scores.to_pandas())
+
+
+class _ExitOnce:
+    """A Scanner that kills its actor process once, mid-batch (marker file: once per test)."""
+
+    def __init__(self, plan, torch_threads=None, marker=""):
+        from persrep.find.scan import Scanner
+
+        self.inner, self.marker = Scanner(plan, torch_threads=torch_threads), marker
+
+    def __call__(self, paths):
+        if any(p.startswith("mug_1/") for p in paths) and not Path(self.marker).exists():
+            Path(self.marker).write_text("dead")
+            os._exit(1)
+        return self.inner(paths)
+
+
+def _exit_once_factory(plan, torch_threads=None, marker=""):
+    return _ExitOnce(plan, torch_threads, marker)
+
+
+@pytest.mark.slow
+def test_ray_scan_survives_a_killed_actor(finished_run, tmp_path, ray_local):
+    from persrep.distributed.find import RayRunner
+
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault travels by value
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    marker = tmp_path / "killed"
+    runner = RayRunner(num_actors=2, use_gpus=False, max_retries=2, no_progress_timeout_s=300,
+                       scanner_factory=functools.partial(_exit_once_factory, marker=str(marker)))
+    res = run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["mug_1"], batch_size=4,
+                               tracking=False, out=str(tmp_path / "o" / "finds" / "ray")), runner)
+    assert marker.exists(), "the actor was never killed"
+    local = run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["mug_1"], batch_size=4,
+                                 tracking=False, out=str(tmp_path / "o" / "finds" / "local")))
+    # every photo scored exactly once, with the in-process scores
+    got, want = res.scores.to_pandas(), local.scores.to_pandas()
+    assert not got.duplicated(["path", "model", "instance"]).any()
+    pd.testing.assert_frame_equal(got, want, atol=1e-5, check_exact=False)
+    assert res.summary["unreadable"] == len(BAD) and res.summary["runner"] == "ray"
+
+
+@pytest.mark.slow
+def test_gallery_renders_in_headless_chromium(finished_run, tmp_path, chromium_screenshot):
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    out = tmp_path / "o" / "finds" / "g"
+    run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["bottle_0", "mug_1"], tracking=False,
+                         out=str(out), top_k=4))
+    page = (out / "find.html").read_text()
+    assert page.count("<h2 id=") == 2 and "Reference photos" in page and "Borderline" in page
+    assert "corrupt.jpg" in page  # unreadable files are listed
+    arr = chromium_screenshot(out / "find.html", 1280, 1600)
+    assert arr.std() > 15, f"screenshot looks blank (std {arr.std():.1f})"
+    assert arr[5:40, :, 2].mean() > arr[5:40, :, 0].mean() + 20  # the header band rendered
+    # the thumbnails rendered: many distinct colours below the header (photos, not flat boxes)
+    body = arr[300:].reshape(-1, 3).astype(int)
+    assert len(np.unique(body[:, 0] * 65536 + body[:, 1] * 256 + body[:, 2])) > 500
+
+
+@pytest.mark.slow
+def test_cli_bad_input_is_one_line_exit_2(finished_run, tmp_path, capsys):
+    from persrep.cli import main
+
+    _, run_dir = finished_run
+    cases = [
+        (["--run", str(run_dir), "--photos", str(tmp_path / "nope")], "not found"),
+        (["--run", str(tmp_path / "runs" / "x"), "--photos", str(tmp_path)], "not a finished run"),
+        (["--run", str(run_dir), "--photos", str(tmp_path), "--instances", "ghost"], "ghost"),
+        (["--run", str(run_dir), "--photos", str(tmp_path), "--data-config", "dreambooth"], "dreambooth"),
+        (["--adapter", str(tmp_path / "adapters" / "k"), "--photos", str(tmp_path)], "--adapter"),
+    ]
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    for args, fragment in cases:
+        assert main(["find", *args, "--no-ray", "--no-tracking"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+
+
+@pytest.mark.slow
+def test_adapter_dir_resolves_to_its_run_and_instance(finished_run):
+    from persrep.find.source import resolve_adapter, resolve_run
+
+    root, run_dir = finished_run
+    best = resolve_run(str(run_dir))
+    target = best.targets[0]
+    one = resolve_adapter(str(root / "adapters" / target.adapter_key))
+    assert one.run_id == "toy" and [t.instance for t in one.targets] == [target.instance]
+    assert one.targets[0].adapter_key == target.adapter_key
+    # the best configuration per instance is the one with the highest AP in the run's results
+    frame = pd.read_parquet(run_dir / "results.parquet")
+    mine = frame[(frame["instance"] == target.instance) & (frame["model"] == "personalised")
+                 & (frame["task"] == "classification") & (frame["metric"] == "ap") & (frame["scene"] == "all")]
+    assert target.run_ap == pytest.approx(mine["value"].max())
