@@ -291,7 +291,8 @@ def pool_shape(ctx: Any, n_blocks: int, num_actors: int | None = None,
     else:
         # never more actors than the CPUs hold at cpus_per_actor each: a pool whose actors cannot
         # all start waits for them forever (found by bench/paper_dryrun.py with cpus_per_actor=2)
-        n = num_actors or max(1, int(cluster.get("CPU", 1) // max(res.cpus_per_actor, 1e-6)))
+        cpus = cluster.get("CPU", 1)
+        n = num_actors or max(1, min(int(cpus), int(cpus // max(res.cpus_per_actor, 1e-6))))
         per = {"num_gpus": 0.0, "num_cpus": res.cpus_per_actor}
     return max(1, min(n, n_blocks)), per
 
