@@ -35,7 +35,6 @@ def _units(root: Path, stage: str) -> set[str]:
 
 
 # -- generated backgrounds and class images: keyed units shared by a category's instances ----
-@pytest.mark.slow
 def test_generated_backgrounds_and_class_images_are_shared_units(tmp_path):
     root = tmp_path / "root"
     s = _settings(root, "generator.types=[cut_paste, dreambooth]", "synthesis.cut_paste.backgrounds=generated",
