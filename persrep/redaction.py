@@ -64,12 +64,10 @@ def redact_text(text: str, env_values: Iterable[str] | None = None) -> str:
 
 def redact_value(key: str, value: Any, env_values: Iterable[str] | None = None) -> Any:
     """A value safe to log under ``key``: secret-named keys lose their value entirely."""
-    if value is None or isinstance(value, bool):
-        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value  # a number is a count or a size (max_new_tokens), never a credential
     if SECRET_KEY_RE.search(str(key).rsplit(".", 1)[-1]) or SECRET_KEY_RE.search(str(key)):
         return REDACTED
-    if isinstance(value, (int, float)):
-        return value
     return redact_text(str(value), env_values)
 
 
@@ -78,7 +76,7 @@ def redact_obj(obj: Any, env_values: Iterable[str] | None = None, key: str = "")
     env_values = secret_env_values() if env_values is None else list(env_values)
     if isinstance(obj, Mapping):
         return {k: (REDACTED if SECRET_KEY_RE.search(str(k)) and v is not None
-                    and not isinstance(v, (Mapping, list, tuple, bool))
+                    and not isinstance(v, (Mapping, list, tuple, bool, int, float))
                     else redact_obj(v, env_values, str(k)))
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

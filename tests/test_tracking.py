@@ -284,3 +284,12 @@ def test_imports_stay_light():
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_numbers_under_secret_looking_keys_are_kept():
+    """``synthesis.captions.max_new_tokens`` is a count: a run's settings.yaml must load back."""
+    from persrep.redaction import redact_obj, redact_value
+
+    assert redact_obj({"max_new_tokens": 48, "api_token": "abcd1234"}, env_values=[]) == \
+        {"max_new_tokens": 48, "api_token": "***"}
+    assert redact_value("max_new_tokens", 48) == 48
