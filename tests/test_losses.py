@@ -83,8 +83,9 @@ def test_triplets_deterministic_and_drawn_from_the_right_pools():
 
 
 def test_triplets_real_only_and_errors():
-    with pytest.warns(UserWarning, match="real-only"):
-        t = sample_triplets(["r0", "r1"], [], ["n"], 10, 5, 0)
+    with pytest.raises(TripletError, match="no positives"):  # never a silent switch to real-only
+        sample_triplets(["r0", "r1"], [], ["n"], 10, 5, 0)
+    t = sample_triplets(["r0", "r1"], ["r0", "r1"], ["n"], 10, 5, 0)  # real-only: said explicitly
     assert {p for _, p, _ in t} <= {"r0", "r1"}
     with pytest.raises(TripletError, match="no negatives"):
         sample_triplets(["r0"], ["s"], [], 10, 5, 0)
