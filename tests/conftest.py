@@ -93,33 +93,14 @@ def ray_local():
 @pytest.fixture
 def chromium_screenshot(tmp_path):
     """``shoot(html_path, width, height) -> RGB array`` of the page rendered by headless Chromium
-    (skips when Chromium is not installed; the browser runs in its own process group)."""
-    import shutil
-    import signal
-    import subprocess
+    (skips when Chromium is not installed)."""
+    from browser import CHROMIUM, screenshot
 
-    import numpy as np
-    from PIL import Image
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
+    if CHROMIUM is None:
         pytest.skip("chromium not installed (apt-get install -y chromium)")
 
-    def shoot(html_path: Path, width: int = 1280, height: int = 2000) -> np.ndarray:
-        shot = tmp_path / f"shot-{os.urandom(3).hex()}.png"
-        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-               f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={shot}",
-               f"--window-size={width},{height}", Path(html_path).resolve().as_uri()]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, err = proc.communicate()
-            pytest.fail(f"chromium did not finish within 90 s: {err[-800:]}")
-        assert shot.is_file(), f"no screenshot (rc={proc.returncode}): {err[-800:]}"
-        return np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    def shoot(html_path: Path, width: int = 1280, height: int = 2000):
+        return screenshot(Path(html_path).resolve().as_uri(), tmp_path / f"shot-{os.urandom(3).hex()}.png",
+                          tmp_path / "chromium-profile", width, height)
 
     return shoot

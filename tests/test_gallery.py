@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ SMALL = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy
          "personalization.max_steps=2", "personalization.batch_size=4",
          "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
          "evaluation.dense_input_size=64", "tracking.enabled=false"]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from browser import CHROMIUM, screenshot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +158,9 @@ def test_rewriting_the_report_reuses_thumbnails(run):
     assert [p.stat().st_mtime_ns for p in thumbs] == mtimes
 
 
-def _chromium(url: str, shot: Path, profile: Path, size: str = "1280,2400") -> None:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           "--virtual-time-budget=10000",  # lazy thumbnails in view load before the shot
-           f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size={size}", url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"chromium did not finish within 90 s: {err[-800:]}")
-    assert shot.is_file(), f"no screenshot (rc={proc.returncode}): {err[-800:]}"
+def _chromium(url: str, shot: Path, profile: Path) -> None:
+    screenshot(url, shot, profile, 1280, 2400,
+               ("--virtual-time-budget=10000",))  # lazy thumbnails in view load before the shot
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -182,28 +178,13 @@ def test_missing_results_is_clear(tmp_path):
         write_report(tmp_path, tmp_path / "out")
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from browser import CHROMIUM, screenshot  # noqa: E402
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     _, _, html_path = report
-    shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-           "--window-size=1280,2000", html_path.resolve().as_uri()]
-    # its own process group, so a hung browser and all its helper processes can be stopped
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"chromium did not finish within 90 s: {err[-800:]}")
-    assert shot.is_file(), f"no screenshot (rc={proc.returncode}): {err[-800:]}"
-    arr = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    arr = screenshot(html_path.resolve().as_uri(), tmp_path / "shot.png", tmp_path / "profile", 1280, 2000)
     assert arr.shape[:2] == (2000, 1280)
     assert arr.std() > 15, f"screenshot looks blank (std {arr.std():.1f})"
     assert (arr.min(axis=2) < 230).mean() > 0.05, "screenshot is nearly all white"
