@@ -46,6 +46,9 @@ ALLOWED = {
     ("persrep/generation/base.py", "importlib.import_module"):
         "imports only a module named in the fixed _BUILTIN_MODULES table of built-in generators "
         "(settings choose among them; an unknown type is refused)",
+    ("persrep/segmentation/base.py", "importlib.import_module"):
+        "imports only a module named in the fixed _BUILTIN_MODULES table of built-in segmenters "
+        "(settings choose among them; an unknown segmenter is refused)",
 }
 
 
