@@ -102,7 +102,7 @@ def test_df2_selection_is_an_option_and_deterministic(tmp_path):
 
     r1 = convert_df2(src, tmp_path / "a", min_user=1)
     r2 = convert_df2(src, tmp_path / "b", min_user=1)
-    assert r1.instances == 3  # + pair 1 style 2 (3 shop, 1 user)
+    assert r1.instances == r2.instances == 3  # + pair 1 style 2 (3 shop, 1 user)
     la, lb = (sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
               for d in (tmp_path / "a", tmp_path / "b"))
     assert la == lb

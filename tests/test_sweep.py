@@ -72,7 +72,7 @@ def test_toy_space_split_and_grid_size():
 
 def test_generation_space_expands_to_the_product():
     space = load_space(str(REPO / "tune_spaces" / "generation.yaml"))
-    assert space.grid_size() == 4 * 3 * 2 == len(space.data_combinations())
+    assert space.grid_size() == 4 * 3 * 3 == len(space.data_combinations())  # types x cfg x captions
     assert space.settings_for({"generator.types": "dreambooth", "synthesis.cfg": 7.5,
                                "synthesis.caption_sources": "captions"}).synthesis.cfg == [7.5]
 
