@@ -118,8 +118,12 @@ def _headline_rows(frame: pd.DataFrame, scene: str | None = "all") -> pd.DataFra
 
 def _variant_columns(frame: pd.DataFrame) -> list[str]:
     per = frame[frame["model"] != "pretrained"]
-    return [c for c in ("global_feature", "negatives_source", "positives_used")
-            if c in per and per[c].nunique(dropna=False) > 1]
+    varying = [c for c in ("global_feature", "negatives_source")
+               if c in per and per[c].nunique(dropna=False) > 1]
+    # positives: only worth a label when some adapter did not train on what its configuration names
+    if "positives_used" in per and (per["positives_used"] == "real_only_fallback").any():
+        varying.append("positives_used")
+    return varying
 
 
 def _label_frame(frame: pd.DataFrame) -> pd.DataFrame:
