@@ -149,6 +149,14 @@ def cmd_find(args: argparse.Namespace) -> int:
     return find_main(args.job_args, prog="persrep find")
 
 
+# subcommands that are whole jobs: the same code as their ray_jobs/ entry point, options and all
+JOB_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "run": (cmd_run, "run the whole pipeline: the same job as ray_jobs/run_all.py"),
+    "sweep": (cmd_sweep, "a Ray Tune sweep over settings: the same as ray_jobs/sweep.py"),
+    "find": (cmd_find, "find your objects in a photo collection: the same job as ray_jobs/find.py"),
+}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from persrep.report import main_report
 
@@ -259,22 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_captions_generate)
 
-    p = sub.add_parser("run", add_help=False,
-                       help="run the whole pipeline: the same job as ray_jobs/run_all.py "
-                            "(persrep run --help lists its options)")
-    p.add_argument("job_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("sweep", add_help=False,
-                       help="a Ray Tune sweep over settings: the same as ray_jobs/sweep.py "
-                            "(persrep sweep --help lists its options)")
-    p.add_argument("job_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("find", add_help=False,
-                       help="find your objects in a photo collection: the same job as ray_jobs/find.py "
-                            "(persrep find --help lists its options)")
-    p.add_argument("job_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_find)
+    for name, (func, what) in JOB_COMMANDS.items():  # each job parses its own options
+        p = sub.add_parser(name, add_help=False, help=f"{what} (persrep {name} --help lists its options)")
+        p.add_argument("job_args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="HTML + markdown report of a finished run")
     p.add_argument("run", help="run directory: <storage root>/runs/<run_id> (local or s3://)")
@@ -302,12 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:1] == ["run"]:  # the job parses its own options (argparse's REMAINDER drops leading ones)
-        args = argparse.Namespace(func=cmd_run, job_args=argv[1:])
-    elif argv[:1] == ["sweep"]:
-        args = argparse.Namespace(func=cmd_sweep, job_args=argv[1:])
-    elif argv[:1] == ["find"]:
-        args = argparse.Namespace(func=cmd_find, job_args=argv[1:])
+    if argv[:1] and argv[0] in JOB_COMMANDS:  # argparse's REMAINDER would drop leading options
+        args = argparse.Namespace(func=JOB_COMMANDS[argv[0]][0], job_args=argv[1:])
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
