@@ -60,15 +60,13 @@ def _load() -> list[float]:
 
 def _units(ctx) -> list[Any]:
     from persrep.generation.plan import data_configs
-    from persrep.pipeline.work import PersonalizeUnit, personalize_key
+    from persrep.pipeline.work import PersonalizeUnit
 
     units = []
     for cfg in data_configs(ctx.settings):
         for name in sorted(ctx.instances):
             for bs in ctx.settings.personalization.backbones:
-                u = PersonalizeUnit(name, ctx.instances[name], cfg, bs, None, [])
-                u.key = personalize_key(ctx, u)
-                units.append(u)
+                units.append(PersonalizeUnit(name, ctx.instances[name], cfg, bs, None, []).keyed(ctx))
     return units
 
 

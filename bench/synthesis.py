@@ -113,16 +113,10 @@ def main() -> int:
 
     from persrep.config import load_settings
     from persrep.distributed.synthesis import run_synthesis_stage
-    from persrep.generation.plan import build_rows, data_configs
     from persrep.generation.shards import read_unit
     from persrep.pipeline.context import prepare_run
-    from persrep.pipeline.work import (
-        SynthesisUnit,
-        generator_key,
-        run_generator_unit,
-        run_synthesis_unit,
-        synthesis_key,
-    )
+    from persrep.pipeline.runner import plan_generator_units, plan_synthesis_units
+    from persrep.pipeline.work import run_generator_unit, run_synthesis_unit
 
     overrides = [*OVERRIDES, *args.overrides, f"storage.root={args.work}"]
     settings = load_settings("local", overrides)
@@ -130,19 +124,11 @@ def main() -> int:
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     ctx = prepare_run(settings, None, run_id="bench")
-    for name in sorted(ctx.instances):
-        run_generator_unit(ctx, {"generator": "dreambooth", "instance": name,
-                                 "key": generator_key(ctx, "dreambooth", name)})
-    configs = {c.key: c for c in data_configs(settings)}
-    units = []
-    for group, rows in build_rows(settings, ctx.instances).items():
-        if not group.startswith("pos:"):
-            continue
-        cfg = configs[group.split(":")[1]]
-        name = group.split(":", 2)[2]
-        u = SynthesisUnit(group, cfg.generator, name, rows, generator_key(ctx, cfg.generator, name))
-        u.key = synthesis_key(ctx, group, rows, u.generator_key, {})
-        units.append(u)
+    gen_units = plan_generator_units(ctx)  # the pipeline's own planners
+    for u in gen_units:
+        run_generator_unit(ctx, u)
+    ready = {(u.generator, u.instance): u.key for u in gen_units}
+    units = [u for u in plan_synthesis_units(ctx, ready) if not u.group.is_negatives]
     n_rows = sum(len(u.rows) for u in units)
     log(f"setup {time.perf_counter() - t0:.1f} s: {len(units)} units, {n_rows} rows, "
         f"{len({(u.generator, u.generator_key, u.instance) for u in units})} distinct generators")

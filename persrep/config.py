@@ -17,9 +17,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-GeneratorType = Literal["real_only", "cut_paste", "dreambooth", "masked_dreambooth"]
+from persrep.registry import GENERATORS, SEGMENTERS, TASKS  # noqa: E402 - bottom layer, no persrep imports
+
+GeneratorType = str  # a name registered in persrep.registry.GENERATORS (checked below)
 GlobalFeature = Literal["cls", "cls+mean"]
-Task = Literal["classification", "retrieval", "detection", "segmentation"]
+Task = str  # a name registered in persrep.registry.TASKS (checked below)
 
 
 class ConfigError(ValueError):
@@ -80,7 +82,7 @@ class DreamBoothSettings(Section):
 class SegmentationSettings(Section):
     """The segmenter (``persrep/segmentation/``): automatic masks and the filter's PerSAM step."""
 
-    segmenter: Literal["grabcut", "sam", "persam"] = "grabcut"
+    segmenter: str = Field("grabcut", description="a registered segmenter: grabcut, sam, persam")
     model: str = Field("none", description="SAM/PerSAM: a model id (e.g. facebook/sam-vit-base), a "
                        "local directory, or 'tiny' (random, from config: tests); unused by grabcut")
     init: Literal["box", "prior", "auto"] = Field("box", description="grabcut start: centred box, a "
@@ -91,6 +93,12 @@ class SegmentationSettings(Section):
     iterations: int = Field(5, ge=1, le=50)
     max_side: int = Field(256, ge=32, le=2048, description="grabcut works at this size (speed)")
     min_confidence: float = Field(0.5, ge=0, le=1, description="below: the command and the run warn")
+
+    @field_validator("segmenter")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        SEGMENTERS.check([v])
+        return v
 
 
 class GeneratorSettings(Section):
@@ -106,6 +114,7 @@ class GeneratorSettings(Section):
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate generator types in {v}")
+        GENERATORS.check(v)
         return v
 
 
@@ -141,9 +150,16 @@ class FilterSettings(Section):
                                      "at least this fraction of its requested images")
     on_empty: Literal["fail", "real_only"] = Field("fail", description="below min_kept_fraction: "
                                                    "'fail' the unit, or train on the real photos, labelled real_only_fallback")
-    segmenter: Literal["none", "grabcut", "sam", "persam"] = Field(
+    segmenter: str = Field(
         "none", description="segment each generated image (PerSAM in the paper, the instance's train "
         "images + masks as reference) and crop to its box; 'none' = the generator's own mask")
+
+    @field_validator("segmenter")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v != "none":
+            SEGMENTERS.check([v], "synthesis.filter.segmenter, or 'none'")
+        return v
 
 
 class LLMCaptionSettings(Section):
@@ -270,6 +286,12 @@ class EvaluationSettings(Section):
         "patch tokens either way (docs/DESIGN.md, dense head)")
     batch_size: int = Field(32, ge=1, le=4096)
     evaluate_pretrained: bool = True
+
+    @field_validator("tasks")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        TASKS.check(v)
+        return v
 
 
 class TrackingSettings(Section):

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from persrep.pipeline.work import (
-    _sampler as ORIGINAL_SAMPLER,  # before any test monkeypatches it
-)
+from persrep.pipeline.work import open_sampler as ORIGINAL_SAMPLER  # before any test monkeypatches it
 
 pytestmark = pytest.mark.ray
 
@@ -43,29 +41,14 @@ def tiny_settings(root: str, *extra: str):
     return load_settings("local", [*TINY, f"storage.root={root}", *extra])
 
 
-def plan_units(ctx):
-    """The synthesis units exactly as ``run_pipeline`` builds them (generators already prepared)."""
-    from persrep.generation.base import generator_class
-    from persrep.generation.plan import build_rows, data_configs
-    from persrep.pipeline.work import SynthesisUnit, generator_key, synthesis_key
+def plan_units(ctx, ready=None):
+    """The synthesis units exactly as ``run_pipeline`` builds them: the pipeline's own planners
+    (``ready``: the trained generators; default: every one planned, as the world trained them)."""
+    from persrep.pipeline.runner import plan_generator_units, plan_synthesis_units
 
-    settings = ctx.settings
-    configs = {c.key: c for c in data_configs(settings)}
-    units = []
-    for group, rows in build_rows(settings, ctx.instances).items():
-        if group.startswith("neg:"):
-            unit = SynthesisUnit(group, "base", rows[0].instance, rows, None)
-        else:
-            cfg = configs[group.split(":")[1]]
-            if cfg.generator == "real_only":
-                continue
-            name = group.split(":", 2)[2]
-            gkey = generator_key(ctx, cfg.generator, name) if generator_class(cfg.generator).needs_training else None
-            unit = SynthesisUnit(group, cfg.generator, name, rows, gkey)
-        unit.key = synthesis_key(ctx, group, rows, unit.generator_key,
-                                 {"cut_paste": settings.synthesis.cut_paste} if unit.generator == "cut_paste" else {})
-        units.append(unit)
-    return units
+    if ready is None:
+        ready = {(u.generator, u.instance): u.key for u in plan_generator_units(ctx)}
+    return plan_synthesis_units(ctx, ready)
 
 
 def unit_rows(storage, units) -> dict[str, list[dict]]:
@@ -134,13 +117,13 @@ def world(s3_server, ray_local):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/x"
     ctx = prepare_run(tiny_settings(root), run_id="t")
-    for name in sorted(ctx.instances):
-        from persrep.pipeline.work import generator_key
+    from persrep.pipeline.runner import plan_generator_units
 
-        run_generator_unit(ctx, {"generator": "dreambooth", "instance": name,
-                                 "key": generator_key(ctx, "dreambooth", name)})
+    gen_units = plan_generator_units(ctx)
+    for u in gen_units:
+        run_generator_unit(ctx, u)
     t_prep = time.perf_counter() - t0
-    units = plan_units(ctx)
+    units = plan_units(ctx, {(u.generator, u.instance): u.key for u in gen_units})
     t1 = time.perf_counter()
     with one_thread():
         for u in units:
@@ -280,7 +263,7 @@ def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_p
     assert [r for r in rows if not r["error"]] == [r for r in fresh["baseline"][unit.key] if r["index"] != bad.index]
     # the in-process path with the same faulty generator writes the very same rows
     clear_synthesis(ctx.storage)
-    monkeypatch.setattr(work, "_sampler", factory)
+    monkeypatch.setattr(work, "open_sampler", factory)
     with one_thread(), pytest.raises(UnitRejected) as rejected:
         work.run_synthesis_unit(ctx, unit)
     assert str(rejected.value) == bad_out.error and rejected.value.details == bad_out.value

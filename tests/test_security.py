@@ -43,12 +43,9 @@ ALLOWED = {
         "Ray Tune's own pickled trial error, written by this job's Tune driver into its experiment "
         "directory (Tuner.restore unpickles that directory anyway); read to name a failed trial's "
         "root cause",
-    ("persrep/generation/base.py", "importlib.import_module"):
-        "imports only a module named in the fixed _BUILTIN_MODULES table of built-in generators "
-        "(settings choose among them; an unknown type is refused)",
-    ("persrep/segmentation/base.py", "importlib.import_module"):
-        "imports only a module named in the fixed _BUILTIN_MODULES table of built-in segmenters "
-        "(settings choose among them; an unknown segmenter is refused)",
+    ("persrep/registry.py", "importlib.import_module"):
+        "imports only a module named in the fixed built-in tables of the registries (generators, "
+        "segmenters, tasks; settings choose among them; an unknown name is refused)",
 }
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from persrep.config import load_settings
 from persrep.generation.plan import data_configs
 from persrep.pipeline.context import prepare_run
-from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, personalize_key
+from persrep.pipeline.work import ADAPTERS, PersonalizeUnit
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -75,9 +75,7 @@ def _units(ctx) -> list[PersonalizeUnit]:
     for cfg in data_configs(ctx.settings):
         for name in sorted(ctx.instances):
             for bs in ctx.settings.personalization.backbones:
-                u = PersonalizeUnit(name, ctx.instances[name], cfg, bs, None, [])
-                u.key = personalize_key(ctx, u)
-                units.append(u)
+                units.append(PersonalizeUnit(name, ctx.instances[name], cfg, bs, None, []).keyed(ctx))
     return units
 
 

@@ -94,7 +94,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (a partial file, then a rename)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     tmp = path.with_name(path.name + ".partial")
@@ -135,6 +136,41 @@ class TrainingSetup:
                    [_to_pil(x) for x in data.positives] if data.positives else anchors,
                    [_to_pil(x) for x in data.negatives])
 
+    def restore(self, state: dict[str, Any] | None) -> tuple[int, dict[str, list[float]]]:
+        """Load a checkpoint's state when it belongs to this run (same run key): the step to start
+        from and the history so far; (0, empty) otherwise."""
+        if state is None or state.get("run_key") != self.run_key:
+            return 0, {"loss": [], "accuracy": []}
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.backbone.model, state["lora"])
+        self.optim.load_state_dict(state["optim"])
+        return int(state["step"]), state["history"]
+
+    def checkpoint(self, step: int, history: dict[str, list[float]]) -> dict[str, Any]:
+        """The state a checkpoint holds after ``step`` steps (tensors and plain values only)."""
+        return {"run_key": self.run_key, "step": step,
+                "lora": {k: v.detach().cpu() for k, v in lora_state_dict(self.backbone).items()},
+                "optim": self.optim.state_dict(), "history": history}
+
+    def metrics(self, data: TrainingData, history: dict[str, list[float]], start: int, seconds: float,
+                finished: bool) -> dict[str, Any]:
+        """The final metrics an adapter is published with (without the loss history)."""
+        losses = history["loss"]
+        k = max(1, min(10, len(losses) // 4))
+        return {"final_loss": float(np.mean(losses[-k:])) if losses else float("nan"),
+                "initial_loss": float(np.mean(losses[:k])) if losses else float("nan"),
+                "final_triplet_accuracy": float(np.mean(history["accuracy"][-k:])) if losses else float("nan"),
+                "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
+                "finished": finished, "num_anchors": len(self.anchors), "num_positives": len(data.positives),
+                "num_negatives": len(self.negatives), "positives_source": data.positives_source,
+                "negatives_source": data.negatives_source}
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """A checkpoint file's state (``weights_only``), or None when there is none."""
+    return torch.load(path, map_location=device, weights_only=True) if path.exists() else None
+
 
 def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneSettings,
                        data: TrainingData, work_dir: str | Path, *,
@@ -150,21 +186,12 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
     work.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     setup = TrainingSetup.build(pz, backbone_settings, data, dev)
-    run_key, backbone, optim, loss_fn, augment = (setup.run_key, setup.backbone, setup.optim,
-                                                  setup.loss_fn, setup.augment)
+    backbone, optim, loss_fn, augment = setup.backbone, setup.optim, setup.loss_fn, setup.augment
     triplets, anchors, positives, negatives = setup.triplets, setup.anchors, setup.positives, setup.negatives
     n_steps = total_steps(pz)
 
-    start, history = 0, {"loss": [], "accuracy": []}
     ckpt_path = work / CHECKPOINT
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=dev, weights_only=True)
-        if state.get("run_key") == run_key:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(backbone.model, state["lora"])
-            optim.load_state_dict(state["optim"])
-            start, history = int(state["step"]), state["history"]
+    start, history = setup.restore(load_checkpoint(ckpt_path, dev))
     use_amp = dev.type == "cuda"
     backbone.train()
     t0 = time.perf_counter()
@@ -190,9 +217,7 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
         done = step + 1
         saved = done % pz.checkpoint_every == 0 or done == n_steps
         if saved:
-            _save_checkpoint(ckpt_path, {"run_key": run_key, "step": done,
-                                         "lora": {k: v.detach().cpu() for k, v in lora_state_dict(backbone).items()},
-                                         "optim": optim.state_dict(), "history": history})
+            save_checkpoint(ckpt_path, setup.checkpoint(done, history))
         if progress:  # after the checkpoint, so a caller sees each checkpoint at its own step
             progress({"instance": data.instance, "step": done, "steps": n_steps,
                       "loss": float(loss.item()), "triplet_accuracy": acc,
@@ -203,14 +228,7 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
     if finished:
         save_adapter(backbone.cpu(), adapter)
     losses = history["loss"]
-    k = max(1, min(10, len(losses) // 4))
-    metrics = {"final_loss": float(np.mean(losses[-k:])) if losses else float("nan"),
-               "initial_loss": float(np.mean(losses[:k])) if losses else float("nan"),
-               "final_triplet_accuracy": float(np.mean(history["accuracy"][-k:])) if losses else float("nan"),
-               "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
-               "finished": finished, "num_anchors": len(anchors), "num_positives": len(data.positives),
-               "num_negatives": len(negatives), "positives_source": data.positives_source,
-               "negatives_source": data.negatives_source, "loss_history": losses}
+    metrics = {**setup.metrics(data, history, start, seconds, finished), "loss_history": losses}
     return TrainResult(adapter if finished else work / "unfinished", len(losses), seconds, start, metrics)
 
 

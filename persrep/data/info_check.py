@@ -133,9 +133,9 @@ def check_info(ds: "InstanceDataset", report: "CheckReport", needs_categories: b
 
 def run_needs_categories(settings: Any) -> bool:
     """Whether a run's settings use the category of each instance (prompts, classes, negatives)."""
-    from persrep.generation.base import generator_class
+    from persrep.generation.base import any_generator
 
-    trained = any(generator_class(t).needs_training for t in settings.generator.types)
-    diffusion = any(t not in ("real_only", "cut_paste") for t in settings.generator.types)
-    captions = diffusion and any(s != "template" for s in settings.synthesis.caption_sources)
+    trained = any_generator(settings.generator.types, lambda c: c.trains_per_instance)
+    captioned = any_generator(settings.generator.types, lambda c: c.uses_captions)
+    captions = captioned and any(s != "template" for s in settings.synthesis.caption_sources)
     return trained or captions or settings.personalization.negatives == "generated"

@@ -28,7 +28,6 @@ and ``FailureConfig(max_failures)`` restarts the worker group from it after a wo
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import tempfile
 import time
@@ -39,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from persrep.contrastive.losses import triplet_accuracy
-from persrep.contrastive.train import ADAPTER, CHECKPOINT, batch_indices, total_steps
-from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, training_data
+from persrep.contrastive.train import ADAPTER, CHECKPOINT, batch_indices, load_checkpoint, total_steps
+from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, publish_adapter, training_data
 
 
 def shard_positions(batch: int, world: int) -> list[np.ndarray]:
@@ -68,9 +67,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from persrep.contrastive.train import TrainingSetup, _save_checkpoint
+    from persrep.contrastive.train import TrainingSetup, save_checkpoint
     from persrep.generation.base import stable_seed
-    from persrep.models.lora import lora_state_dict, save_adapter
+    from persrep.models.lora import save_adapter
 
     ctx, unit = config["ctx"], config["unit"]
     pz, bs = ctx.settings.personalization, unit.backbone
@@ -81,22 +80,16 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     data = training_data(ctx, unit)
     # the same setup as train_one_instance (same run key, so checkpoints interchange)
     setup = TrainingSetup.build(pz, bs, data, dev)
-    run_key, backbone, optim, loss_fn, augment = (setup.run_key, setup.backbone, setup.optim,
-                                                  setup.loss_fn, setup.augment)
+    backbone, optim, loss_fn, augment = setup.backbone, setup.optim, setup.loss_fn, setup.augment
     triplets, anchors, positives, negatives = setup.triplets, setup.anchors, setup.positives, setup.negatives
     n_steps = total_steps(pz)
 
-    start, history = 0, {"loss": [], "accuracy": []}
+    state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        from peft import set_peft_model_state_dict
-
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT, map_location=dev, weights_only=True)
-        if state.get("run_key") == run_key:
-            set_peft_model_state_dict(backbone.model, state["lora"])
-            optim.load_state_dict(state["optim"])
-            start, history = int(state["step"]), state["history"]
+            state = load_checkpoint(Path(d) / CHECKPOINT, dev)
+    start, history = setup.restore(state)  # train_one_instance's restore: same run key, same state
 
     class Embed(nn.Module):  # DDP hooks forward(); the backbone's feature is a method
         def __init__(self, b: nn.Module):
@@ -149,10 +142,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
             with tempfile.TemporaryDirectory(prefix="persrep-dp-") as d:
                 checkpoint = None
                 if save and rank == 0:
-                    _save_checkpoint(Path(d) / CHECKPOINT, {
-                        "run_key": run_key, "step": done,
-                        "lora": {k: v.detach().cpu() for k, v in lora_state_dict(backbone).items()},
-                        "optim": optim.state_dict(), "history": history})
+                    save_checkpoint(Path(d) / CHECKPOINT, setup.checkpoint(done, history))
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)  # a barrier for all ranks
         if config.get("fail_at_step") == done and rank == world - 1 and not Path(config["fail_marker"]).exists():
@@ -161,22 +151,11 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     seconds = time.perf_counter() - t0
     if rank != 0:
         return
-    losses = history["loss"]
-    k = max(1, min(10, len(losses) // 4))
-    metrics = {"final_loss": float(np.mean(losses[-k:])), "initial_loss": float(np.mean(losses[:k])),
-               "final_triplet_accuracy": float(np.mean(history["accuracy"][-k:])),
-               "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
-               "finished": True, "num_anchors": len(anchors), "num_positives": len(data.positives),
-               "num_negatives": len(negatives), "positives_source": data.positives_source,
-               "negatives_source": data.negatives_source, "data_parallel_workers": world}
-    meta = {"instance": unit.instance, "data_config": unit.config.label, "backbone": bs.name,
-            "metrics": metrics, "seconds": seconds, "resumed_from": start}
+    metrics = {**setup.metrics(data, history, start, seconds, True), "data_parallel_workers": world}
     with tempfile.TemporaryDirectory(prefix="persrep-dp-") as d:
         path = Path(d) / ADAPTER
         save_adapter(backbone.cpu(), path)
-        ctx.storage.publish(ADAPTERS, unit.key, {
-            ADAPTER: path.read_bytes(),
-            "metrics.json": json.dumps({**meta, "loss_history": losses}).encode()}, meta)
+        publish_adapter(ctx, unit, path.read_bytes(), metrics, history["loss"], seconds, start)
 
 
 def train_data_parallel(ctx: Any, unit: PersonalizeUnit, num_workers: int, use_gpu: bool = False, *,
@@ -194,7 +173,7 @@ def train_data_parallel(ctx: Any, unit: PersonalizeUnit, num_workers: int, use_g
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from persrep.distributed.tune_stage import tune_storage
+    from persrep.distributed.tune_common import tune_storage
 
     if ctx.storage.is_finished(ADAPTERS, unit.key):
         return {"status": "skipped", "key": unit.key}

@@ -16,7 +16,7 @@ import ray
 
 from persrep.distributed.session import cluster_gpus, node_shapes
 from persrep.pipeline.memory import NodeShape
-from persrep.pipeline.executor import Outcome, Resources, failed_outcome, short_error
+from persrep.pipeline.executor import Outcome, Resources, StageHooks, failed_outcome, short_error
 from persrep.pipeline.verdict import is_retryable
 from persrep.storage import StorageUnavailableError
 
@@ -26,7 +26,9 @@ def _run_unit(fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, unit: Any) -> 
     return fn(ctx, unit)
 
 
-class RayExecutor:
+class RayExecutor(StageHooks):
+    """Units as Ray tasks; synthesis on Ray Data and personalisation on Ray Tune (its StageHooks)."""
+
     def __init__(self, max_retries: int = 2, progress: Callable[[str], None] | None = None,
                  cpus_when_no_gpu: float | None = None, step_hook: Any = None):
         self.max_retries = max_retries

@@ -30,6 +30,7 @@ from typing import Any
 
 from ray import tune
 
+from persrep.distributed.tune_common import mlflow_callback, root_cause, tune_storage
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.sweep.data import DataOption, generate_data, resolve_data
 from persrep.sweep.results import (SweepResult, TrialRecord, best_trial, format_trials,
@@ -130,11 +131,7 @@ class _Progress(tune.Callback):
 
 
 def _storage_path(ctx: RunContext) -> tuple[str, Any]:
-    if ctx.storage.is_s3:
-        return f"{ctx.storage.base}/sweeps", ctx.storage.fs
-    path = Path(ctx.storage.base) / "sweeps"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path), None
+    return tune_storage(ctx, "sweeps", "sweeps")
 
 
 def _free_name(ctx: RunContext, name: str) -> str:
@@ -159,15 +156,7 @@ def _union_settings(space: SweepSpace):
 
 def _trial_error(result: Any) -> str | None:
     err = getattr(result, "error", None)
-    if err is None:
-        return None
-    cause = getattr(err, "cause", None)
-    exc = cause if isinstance(cause, BaseException) else err
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if type(exc).__name__.startswith("RayTaskError") and lines:
-        return lines[-1][:300]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    return None if err is None else root_cause(err)
 
 
 def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: Any = None,
@@ -271,10 +260,7 @@ def _run(space: SweepSpace, ctx: RunContext, options: list[DataOption], executor
     callbacks: list[Any] = [_Progress(n_trials, spec.metric)]
     mlflow = tracker.tune_callback_kwargs()
     if mlflow:  # one child run per trial, nested under the sweep's parent run
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        callbacks.append(MLflowLoggerCallback(**{**mlflow, "tags": {
-            **(mlflow.get("tags") or {}), "persrep.kind": "trial", "persrep.sweep": exp_name}}))
+        callbacks.append(mlflow_callback(mlflow, {"persrep.kind": "trial", "persrep.sweep": exp_name}))
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(space, options),

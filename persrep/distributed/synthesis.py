@@ -30,7 +30,7 @@ How it runs
    number of batches. Every output row carries the id of the load that drew it, so the driver
    counts loads exactly (including reloads after an actor restart) and reports them per instance.
 5. Within a batch the actor replicates ``run_synthesis_unit``'s row logic: sample the chunk (through
-   :func:`persrep.pipeline.work._filtered` when filtering is on); if the chunk raises, each row is
+   :func:`persrep.pipeline.work.draw_chunk`, the same body, filter included); if the chunk raises, each row is
    retried alone, and a row that still raises is recorded with its error, its batch-mates complete.
    A generator that cannot be loaded fails its unit (nothing published, retried in the next pass),
    as a raising ``run_synthesis_unit`` would.
@@ -150,28 +150,18 @@ class SynthesisWorker:
         except Exception:  # noqa: BLE001 - only informative
             self.node = ""
 
-    def _sampler(self, unit: SynthesisUnit) -> tuple[Any, Any, str]:
+    def _loaded(self, unit: SynthesisUnit) -> tuple[Any, Any, str]:
         key = (unit.generator, unit.generator_key or "", unit.instance)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
         if key in self.failed:  # one load attempt per actor and pass: the unit fails and is retried
             raise RuntimeError(self.failed[key])
-        from persrep.pipeline import work
+        from persrep.pipeline.work import open_sampler, unit_scorer
 
         try:
-            sampler = (self.factory or work._sampler)(self.ctx, unit)
-            scorer = None
-            syn = self.ctx.settings.synthesis
-            if syn.filter.enabled and unit.generator != "base":  # negatives are never filtered
-                from persrep.generation.filtering import scorer_from_settings
-
-                scorer = scorer_from_settings(syn.filter, work.instance_data(self.ctx, unit.instance))
-                if syn.filter.segmenter != "none":  # segment each generated image (PerSAM)
-                    from persrep.segmentation.filtering import SegmentingScorer
-
-                    scorer = SegmentingScorer.from_settings(scorer, self.ctx.settings,
-                                                            work.instance_data(self.ctx, unit.instance))
+            sampler = (self.factory or open_sampler)(self.ctx, unit)
+            scorer = unit_scorer(self.ctx, unit)
         except Exception as exc:  # fails the unit (recorded by the caller), not the actor
             self.failed[key] = short_error(exc)
             raise
@@ -197,7 +187,7 @@ class SynthesisWorker:
                                  head["generator_key"] or None, head["unit_key"])
             sample_rows = [SampleRow(**{k: r[k] for k in ROW_FIELDS}) for r in part]
             try:
-                sampler, scorer, load_id = self._sampler(unit)
+                sampler, scorer, load_id = self._loaded(unit)
             except Exception as exc:  # noqa: BLE001
                 fatal = self.failed.get((unit.generator, unit.generator_key or "", unit.instance)) or short_error(exc)
                 for r, sr in zip(part, sample_rows):
@@ -209,9 +199,8 @@ class SynthesisWorker:
 
     def _draw(self, sampler, scorer, key: str, part: list[dict[str, Any]], sample_rows: list[SampleRow],
               load_id: str) -> list[dict[str, Any]]:
-        """``run_synthesis_unit``'s inner loop for one chunk (or part of one)."""
-        from persrep.generation.shards import record
-        from persrep.pipeline.work import _filtered
+        """``run_synthesis_unit``'s inner loop for one chunk (or part of one): the same body."""
+        from persrep.pipeline.work import draw_chunk
 
         flt = self.ctx.settings.synthesis.filter
 
@@ -231,20 +220,10 @@ class SynthesisWorker:
                 tagged[i]["last"] = True
             return tagged
 
-        try:
-            if scorer is not None:
-                return tag(_filtered(sampler, scorer, sample_rows, key, flt), part, False)
-            return tag([record(s, r, key) for s, r in zip(sampler.sample(sample_rows), sample_rows)], part, False)
-        except Exception:  # noqa: BLE001 - retry each row alone, like run_synthesis_unit
-            out = []
-            for src, r in zip(part, sample_rows):
-                try:
-                    recs = (_filtered(sampler, scorer, [r], key, flt) if scorer is not None
-                            else [record(sampler.sample([r])[0], r, key)])
-                except Exception as row_exc:  # noqa: BLE001
-                    recs = [record(None, r, key, error=f"{type(row_exc).__name__}: {row_exc}"[:500])]
-                out += tag(recs, [src], True)
-            return out
+        parts, fell_back = draw_chunk(sampler, scorer, sample_rows, key, flt)
+        if not fell_back:
+            return tag(parts[0], part, False)
+        return [rec for src, recs in zip(part, parts) for rec in tag(recs, [src], True)]
 
     def _extra(self, rec: dict[str, Any], src: dict[str, Any], attempt: int, last: bool, fallback: bool,
                fatal: str | None, load_id: str) -> dict[str, Any]:
@@ -334,7 +313,7 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
     (its generator could not be loaded, or it was still missing after ``max_retries`` extra passes).
     ``.stats`` has the stage's totals (rows, errors, generator loads, actors, passes, ...).
     ``num_actors`` / ``use_gpus`` override the pool sizing; ``sampler_factory(ctx, unit)``
-    replaces :func:`persrep.pipeline.work._sampler` (tests inject faults through it).
+    replaces :func:`persrep.pipeline.work.open_sampler` (tests inject faults through it).
     ``torch_threads``: intra-op threads per actor (default: the actor's whole CPUs, at least 1).
     """
     from persrep.distributed.session import ensure_ray

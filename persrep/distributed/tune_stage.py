@@ -50,6 +50,7 @@ from ray.tune.callback import CallbackList
 from persrep.config import content_key
 from persrep.contrastive.train import CHECKPOINT
 from persrep.distributed.session import cluster_gpus
+from persrep.distributed.tune_common import mlflow_callback, root_cause, tune_storage
 from persrep.pipeline.executor import Outcome, short_error
 from persrep.pipeline.verdict import UnitRejected
 from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, scratch_dir
@@ -68,15 +69,6 @@ def unit_label(u: PersonalizeUnit) -> str:
 def experiment_name(units: Sequence[PersonalizeUnit]) -> str:
     """Stable across relaunches of the same stage: a content key of the units' keys."""
     return "personalize-" + content_key(sorted({u.key for u in units}))
-
-
-def tune_storage(ctx: Any) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Tune's experiment state and trial checkpoints."""
-    if ctx.storage.is_s3:
-        return f"{ctx.storage.base}/.tune", ctx.storage.fs
-    path = Path(ctx.storage.base) / ".scratch" / "tune"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path), None
 
 
 def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
@@ -267,18 +259,6 @@ class _StageState:
 _STATES: dict[str, _StageState] = {}  # experiment name -> this driver's state (never pickled)
 
 
-def _root_cause(exc: BaseException) -> str:
-    """``Type: message`` of the user's exception inside a Ray wrapper (RayTaskError, actor died)."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        return short_error(cause)
-    text = short_error(exc)
-    if text.startswith("RayTaskError"):  # not unpicklable to its cause: its last line names it
-        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        text = (lines[-1] if lines else text)[:300]
-    return text
-
-
 def _trial_error(trial: Any) -> str:
     """The latest error of a trial, in one line (read from the driver's copy of its error files)."""
     import ray.cloudpickle as cloudpickle
@@ -287,13 +267,13 @@ def _trial_error(trial: Any) -> str:
         if path and os.path.exists(path):
             try:
                 with open(path, "rb") as f:
-                    return _root_cause(cloudpickle.load(f))
+                    return root_cause(cloudpickle.load(f))
             except Exception:  # noqa: BLE001 - fall back to the text trace
                 pass
     try:
         exc = trial.get_pickled_error()
         if exc is not None:
-            return _root_cause(exc)
+            return root_cause(exc)
     except Exception:  # noqa: BLE001
         pass
     txt = ""
@@ -410,14 +390,6 @@ def _prior_trials(exp_path: str, fs: Any) -> dict[str, str]:
     return {t.config.get("unit"): t.status for t in analysis.trials if t.config.get("unit")}
 
 
-def _mlflow_callback(mlflow: Mapping[str, Any], tags: Mapping[str, str] | None) -> Any:
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-    kwargs = dict(mlflow)
-    kwargs["tags"] = {**(kwargs.get("tags") or {}), **(tags or {})}
-    return MLflowLoggerCallback(**kwargs)
-
-
 def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
                               progress: Callable[[str], None] | None = None,
                               max_retries: int | None = None,
@@ -511,7 +483,7 @@ def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, 
             if isinstance(getattr(cb, "tags", None), dict):
                 cb.tags.update(tracking_tags)
     if mlflow:
-        callbacks.append(_mlflow_callback(mlflow, tracking_tags))
+        callbacks.append(mlflow_callback(mlflow, tracking_tags))
 
     gpus = cluster_gpus()
     resources = trial_resources(settings, gpus, dp_workers, getattr(ctx, "memory", {}).get("personalization", 0))

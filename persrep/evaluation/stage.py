@@ -28,6 +28,7 @@ from persrep.evaluation.features import WithGlobalFeature
 from persrep.evaluation.suite import (GlobalPool, dense_train_sets, embed_global_pool,
                                       evaluate_instance)
 from persrep.evaluation.dense_task import DensePool
+from persrep.evaluation.tasks import dense_tasks
 from persrep.models.backbones import build_backbone, eval_transform
 from persrep.models.lora import load_adapter
 
@@ -103,7 +104,7 @@ class Evaluator:
         self.ds, self.ev = ds, ev
         self.pools = Pools.of(ds)
         self.cache = EmbeddingCache(cache_dir, batch_size=ev.batch_size, progress=progress)
-        self.dense_tasks = [t for t in ev.tasks if t in ("detection", "segmentation")]
+        self.dense_tasks = dense_tasks(ev.tasks)
         self._dense_masks: list[np.ndarray | None] | None = None
         self.last_examples: dict[str, Any] = {}  # the last evaluation's examples, by instance
         self._train_masks: list[np.ndarray | None] | None = None

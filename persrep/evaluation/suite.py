@@ -20,17 +20,19 @@ from typing import Any, TypeVar
 import numpy as np
 
 from persrep.evaluation.cache import EmbeddingCache
-from persrep.evaluation.classification import SceneNegatives, evaluate_classification
+from persrep.evaluation.classification import SceneNegatives
 from persrep.evaluation.dense import Combine
-from persrep.evaluation.dense_task import DENSE_TASKS, DensePool, DenseTrainSet, evaluate_dense
+from persrep.evaluation.dense_task import DensePool, DenseTrainSet, evaluate_dense
 from persrep.evaluation.features import FeatureExtractor
 from persrep.evaluation.records import Score, Skipped, to_rows
-from persrep.evaluation.retrieval import DEFAULT_KS, evaluate_retrieval
+from persrep.evaluation.retrieval import DEFAULT_KS
+from persrep.evaluation.tasks import BUILTIN, GlobalInput, dense_tasks, task_spec
+from persrep.registry import TASKS
 
 __all__ = ["ALL_TASKS", "GlobalPool", "evaluate_instance", "evaluate_all",
            "embed_global_pool", "embed_dense_pool", "dense_train_sets"]
 
-ALL_TASKS = ("classification", "retrieval", "detection", "segmentation")
+ALL_TASKS = tuple(s.name for s in BUILTIN)  # the built-in tasks (persrep/evaluation/tasks.py)
 T = TypeVar("T")
 PerInstance = T | Callable[[int], T]
 
@@ -58,15 +60,17 @@ class GlobalPool:
 
 
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
-    unknown = [t for t in tasks if t not in ALL_TASKS]
+    unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {ALL_TASKS}")
+        raise ValueError(f"unknown tasks {unknown}; choose from {TASKS.names()}")
     return list(tasks)
 
 
 def _global_tasks(instance: int, pool: GlobalPool | None, tasks: list[str],
                   scene_negatives: SceneNegatives, ks: Sequence[int]) -> list[Score | Skipped]:
-    wanted = [t for t in tasks if t in ("classification", "retrieval")]
+    # the registry's order (classification, retrieval, then tasks registered later)
+    order = [s.name for s in BUILTIN] + [t for t in TASKS.names() if t not in ALL_TASKS]
+    wanted = [t for t in order if t in tasks and not task_spec(t).dense]
     if not wanted:
         return []
     if pool is None:
@@ -78,14 +82,9 @@ def _global_tasks(instance: int, pool: GlobalPool | None, tasks: list[str],
     if not own_test.any():
         return [Skipped(t, f"instance {instance} has no test image") for t in wanted]
     results: list[Score | Skipped] = []
-    if "classification" in wanted:
-        results += evaluate_classification(pool.test_embeddings, pool.test_labels, train,
-                                           instance, pool.test_scenes, scene_negatives)
-    if "retrieval" in wanted:
-        scenes = None if pool.test_scenes is None else np.asarray(pool.test_scenes)[own_test]
-        results += evaluate_retrieval(np.asarray(pool.test_embeddings)[own_test],
-                                      pool.train_embeddings, pool.train_labels, instance,
-                                      scenes, ks)
+    x = GlobalInput(instance, pool, train, own_test, scene_negatives, ks)
+    for t in wanted:
+        results += task_spec(t).evaluate(x)
     return results
 
 
@@ -109,7 +108,7 @@ def evaluate_instance(
     """
     tasks = _check_tasks(tasks)
     results = _global_tasks(instance, global_pool, tasks, scene_negatives, ks)
-    if any(t in DENSE_TASKS for t in tasks):
+    if dense_tasks(tasks):
         results += evaluate_dense(instance, dense_pool, dense_train, tasks, dense_combine,
                                   morph_radius)
     return to_rows(name, category, results, keys)

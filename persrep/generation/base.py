@@ -23,37 +23,63 @@ Contract (stable: other types are written against it):
   foreground mask when the type knows it (cut-and-paste), else ``None``.
 - A type reads only the settings sections it needs from the full :class:`~persrep.config.Settings`.
 
-Adding a fifth type: subclass :class:`PersonalizedGenerator`, set ``type_name`` and
-``needs_training``, decorate the class with :func:`register_generator`, and import its module in
-:data:`_BUILTIN_MODULES` (or anywhere before :func:`get_generator` is called).
+Adding a fifth type: one module with a subclass of :class:`PersonalizedGenerator` that sets
+``type_name``, ``needs_training`` and its :class:`Capabilities` (what it uses and needs, as data),
+decorated with :func:`register_generator`. The planner, pre-flight, memory plan and runner ask the
+class (:func:`generator_caps`), never its name; ``from_context`` builds it from the run context
+(override it when the type reads shared inputs). A built-in type is also named, by module, in
+:data:`persrep.registry.GENERATORS` so it is imported on first use; any other is registered when
+its module is imported (``tests/test_registry_extension.py`` does exactly that).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from PIL import Image
 
 from persrep.config import content_key
+from persrep.registry import GENERATORS
 
 Role = Literal["positive", "negative"]
 IDENTIFIER = "<new1>"  # the reference's rare-token identifier: plain text, not a new token
 
-# modules that define the built-in types, imported on first lookup (keeps `import base` light
-# and lets a type's module fail to import without breaking the others)
-_BUILTIN_MODULES = {
-    "real_only": "persrep.generation.real_only",
-    "cut_paste": "persrep.generation.cut_paste",
-    "dreambooth": "persrep.generation.dreambooth",
-    "masked_dreambooth": "persrep.generation.dreambooth",
-}
-_REGISTRY: dict[str, type["PersonalizedGenerator"]] = {}
+# the built-in types are named, by module, in persrep.registry.GENERATORS (imported on first
+# lookup: keeps `import base` light and lets one type's module fail without breaking the others)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a generator type uses and needs, as data: every stage asks this, never the type's name.
+
+    ``trains_per_instance`` mirrors the class's ``needs_training`` (set by :func:`register_generator`).
+    """
+
+    trains_per_instance: bool = False  # one generator-prep unit per instance (DreamBooth)
+    positives_are_real: bool = False  # its positives are the real photos: no synthesis unit (real-only)
+    uses_guidance: bool = False  # one data configuration per synthesis.cfg value
+    uses_captions: bool = False  # one data configuration per caption source (prompts matter)
+    needs_masks: bool = False  # the instance's train masks (given or predicted) must exist
+    needs_base_model: bool = False  # the diffusion base model must be available (pre-flight)
+    # shared per-category base-model images it reads (persrep/pipeline/shared_images.py):
+    # "class_images" (at generator prep), "backgrounds" (at synthesis, when generated)
+    shared_inputs: frozenset[str] = frozenset()
+
+
+class GeneratorContext(Protocol):
+    """What :meth:`PersonalizedGenerator.from_context` may read: the run's settings, the data set's
+    root (``@data/`` paths) and the published per-category shared images (None when the run has
+    no such unit). :class:`persrep.pipeline.context.RunContext` is one."""
+
+    settings: Any
+    data_path: str
+
+    def shared_images(self, kind: str, category: str) -> list[Image.Image] | None: ...
 
 
 @dataclass
@@ -108,11 +134,25 @@ class PersonalizedGenerator(ABC):
 
     type_name: ClassVar[str]
     needs_training: ClassVar[bool]
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, settings: Any, device: Any = None):
         """``settings``: a :class:`persrep.config.Settings`; ``device``: None = GPU if present."""
         self.settings = settings
         self.device = device
+
+    @classmethod
+    def from_context(cls, ctx: GeneratorContext, category: str, stage: str) -> "PersonalizedGenerator":
+        """The factory the pipeline uses: a generator built from the run context for one
+        instance of ``category``, at ``stage`` (``generator_prep`` or ``synthesis``). Override to
+        read shared inputs (DreamBooth's class images, cut-and-paste's backgrounds)."""
+        return cls(ctx.settings)
+
+    @classmethod
+    def synthesis_settings(cls, settings: Any) -> dict[str, Any]:
+        """The settings, beyond the rows and the sampler, that change what a synthesis unit draws
+        (they enter its key). Default: none."""
+        return {}
 
     def settings_for_key(self) -> dict[str, Any]:
         """The settings that determine this type's artifact (override to narrow or widen)."""
@@ -142,24 +182,32 @@ def register_generator(cls: type[PersonalizedGenerator]) -> type[PersonalizedGen
         raise TypeError(f"{cls.__name__} needs a class attribute type_name (a non-empty string)")
     if not isinstance(getattr(cls, "needs_training", None), bool):
         raise TypeError(f"{cls.__name__} needs a class attribute needs_training (True or False)")
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"generator type {name!r} is already registered by {existing.__module__}."
-                         f"{existing.__qualname__}; pick another type_name")
-    _REGISTRY[name] = cls
+    if not isinstance(getattr(cls, "capabilities", None), Capabilities):
+        raise TypeError(f"{cls.__name__}.capabilities must be a Capabilities")
+    if name in GENERATORS.builtin and cls.__module__ != GENERATORS.builtin[name]:
+        GENERATORS.get(name)  # the built-in first: the clash below names it
+    GENERATORS.add(name, cls)
+    if cls.capabilities.trains_per_instance != cls.needs_training:  # one truth: needs_training
+        cls.capabilities = replace(cls.capabilities, trains_per_instance=cls.needs_training)
     return cls
 
 
 def registered_types() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+    return GENERATORS.names()
 
 
 def generator_class(type_name: str) -> type[PersonalizedGenerator]:
-    if type_name not in _REGISTRY and type_name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[type_name])
-    if type_name not in _REGISTRY:
-        raise ValueError(f"unknown generator type {type_name!r}: choose one of {registered_types()}")
-    return _REGISTRY[type_name]
+    return GENERATORS.get(type_name)
+
+
+def generator_caps(type_name: str) -> Capabilities:
+    """The capabilities of the generator type registered as ``type_name``."""
+    return generator_class(type_name).capabilities
+
+
+def any_generator(types: Any, predicate: Any) -> bool:
+    """Whether any of ``types`` (generator type names) has capabilities matching ``predicate``."""
+    return any(predicate(generator_caps(t)) for t in types)
 
 
 def get_generator(type_name: str, settings: Any, device: Any = None) -> PersonalizedGenerator:

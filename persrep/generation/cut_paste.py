@@ -39,7 +39,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageFilter
 
-from persrep.generation.base import InstanceData, SampledImage, SampleRow, register_generator
+from persrep.generation.base import (Capabilities, InstanceData, SampledImage, SampleRow,
+                                     register_generator)
 from persrep.generation.real_only import RealPhotosGenerator
 
 GENERATED = "generated"
@@ -269,6 +270,24 @@ class CutPasteGenerator(RealPhotosGenerator):
     """
 
     type_name = "cut_paste"
+    capabilities = Capabilities(needs_masks=True, shared_inputs=frozenset({"backgrounds"}))
+
+    @classmethod
+    def from_context(cls, ctx: Any, category: str, stage: str) -> "CutPasteGenerator":
+        """``@data/`` folders resolved against the data set; generated backgrounds read from the
+        category's shared unit (planned from the settings alone, so the Ray Data synthesis path,
+        which rebuilds units from rows, finds it too)."""
+        gen = cls(ctx.settings, data_root=ctx.data_path)
+        published = ctx.shared_images("backgrounds", category) if stage == "synthesis" else None
+        if published is not None:
+            gen.background_source = PublishedBackgrounds(published)
+        return gen
+
+    @classmethod
+    def synthesis_settings(cls, settings: Any) -> dict[str, Any]:
+        cut_paste = settings.synthesis.cut_paste.model_dump(mode="json")
+        cut_paste.pop("num_backgrounds")  # counted in the backgrounds unit's key, if generated
+        return {"cut_paste": cut_paste}
 
     def __init__(self, settings: Any, device: Any = None, *, data_root: str | None = None,
                  background_source: BackgroundSource | None = None):
@@ -347,3 +366,13 @@ class CutPasteGenerator(RealPhotosGenerator):
                                     placement.y_fraction, cut_paste.edge_blur)
             out.append(SampledImage(image, mask, row))
         return out
+
+
+class PublishedBackgrounds:
+    """A background source over published images (a ``backgrounds`` unit): seed -> one of them."""
+
+    def __init__(self, images: list[Image.Image]):
+        self.images = images
+
+    def __call__(self, seed: int, size: int) -> Image.Image:
+        return fit_canvas(self.images[seed % len(self.images)], size)

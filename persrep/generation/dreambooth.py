@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from PIL import Image
 
 from persrep.config import DreamBoothSettings, content_key
 from persrep.keys import result_settings
-from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
+from persrep.generation.base import (IDENTIFIER, Capabilities, GeneratorArtifact, InstanceData, PersonalizedGenerator,
                                      SampledImage, SampleRow, instance_data_key, register_generator,
                                      stable_seed)
 from persrep.models.diffusion import (TINY, DiffusionComponents, component_identity, generate_grouped,
@@ -434,7 +434,17 @@ class DreamBoothGenerator(PersonalizedGenerator):
 
     type_name = "dreambooth"
     needs_training = True
+    capabilities = Capabilities(trains_per_instance=True, uses_guidance=True, uses_captions=True,
+                                needs_base_model=True, shared_inputs=frozenset({"class_images"}))
     masked = False
+
+    @classmethod
+    def from_context(cls, ctx: Any, category: str, stage: str) -> "DreamBoothGenerator":
+        """At generator prep: the category's prior-preservation images from their shared unit."""
+        gen = cls(ctx.settings)
+        if stage == "generator_prep":
+            gen.prior_images = ctx.shared_images("class_images", category)
+        return gen
 
     def __init__(self, settings: Any, device: Any = None):
         super().__init__(settings, device)
@@ -496,4 +506,5 @@ class MaskedDreamBoothGenerator(DreamBoothGenerator):
     """DreamBooth whose instance loss weighs background pixels by ~``mask_floor`` (needs masks)."""
 
     type_name = "masked_dreambooth"
+    capabilities = replace(DreamBoothGenerator.capabilities, needs_masks=True)
     masked = True

@@ -1,8 +1,8 @@
 """What to synthesise: data configurations, prompt sources and the row table.
 
 A *data configuration* is one way of making an instance's positives: (generator type, CFG,
-caption source). Types that use no diffusion (``real_only``, ``cut_paste``) ignore CFG and
-captions, so they collapse to one configuration each. Every row carries its own seed
+caption source). Types whose capabilities say they use no guidance and no captions
+(``real_only``, ``cut_paste``) collapse to one configuration each. Every row carries its own seed
 (``stable_seed`` of its identity), so any image can be regenerated alone.
 
 Negatives come from the *base* (un-personalised) generator with the category prompt and never
@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import IDENTIFIER, SampleRow, stable_seed
+from persrep.generation.base import IDENTIFIER, SampleRow, generator_caps, stable_seed
 
-DIFFUSION_FREE = ("real_only", "cut_paste")
 NEGATIVE_GENERATOR = "base"
+POSITIVES, NEGATIVES = "pos", "neg"  # the two kinds of row group
 
 
 class PlanError(ValueError):
@@ -56,16 +56,69 @@ class DataConfig:
 
 
 def data_configs(settings: Settings) -> list[DataConfig]:
-    """Every (generator, cfg, caption source) the settings ask for, diffusion-free ones once."""
+    """Every (generator, cfg, caption source) the settings ask for: one per CFG value for types
+    that use guidance, one per caption source for types that use captions (their capabilities)."""
     out: list[DataConfig] = []
     for gen in settings.generator.types:
-        if gen in DIFFUSION_FREE:
-            out.append(DataConfig(gen, None, "none"))
-            continue
-        for cfg in settings.synthesis.cfg:
-            for src in settings.synthesis.caption_sources:
-                out.append(DataConfig(gen, float(cfg), src))
+        caps = generator_caps(gen)
+        cfgs = [float(c) for c in settings.synthesis.cfg] if caps.uses_guidance else [None]
+        sources = list(settings.synthesis.caption_sources) if caps.uses_captions else ["none"]
+        out += [DataConfig(gen, cfg, src) for cfg in cfgs for src in sources]
     return out
+
+
+def row_config(generator: str, cfg: float | None, caption_source: str | None) -> DataConfig:
+    """The data configuration a stored positive row belongs to (reports read rows back). A type
+    no longer registered counts as guidance-free when its rows carry no CFG."""
+    try:
+        guided = generator_caps(generator).uses_guidance
+    except ValueError:
+        guided = cfg is not None and cfg == cfg and cfg != 0.0
+    if not guided or cfg is None or cfg != cfg:
+        return DataConfig(generator, None, caption_source or "none")
+    return DataConfig(generator, float(cfg), caption_source or "none")
+
+
+class RowGroup(str):
+    """One group of rows (one synthesis unit), typed: an instance's positives of one data
+    configuration, or a category's negatives pool for one (CFG, caption source).
+
+    It *is* the group's stored name (a ``str``: ``pos:<config key>:<instance>`` /
+    ``neg:<cfg>:<source>:<category>``), so summaries, unit labels, ``units.json`` and keys of
+    stored runs are unchanged, while code reads its fields instead of splitting the string.
+    Immutable; pickles with its fields.
+    """
+
+    kind: str  # POSITIVES | NEGATIVES
+    owner: str  # the instance (positives) or the category (negatives)
+    config: DataConfig | None  # positives
+    cfg: float | None  # negatives
+    caption_source: str | None  # negatives
+
+    def __new__(cls, kind: str, owner: str, config: DataConfig | None = None, cfg: float | None = None,
+                caption_source: str | None = None) -> "RowGroup":
+        if kind == POSITIVES and config is not None:
+            text = f"{POSITIVES}:{config.key}:{owner}"
+        elif kind == NEGATIVES and cfg is not None and caption_source is not None:
+            text = f"{NEGATIVES}:{cfg:g}:{caption_source}:{owner}"
+        else:
+            raise ValueError(f"row group {kind!r} of {owner!r}: positives need a data configuration, "
+                             "negatives a cfg and a caption source")
+        self = super().__new__(cls, text)
+        for name, value in (("kind", kind), ("owner", owner), ("config", config), ("cfg", cfg),
+                            ("caption_source", caption_source)):
+            object.__setattr__(self, name, value)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"RowGroup is immutable (tried to set {name})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RowGroup, (self.kind, self.owner, self.config, self.cfg, self.caption_source))
+
+    @property
+    def is_negatives(self) -> bool:
+        return self.kind == NEGATIVES
 
 
 def negative_configs(settings: Settings) -> list[tuple[float, str]]:
@@ -139,20 +192,27 @@ def negative_prompt(settings: Settings, caption_source: str, category: str, i: i
 
 def build_rows(settings: Settings, instances: dict[str, str],
                llm_captions: dict[str, list[str]] | None = None) -> dict[str, list[SampleRow]]:
-    """The row table, grouped by unit: ``{"pos:<config key>:<instance>" | "neg:<cfg>:<src>:<category>": rows}``.
+    """The row table, grouped by unit: ``{"pos:<config key>:<instance>" | "neg:<cfg>:<src>:<category>": rows}``
+    (the groups' stored names; :func:`build_groups` gives the typed groups).
 
     ``instances`` maps instance name -> category. Grouping rows by (generator, instance) lets
     an actor load each personalised generator once per group, not once per batch.
     ``llm_captions`` (``{category: captions}``) feeds the ``llm`` caption source; the groups of a
     category it lacks (its captions failed) are left out.
     """
+    return {str(g): rows for g, rows in build_groups(settings, instances, llm_captions).items()}
+
+
+def build_groups(settings: Settings, instances: dict[str, str],
+                 llm_captions: dict[str, list[str]] | None = None) -> dict[RowGroup, list[SampleRow]]:
+    """:func:`build_rows` with typed :class:`RowGroup` keys (same groups, same order)."""
     syn = settings.synthesis
     captions = load_captions(syn.captions_file) if "captions" in syn.caption_sources else None
     if "llm" in syn.caption_sources and llm_captions is None:
         raise PlanError("synthesis.caption_sources contains 'llm' but no LLM captions were given: "
                         "the captions stage runs before synthesis (run_data_stages)")
     llm = llm_captions or {}
-    groups: dict[str, list[SampleRow]] = {}
+    groups: dict[RowGroup, list[SampleRow]] = {}
     for cfg in data_configs(settings):
         for name in sorted(instances):
             cat = instances[name]
@@ -166,7 +226,7 @@ def build_rows(settings: Settings, instances: dict[str, str],
                 rows.append(SampleRow(name, "positive", cfg.generator, prompt,
                                       cfg.cfg if cfg.cfg is not None else 0.0, seed,
                                       cfg.caption_source, i))
-            groups[f"pos:{cfg.key}:{name}"] = rows
+            groups[RowGroup(POSITIVES, name, config=cfg)] = rows
     by_cat: dict[str, list[str]] = {}
     for name, cat in instances.items():
         by_cat.setdefault(cat, []).append(name)
@@ -181,7 +241,7 @@ def build_rows(settings: Settings, instances: dict[str, str],
                 seed = stable_seed("neg", cat, gcfg, src, syn.seed, i)
                 rows.append(SampleRow(f"{cat}_negatives", "negative", NEGATIVE_GENERATOR, prompt,
                                       gcfg, seed, src, i))
-            groups[f"neg:{gcfg:g}:{src}:{cat}"] = rows
+            groups[RowGroup(NEGATIVES, cat, cfg=gcfg, caption_source=src)] = rows
     return groups
 
 

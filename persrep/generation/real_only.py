@@ -21,6 +21,7 @@ from PIL import Image
 
 from persrep.generation.base import (GeneratorArtifact, InstanceData, PersonalizedGenerator,
                                      SampledImage, SampleRow, instance_data_key, register_generator)
+from persrep.generation.base import Capabilities
 
 RECORD_FILE = "instance.json"
 ARTIFACT_FORMAT = "real-photos-v1"
@@ -142,6 +143,7 @@ class RealOnlyGenerator(RealPhotosGenerator):
     """Positives = the instance's real photos; row ``i`` gets photo ``i mod n`` as it is."""
 
     type_name = "real_only"
+    capabilities = Capabilities(positives_are_real=True)
 
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         instance = self.loaded_instance(rows)

@@ -23,8 +23,10 @@ def cuda_available() -> bool:
 
 def cpu_fallback_notes(settings: Any, cuda: bool | None = None) -> list[str]:
     """One warning line per GPU-only setting that is on but cannot apply on this machine."""
-    types = settings.generator.types
-    if not any(t in ("dreambooth", "masked_dreambooth") for t in types):
+    from persrep.generation.base import any_generator
+
+    # the GPU-only settings are DreamBooth's: they apply to types that train a diffusion model
+    if not any_generator(settings.generator.types, lambda c: c.trains_per_instance and c.needs_base_model):
         return []
     db = settings.generator.dreambooth
     cuda = cuda_available() if cuda is None else cuda

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -20,6 +21,7 @@ from PIL import Image
 from persrep.config import content_key
 from persrep.generation.base import image_fingerprint
 from persrep.generation.shards import png_bytes
+from persrep.pipeline.stages import Unit
 from persrep.segmentation.base import get_segmenter
 
 STAGE = "masks"
@@ -35,7 +37,15 @@ def mask_unit_key(ctx: Any, images: list[Image.Image]) -> str:
     return content_key("auto-masks", seg.identity(), [image_fingerprint(i) for i in images])
 
 
-def plan_mask_units(ctx: Any) -> list[dict[str, Any]]:
+@dataclass(frozen=True, eq=False)
+class MaskUnit(Unit):
+    """Auto masks: one instance without train masks."""
+
+    instance: str
+    key: str
+
+
+def plan_mask_units(ctx: Any) -> list[MaskUnit]:
     """Stage 0's units: one per selected instance without train masks (none when off)."""
     if not ctx.settings.generator.auto_masks:
         return []
@@ -44,17 +54,17 @@ def plan_mask_units(ctx: Any) -> list[dict[str, Any]]:
     for name in sorted(ctx.instances):
         if needs_auto_masks(ctx, name):
             images = [ds.read_image(p) for p in ds.instances[name].train]
-            units.append({"instance": name, "key": mask_unit_key(ctx, images)})
+            units.append(MaskUnit(name, mask_unit_key(ctx, images)))
     return units
 
 
-def run_mask_unit(ctx: Any, unit: dict[str, Any]) -> dict[str, Any]:
+def run_mask_unit(ctx: Any, unit: MaskUnit) -> dict[str, Any]:
     """Segment one instance's train images; publish the masks and their confidences."""
-    if ctx.storage.is_intact(STAGE, unit["key"]):
-        return {"status": "skipped", "key": unit["key"]}
+    if ctx.storage.is_intact(STAGE, unit.key):
+        return {"status": "skipped", "key": unit.key}
     ds = ctx.dataset
-    images = [ds.read_image(p) for p in ds.instances[unit["instance"]].train]
-    return _compute(ctx, unit["instance"], images, unit["key"])
+    images = [ds.read_image(p) for p in ds.instances[unit.instance].train]
+    return _compute(ctx, unit.instance, images, unit.key)
 
 
 def _compute(ctx: Any, name: str, images: list[Image.Image], key: str) -> dict[str, Any]:
@@ -86,12 +96,12 @@ def low_confidence_notes(ctx: Any, units: list[dict[str, Any]]) -> list[str]:
     """Run notes for published auto masks below ``segmentation.min_confidence``."""
     notes = []
     for u in units:
-        if not ctx.storage.is_finished(STAGE, u["key"]):
+        if not ctx.storage.is_finished(STAGE, u.key):
             continue
-        conf = ctx.storage.manifest(STAGE, u["key"]).meta.get("confidence", [])
+        conf = ctx.storage.manifest(STAGE, u.key).meta.get("confidence", [])
         low = [i for i, c in enumerate(conf) if c < ctx.settings.segmentation.min_confidence]
         if low:
-            notes.append(f"auto masks of {u['instance']}: train image(s) {low} have confidence < "
-                         f"{ctx.settings.segmentation.min_confidence} (masks/{u['key']}/); check them "
+            notes.append(f"auto masks of {u.instance}: train image(s) {low} have confidence < "
+                         f"{ctx.settings.segmentation.min_confidence} (masks/{u.key}/); check them "
                          "or give train_masks/ (persrep data masks)")
     return notes

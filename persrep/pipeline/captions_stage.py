@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persrep.config import content_key
 from persrep.pipeline.context import RunContext
+from persrep.pipeline.stages import Unit
 
 STAGE = "captions"
 CAPTIONS_FILE = "captions.json"
@@ -39,7 +41,16 @@ def caption_key(settings: Any, category: str) -> str:
     return content_key("captions-llm", category, ident, instruction_of(cfg), sampling)
 
 
-def plan_caption_units(ctx: RunContext) -> list[dict[str, Any]]:
+@dataclass(frozen=True, eq=False)
+class CaptionUnit(Unit):
+    """LLM captions: one category (``model``: a local model directory resolved on the driver)."""
+
+    category: str
+    key: str
+    model: str | None
+
+
+def plan_caption_units(ctx: RunContext) -> list[CaptionUnit]:
     """One unit per category of the run's instances (none unless a caption source is ``llm``)."""
     if not uses_llm(ctx.settings):
         return []
@@ -47,18 +58,18 @@ def plan_caption_units(ctx: RunContext) -> list[dict[str, Any]]:
     model = ctx.settings.synthesis.captions.model
     if model and Path(model).expanduser().is_dir():  # resolved on the driver: workers start elsewhere
         model = str(Path(model).expanduser().absolute())
-    return [{"category": c, "key": caption_key(ctx.settings, c), "model": model} for c in cats]
+    return [CaptionUnit(c, caption_key(ctx.settings, c), model) for c in cats]
 
 
-def run_caption_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
+def run_caption_unit(ctx: RunContext, unit: CaptionUnit) -> dict[str, Any]:
     """Generate and publish one category's captions (skipped when already published)."""
     from persrep.captions.generate import build_backend, generate_for_category
 
-    key, cat = unit["key"], unit["category"]
+    key, cat = unit.key, unit.category
     if ctx.storage.is_intact(STAGE, key):
         return {"status": "skipped", "key": key}
     t0 = time.perf_counter()
-    cfg = ctx.settings.synthesis.captions.model_copy(update={"model": unit.get("model")})
+    cfg = ctx.settings.synthesis.captions.model_copy(update={"model": unit.model})
     caps = generate_for_category(build_backend(cfg), cat, cfg)
     meta = {"category": cat, "model": cfg.endpoint or cfg.model, "n": len(caps),
             "seconds": time.perf_counter() - t0}
@@ -74,8 +85,8 @@ def llm_captions(ctx: RunContext) -> dict[str, list[str]] | None:
         return None
     out: dict[str, list[str]] = {}
     for u in plan_caption_units(ctx):
-        if ctx.storage.is_finished(STAGE, u["key"]):
-            out.update(json.loads(ctx.storage.read_unit_file(STAGE, u["key"], CAPTIONS_FILE)))
+        if ctx.storage.is_finished(STAGE, u.key):
+            out.update(json.loads(ctx.storage.read_unit_file(STAGE, u.key, CAPTIONS_FILE)))
     return out
 
 
@@ -83,7 +94,7 @@ def ensure_captions(ctx: RunContext, say: Any = None) -> None:
     """Generate missing caption units in this process (the sweep plans synthesis units, whose
     keys depend on the captions' text, before it has an executor)."""
     for u in plan_caption_units(ctx):
-        if not ctx.storage.is_intact(STAGE, u["key"]):
+        if not ctx.storage.is_intact(STAGE, u.key):
             if say:
-                say(f"captions: generating {u['category']} ({u['key']})")
+                say(f"captions: generating {u.category} ({u.key})")
             run_caption_unit(ctx, u)

@@ -16,6 +16,7 @@ from typing import Any
 
 from persrep.config import Settings, content_key
 from persrep.data.check import check_dataset
+from persrep.generation.base import any_generator, generator_caps
 from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset,
                                  select_instances)
 from persrep.storage import Storage, StorageError
@@ -54,6 +55,14 @@ class RunContext:
         if "://" in value:
             return value
         return str(Path(value).expanduser().absolute())
+
+    def shared_images(self, kind: str, category: str) -> list[Any] | None:
+        """The category's published shared images of ``kind`` (``persrep.pipeline.shared_images``),
+        or None when this run has no such unit: what generator factories read (``from_context``)."""
+        from persrep.pipeline.shared_images import read_shared_images, shared_unit
+
+        unit = shared_unit(kind, self.settings, category)
+        return None if unit is None else read_shared_images(self.storage, unit.key)
 
 
 def _toy_dataset(settings: Settings, storage: Storage, progress: Progress | None) -> str:
@@ -109,10 +118,11 @@ def preflight_models(settings: Settings) -> list[str]:
         ident = backbone_identity(bs)  # raises WeightsUnavailableError with the fix
         require_weights(bs)  # hub weights neither cached nor downloadable: the same, now
         notes.append(f"backbone {bs.name}: weights {ident.get('weights_source')}")
-    diffusion_needed = (any(t in ("dreambooth", "masked_dreambooth") for t in settings.generator.types)
+    types = settings.generator.types
+    diffusion_needed = (any_generator(types, lambda c: c.needs_base_model)
                         or settings.personalization.negatives == "generated"
                         or settings.synthesis.cut_paste.backgrounds == "generated"
-                        and "cut_paste" in settings.generator.types)
+                        and any_generator(types, lambda c: "backgrounds" in c.shared_inputs))
     if diffusion_needed:
         from persrep.models.diffusion import component_identity, require_available
 
@@ -139,7 +149,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     data_path = materialise_data(settings, storage, progress)
     ds = open_dataset(data_path, settings.storage.s3_endpoint)
     n_images = sum(len(v) for i in ds.instances.values() for v in i.images.values())
-    dense = any(t in ("detection", "segmentation") for t in settings.evaluation.tasks)
+    from persrep.evaluation.tasks import dense_tasks
+
+    dense = bool(dense_tasks(settings.evaluation.tasks))
     from persrep.data.info_check import run_needs_categories
 
     report = check_dataset(ds, deep=n_images <= DEEP_CHECK_LIMIT, dense_tasks=dense,
@@ -149,7 +161,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
         notes.append(f"data warning: {f.line()}")
     notes += [f"data: {f.line()}" for f in report.of("note") if "masks predicted by" in f.problem]
     names = select_instances(ds, settings.data.instances, settings.data.split, settings.data.max_instances)
-    needs_masks = [t for t in settings.generator.types if t in ("cut_paste", "masked_dreambooth")]
+    needs_masks = [t for t in settings.generator.types if generator_caps(t).needs_masks]
     if needs_masks and not ds.has_masks("train") and not settings.generator.auto_masks:
         raise DatasetError(f"generator types {needs_masks} need train masks, but {data_path} has none: "
                            f"predict them with `persrep data masks {data_path}` (or set "

@@ -46,7 +46,31 @@ def failed_outcome(label: str, exc: BaseException, attempts: int, seconds: float
     return Outcome(label, "failed", dict(getattr(exc, "details", None) or {}), error, attempts, seconds, trace)
 
 
+class StageHooks:
+    """Stages an executor may run its own way instead of mapping their units one at a time,
+    declared here (in the spirit of Ray Train V2's typed callbacks) rather than probed for.
+    ``None`` (the default) = the runner maps the stage's units with ``Executor.map``.
+
+    - ``synthesis_stage(ctx, units, progress) -> list[Outcome]``: every synthesis unit at once
+      (RayExecutor: a Ray Data actor pool that keeps generators loaded);
+    - ``run_personalization(ctx, units, labels, tracker) -> list[Outcome]``: every personalisation
+      unit (RayExecutor: one Ray Tune trial per unit).
+
+    Both return one :class:`Outcome` per unit, in order, as ``map`` would.
+    """
+
+    synthesis_stage: Callable[[Any, list[Any], Callable[[str], None]], list[Outcome]] | None = None
+    run_personalization: Callable[[Any, list[Any], list[str], Any], list[Outcome]] | None = None
+
+
+def stage_hooks(executor: Any) -> StageHooks:
+    """The executor's stage hooks; an executor that implements only ``map`` has none."""
+    return executor if isinstance(executor, StageHooks) else StageHooks()
+
+
 class Executor(Protocol):
+    """Runs a stage's units and reports an outcome for each; may declare :class:`StageHooks`."""
+
     def map(self, fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, units: Sequence[Any],
             labels: Sequence[str], resources: Resources, stage: str) -> list[Outcome]: ...
 
@@ -60,7 +84,7 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}"[:300]
 
 
-class LocalExecutor:
+class LocalExecutor(StageHooks):
     sequential = True  # one unit at a time: memory is never shared between two units
     def __init__(self, max_retries: int = 0, progress: Callable[[str], None] | None = None,
                  verbose_errors: bool = False):

@@ -287,12 +287,12 @@ def plan_stages(settings: Any, units: dict[str, int], nodes: list[NodeShape],
 
 def count_units(settings: Any, n_instances: int, n_categories: int) -> dict[str, int]:
     """Units per stage before any of them is planned (upper bounds: failures remove some)."""
-    from persrep.generation.base import generator_class
+    from persrep.generation.base import generator_caps
     from persrep.generation.plan import data_configs, negative_configs
 
     configs = data_configs(settings)
-    trained = [t for t in settings.generator.types if generator_class(t).needs_training]
-    pos = sum(c.generator != "real_only" for c in configs) * n_instances
+    trained = [t for t in settings.generator.types if generator_caps(t).trains_per_instance]
+    pos = sum(not generator_caps(c.generator).positives_are_real for c in configs) * n_instances
     neg = len(negative_configs(settings)) * n_categories if settings.personalization.negatives == "generated" else 0
     backbones = len(settings.personalization.backbones)
     adapters = len(configs) * n_instances * backbones

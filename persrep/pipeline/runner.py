@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from persrep.config import Settings, content_key, settings_to_dict
-from persrep.generation.base import generator_class
-from persrep.generation.plan import build_rows, data_configs
+from persrep.generation.base import generator_caps, generator_class
+from persrep.generation.plan import NEGATIVE_GENERATOR, POSITIVES, RowGroup, build_groups, data_configs
 from persrep.pipeline.captions_stage import llm_captions, plan_caption_units, run_caption_unit
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.keys import result_settings
@@ -26,9 +26,11 @@ from persrep.pipeline.memory import count_units, plan_stages
 from persrep.generation import shards
 from persrep.pipeline.summary import format_summary, headline_table
 from persrep.pipeline.verdict import synthesis_verdict
-from persrep.pipeline.work import (PersonalizeUnit, SynthesisUnit, generator_key, personalize_key,
-                                   read_rows, run_evaluation_unit, run_generator_unit,
+from persrep.pipeline.stages import PlannedStage, StageRun, map_stage, record_stage, run_planned
+from persrep.pipeline.work import (EvaluationUnit, GeneratorUnit, PersonalizeUnit, SynthesisUnit,
+                                   generator_key, read_rows, run_evaluation_unit, run_generator_unit,
                                    run_personalize_unit, run_synthesis_unit, synthesis_key)
+from persrep.pipeline.executor import stage_hooks
 
 Progress = Callable[[str], None]
 
@@ -93,26 +95,8 @@ class RunSummary:
         return 1 if self.failures else 0
 
 
-def _special_stage(summary: RunSummary, name: str, how: str, n_units: int, say: Progress,
-                   run: Callable[[], list[Outcome]]) -> list[Outcome]:
-    """Time a stage, record its outcomes in the summary, and say how it went."""
-    t0 = time.perf_counter()
-    say(f"stage {name}: {n_units} units{f' ({how})' if how else ''}")
-    outs = run()
-    summary.record(name, outs, time.perf_counter() - t0)
-    c = summary.stages[name]
-    say(f"stage {name}: {c['done']} done, {c['skipped']} skipped (finished earlier), "
-        f"{c['failed']} failed in {summary.timings[name]:.1f} s")
-    if callable(getattr(say, "stage_outcomes", None)):  # persrep.console: per-instance table
-        say.stage_outcomes(name, outs)
-    return outs
-
-
-def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, labels,
-           resources: Resources, say: Progress) -> list[Outcome]:
-    """A stage whose units the executor maps over (in-process loop or Ray tasks)."""
-    return _special_stage(summary, name, "", len(units), say,
-                          lambda: executor.map(fn, ctx, units, labels, resources, name) if units else [])
+_special_stage = record_stage  # the stage helpers live in persrep.pipeline.stages
+_stage = map_stage
 
 
 def run_pipeline(settings: Settings, progress: Progress | None = None,
@@ -175,182 +159,210 @@ def plan_resources(ctx: RunContext, executor: Executor, say: Progress) -> None:
 
 @dataclass
 class DataStages:
-    """What stages 1-2 made available: trained generators and synthesis units, by key."""
+    """What the data stages made available: trained generators and synthesis units, by key."""
     ready: dict[tuple[str, str], str] = field(default_factory=dict)  # (generator, instance) -> key
     synthesized: dict[str, str] = field(default_factory=dict)        # row group -> synthesis key
 
 
-def plan_generator_units(ctx: RunContext) -> list[dict[str, Any]]:
-    """Stage 1's units: one per (trained generator type, instance)."""
-    from persrep.pipeline.shared_images import class_images_unit
+def plan_generator_units(ctx: RunContext) -> list[GeneratorUnit]:
+    """Generator prep's units: one per (type that trains per instance, instance)."""
+    from persrep.pipeline.shared_images import CLASS_IMAGES, class_images_unit
 
-    trained = [t for t in ctx.settings.generator.types if generator_class(t).needs_training]
-    units = [{"generator": t, "instance": n, "key": generator_key(ctx, t, n)}
-             for t in trained for n in sorted(ctx.instances)]
-    for u in units:  # DreamBooth reads its category's class images from their shared unit
-        shared = class_images_unit(ctx.settings, ctx.instances[u["instance"]])
-        if shared is not None and u["generator"] in ("dreambooth", "masked_dreambooth"):
-            u["class_images"] = shared.key
+    units = []
+    for t in ctx.settings.generator.types:
+        caps = generator_caps(t)
+        if not caps.trains_per_instance:
+            continue
+        for n in sorted(ctx.instances):
+            # a type that reads its category's class images depends on their shared unit
+            shared = class_images_unit(ctx.settings, ctx.instances[n]) if CLASS_IMAGES in caps.shared_inputs else None
+            units.append(GeneratorUnit(t, n, generator_key(ctx, t, n), (shared.key,) if shared else ()))
     return units
 
 
-def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> list[SynthesisUnit]:
-    """Stage 2's units: one per group of rows (a generator loaded once per group); groups whose
-    trained generator is not in ``ready`` are left out (their generator failed)."""
-    settings = ctx.settings
-    configs = {c.key: c for c in data_configs(settings)}
-    syn_units: list[SynthesisUnit] = []
-    for group, rows in build_rows(settings, ctx.instances, llm_captions(ctx)).items():
-        kind = group.split(":")[0]
-        if kind == "neg":
-            if settings.personalization.negatives != "generated":
-                continue
-            unit = SynthesisUnit(group, "base", rows[0].instance, rows, None)
-        else:
-            cfg = configs[group.split(":")[1]]
-            name = group.split(":", 2)[2]
-            if cfg.generator == "real_only":
-                continue  # real-only positives are the real photos themselves, augmented in training
-            gkey = ready.get((cfg.generator, name)) if generator_class(cfg.generator).needs_training else None
-            if generator_class(cfg.generator).needs_training and gkey is None:
-                continue  # its generator failed: recorded in generator_prep
-            unit = SynthesisUnit(group, cfg.generator, name, rows, gkey)
-        sampler: dict[str, Any] = {}
-        if unit.generator == "cut_paste":
-            from persrep.pipeline.shared_images import backgrounds_unit
+def synthesis_unit(ctx: RunContext, group: RowGroup, rows: list, ready: dict[tuple[str, str], str]
+                   ) -> SynthesisUnit | None:
+    """The synthesis unit of one row group, keyed; None when it has none (real positives, or its
+    trained generator is not in ``ready``: it failed)."""
+    from persrep.pipeline.shared_images import BACKGROUNDS, backgrounds_unit
 
-            cut_paste = settings.synthesis.cut_paste.model_dump(mode="json")
-            cut_paste.pop("num_backgrounds")  # counted in the backgrounds unit's key, if generated
-            sampler = {"cut_paste": cut_paste}
-            shared = backgrounds_unit(settings, ctx.instances[unit.instance])
+    settings = ctx.settings
+    if group.is_negatives:
+        generator, owner, gkey, sampler = NEGATIVE_GENERATOR, rows[0].instance, None, {}
+    else:
+        generator, owner = group.config.generator, group.owner
+        cls = generator_class(generator)
+        caps = cls.capabilities
+        if caps.positives_are_real:
+            return None  # real-only positives are the real photos themselves, augmented in training
+        gkey = ready.get((generator, owner)) if caps.trains_per_instance else None
+        if caps.trains_per_instance and gkey is None:
+            return None  # its generator failed: recorded in generator_prep
+        sampler = cls.synthesis_settings(settings)
+        if BACKGROUNDS in caps.shared_inputs:
+            shared = backgrounds_unit(settings, ctx.instances[owner])
             if shared is not None:  # generated backgrounds: their unit's key is an input
-                sampler["backgrounds_key"] = shared.key
-        unit.key = synthesis_key(ctx, group, rows, unit.generator_key, sampler)
-        syn_units.append(unit)
-    return syn_units
+                sampler = {**sampler, "backgrounds_key": shared.key}
+    return SynthesisUnit(group, generator, owner, rows, gkey,
+                         synthesis_key(ctx, group, rows, gkey, sampler))
+
+
+def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> list[SynthesisUnit]:
+    """Synthesis's units: one per group of rows (a generator loaded once per group); groups whose
+    trained generator is not in ``ready`` are left out (their generator failed)."""
+    generated_negatives = ctx.settings.personalization.negatives == "generated"
+    units = []
+    for group, rows in build_groups(ctx.settings, ctx.instances, llm_captions(ctx)).items():
+        if group.is_negatives and not generated_negatives:
+            continue
+        unit = synthesis_unit(ctx, group, rows, ready)
+        if unit is not None:
+            units.append(unit)
+    return units
 
 
 def plan_personalize_units(ctx: RunContext, synthesized: dict[str, str]) -> list[PersonalizeUnit]:
-    """Stage 3's units: one per (data configuration, instance, backbone) whose data exists."""
+    """Personalisation's units: one per (data configuration, instance, backbone) whose data exists."""
     settings = ctx.settings
+    negatives: dict[str, list[str]] = {}  # category -> its negatives pools' synthesis keys
+    for g, k in synthesized.items():
+        if g.is_negatives:
+            negatives.setdefault(g.owner, []).append(k)
     pz_units: list[PersonalizeUnit] = []
     for cfg in data_configs(settings):
         for name in sorted(ctx.instances):
             cat = ctx.instances[name]
             pos_key, fallback = None, False
-            if cfg.generator != "real_only":
-                pos_key = synthesized.get(f"pos:{cfg.key}:{name}")
+            if not generator_caps(cfg.generator).positives_are_real:
+                pos_key = synthesized.get(str(RowGroup(POSITIVES, name, config=cfg)))
                 if pos_key is None:
                     continue
                 verdict = synthesis_verdict(ctx.storage.manifest(shards.STAGE, pos_key).meta, settings)
                 if verdict.status == "failed":
                     continue  # reported by the synthesis stage (or the sweep's data phase)
                 fallback = verdict.status == "fallback"
-            neg_keys = [k for g, k in synthesized.items() if g.startswith("neg:") and g.endswith(f":{cat}")]
+            neg_keys = negatives.get(cat, [])
             if settings.personalization.negatives == "generated" and not neg_keys:
                 continue
             for bs in settings.personalization.backbones:
                 u = PersonalizeUnit(name, cat, cfg, bs, pos_key, sorted(neg_keys), positives_fallback=fallback)
-                u.key = personalize_key(ctx, u)
-                pz_units.append(u)
+                pz_units.append(u.keyed(ctx))
     return pz_units
 
 
-def adapter_eval_unit(ctx: RunContext, u: PersonalizeUnit) -> dict[str, Any]:
-    """Stage 4's unit for one adapter (its instance, keyed by adapter + evaluation settings)."""
-    return {"kind": "adapter", "backbone": u.backbone, "instance": u.instance,
-            "adapter_key": u.key, "key": content_key("eval-adapter", u.key, result_settings(ctx.settings.evaluation, "evaluation"),
-                               ctx.dataset_key),
-            "keys": {"backbone": u.backbone.name, "data_config": u.config.label,
-                     "generator": u.config.generator,
-                     "cfg": u.config.cfg if u.config.cfg is not None else float("nan"),
-                     "caption_source": u.config.caption_source, "adapter_key": u.key,
-                     "negatives_source": ctx.settings.personalization.negatives}}
+def adapter_eval_unit(ctx: RunContext, u: PersonalizeUnit) -> EvaluationUnit:
+    """Evaluation's unit for one adapter (its instance, keyed by adapter + evaluation settings)."""
+    return EvaluationUnit(
+        "adapter", u.backbone,
+        content_key("eval-adapter", u.key, result_settings(ctx.settings.evaluation, "evaluation"), ctx.dataset_key),
+        {"backbone": u.backbone.name, "data_config": u.config.label, "generator": u.config.generator,
+         "cfg": u.config.cfg if u.config.cfg is not None else float("nan"),
+         "caption_source": u.config.caption_source, "adapter_key": u.key,
+         "negatives_source": ctx.settings.personalization.negatives},
+        instance=u.instance, adapter_key=u.key)
 
 
-def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, say: Progress,
-                    skip_keys: set[str] | None = None) -> DataStages:
-    """Stages 1-2 (generator prep, synthesis). Units whose key is in ``skip_keys`` are not run
-    (a caller that already ran them, e.g. a sweep over several data settings, counts them as
-    available); the keys of the units run here are added to it."""
-    skip = skip_keys if skip_keys is not None else set()
-    out = DataStages()
+def pretrained_eval_units(ctx: RunContext) -> list[EvaluationUnit]:
+    """Evaluation's units for the pretrained backbones (all instances each), when asked for."""
+    ev = ctx.settings.evaluation
+    if not ev.evaluate_pretrained:
+        return []
+    common = {"negatives_source": ctx.settings.personalization.negatives}
+    return [EvaluationUnit("pretrained", bs, content_key(
+        "eval-pretrained", bs, result_settings(ev, "evaluation"), ctx.dataset_key, sorted(ctx.instances)),
+        {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
+         "caption_source": "-", "adapter_key": "-", "positives_used": "-", "n_positives": -1, **common})
+        for bs in ctx.settings.personalization.backbones]
 
-    # 0. auto masks (generator.auto_masks): one unit per instance without train masks
+
+def data_stages(ctx: RunContext, summary: RunSummary, say: Progress, out: DataStages,
+                runs: dict[str, StageRun]) -> list[PlannedStage]:
+    """The stages before personalisation, in order: auto masks, captions, base images, generator
+    prep, synthesis. Each plans from what the earlier ones made (``runs``, ``out``)."""
     from persrep.pipeline.auto_masks import low_confidence_notes, plan_mask_units, run_mask_unit
-
-    mask_units = [u for u in plan_mask_units(ctx) if u["key"] not in skip]
-    if mask_units:
-        skip.update(u["key"] for u in mask_units)
-        _stage(summary, executor, "auto_masks", run_mask_unit, ctx, mask_units,
-               [f"masks:{u['instance']}" for u in mask_units], unit_resources(ctx, "auto_masks"), say)
-        summary.notes += low_confidence_notes(ctx, mask_units)
-
-    # 0. LLM captions: one unit per category, before the synthesis rows are planned (captions_stage.py)
-    cap_units = [u for u in plan_caption_units(ctx) if u["key"] not in skip]
-    skip.update(u["key"] for u in cap_units)
-    if cap_units:
-        _stage(summary, executor, "captions", run_caption_unit, ctx, cap_units,
-               [f"captions:{u['category']}" for u in cap_units], unit_resources(ctx, "captions"), say)
-
-    # 0. base images shared per category (class images, generated backgrounds): drawn once
     from persrep.pipeline.shared_images import plan_shared_units, run_shared_unit
 
-    shared = [u for u in plan_shared_units(ctx.settings, ctx.instances) if u.key not in skip]
-    skip.update(u.key for u in shared)
-    if shared:
-        outs = _stage(summary, executor, "base_images", run_shared_unit, ctx, shared,
-                      [f"{u.kind}:{u.category}" for u in shared], unit_resources(ctx, "synthesis"), say)
-        failed = {u.key for u, o in zip(shared, outs) if o.status == "failed"}
-    else:
-        failed = set()
+    def failed(stage: str) -> set[str]:
+        return runs[stage].failed_keys() if stage in runs else set()
 
-    # 1. generator prep: one unit per (instance, trained generator type)
-    planned = [u for u in plan_generator_units(ctx) if u.get("class_images") not in failed]
-    out.ready = {(u["generator"], u["instance"]): u["key"] for u in planned if u["key"] in skip}
-    gen_units = [u for u in planned if u["key"] not in skip]
-    skip.update(u["key"] for u in gen_units)
-    outs = _stage(summary, executor, "generator_prep", run_generator_unit, ctx, gen_units,
-                  [f"{u['generator']}:{u['instance']}" for u in gen_units], unit_resources(ctx, "generator_prep"), say)
-    out.ready.update({(u["generator"], u["instance"]): u["key"] for u, o in zip(gen_units, outs)
-                      if o.status != "failed"})
-    for u, o in zip(gen_units, outs):  # the per-instance status table of generator prep
-        say(f"  {u['instance']:24s} {u['generator']:18s} {o.status:8s} {o.error or ''}")
+    def masks_report(units: list[Any], _outs: list[Outcome]) -> None:
+        summary.notes.extend(low_confidence_notes(ctx, units))
 
-    # 2. synthesis: one unit per group of rows (a generator loaded once per group)
-    planned_syn = plan_synthesis_units(ctx, out.ready)
-    out.synthesized = {u.group: u.key for u in planned_syn if u.key in skip}
-    syn_units = [u for u in planned_syn if u.key not in skip]
-    skip.update(u.key for u in syn_units)
-    synthesis_stage = getattr(executor, "synthesis_stage", None)  # Ray: a Ray Data actor pool
-    if synthesis_stage is not None and syn_units:
-        outs = _special_stage(summary, "synthesis", "Ray Data", len(syn_units), say,
-                              lambda: synthesis_stage(ctx, syn_units, say))
+    def prep_report(units: list[GeneratorUnit], outs: list[Outcome]) -> None:
+        out.ready.update({(u.generator, u.instance): u.key for u, o in zip(units, outs) if o.status != "failed"})
+        for u, o in zip(units, outs):  # the per-instance status table of generator prep
+            say(f"  {u.instance:24s} {u.generator:18s} {o.status:8s} {o.error or ''}")
+
+    def synthesis_report(units: list[SynthesisUnit], outs: list[Outcome]) -> None:
         st = getattr(outs, "stats", None)
         if st:
             summary.notes.append(f"synthesis: {st['rows']} rows, {st['errors']} row errors, "
                                  f"{st['loads']} generator loads on {st['actors']} actor(s)")
-    else:
-        outs = _stage(summary, executor, "synthesis", run_synthesis_unit, ctx, syn_units,
-                      [u.group for u in syn_units], unit_resources(ctx, "synthesis"), say)
-    out.synthesized.update({u.group: u.key for u, o in zip(syn_units, outs) if o.status != "failed"})
-    summary.record_synthesis(syn_units, outs, say)
+        out.synthesized.update({u.group: u.key for u, o in zip(units, outs) if o.status != "failed"})
+        summary.record_synthesis(units, outs, say)
+
+    def plan_prep() -> list[GeneratorUnit]:
+        planned = [u for u in plan_generator_units(ctx) if not set(u.shared_inputs) & failed("base_images")]
+        return planned
+
+    return [
+        # auto masks (generator.auto_masks): one unit per instance without train masks
+        PlannedStage("auto_masks", lambda: plan_mask_units(ctx), run_mask_unit,
+                     lambda u: f"masks:{u.instance}", report=masks_report),
+        # LLM captions: one unit per category, before the synthesis rows are planned
+        PlannedStage("captions", lambda: plan_caption_units(ctx), run_caption_unit,
+                     lambda u: f"captions:{u.category}"),
+        # base images shared per category (class images, generated backgrounds): drawn once
+        PlannedStage("base_images", lambda: plan_shared_units(ctx.settings, ctx.instances), run_shared_unit,
+                     lambda u: f"{u.kind}:{u.category}", resources="synthesis"),
+        # generator prep: one unit per (instance, trained generator type)
+        PlannedStage("generator_prep", plan_prep, run_generator_unit, lambda u: u.label,
+                     report=prep_report, always=True),
+        # synthesis: one unit per group of rows (a generator loaded once per group)
+        PlannedStage("synthesis", lambda: plan_synthesis_units(ctx, out.ready), run_synthesis_unit,
+                     lambda u: u.label, hook="synthesis_stage", how="Ray Data",
+                     report=synthesis_report, always=True),
+    ]
+
+
+def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, say: Progress,
+                    skip_keys: set[str] | None = None) -> DataStages:
+    """The stages before personalisation (auto masks, captions, base images, generator prep,
+    synthesis). Units whose key is in ``skip_keys`` are not run (a caller that already ran them,
+    e.g. a sweep over several data settings, counts them as available); the keys of the units run
+    here are added to it."""
+    skip = skip_keys if skip_keys is not None else set()
+    out = DataStages()
+    runs: dict[str, StageRun] = {}
+    for stage in data_stages(ctx, summary, say, out, runs):
+        if stage.name == "generator_prep":  # skipped units are finished generators: available
+            planned = stage.plan()
+            out.ready = {(u.generator, u.instance): u.key for u in planned if u.key in skip}
+            stage = _replanned(stage, planned)
+        elif stage.name == "synthesis":
+            planned = stage.plan()
+            out.synthesized = {u.group: u.key for u in planned if u.key in skip}
+            stage = _replanned(stage, planned)
+        runs[stage.name] = run_planned(stage, ctx, executor, summary, say, skip, unit_resources)
     return out
+
+
+def _replanned(stage: PlannedStage, planned: list[Any]) -> PlannedStage:
+    from dataclasses import replace
+
+    return replace(stage, plan=lambda: planned)
 
 
 def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracker: Any,
                 say: Progress) -> None:
-    settings = ctx.settings
-    instances = sorted(ctx.instances)
-
-    # 1-2. generator prep and synthesis
+    # 1-2. the data stages (auto masks, captions, base images, generator prep, synthesis)
     synthesized = run_data_stages(ctx, executor, summary, say).synthesized
 
     # 3. personalisation: one unit per (instance, data configuration, backbone)
     pz_units = plan_personalize_units(ctx, synthesized)
 
-    pz_labels = [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units]
-    stage3 = getattr(executor, "run_personalization", None)  # RayExecutor: one Tune trial per unit
+    pz_labels = [u.label for u in pz_units]
+    stage3 = stage_hooks(executor).run_personalization  # RayExecutor: one Tune trial per unit
     if stage3 is not None and pz_units:
         outs = _special_stage(summary, "personalization", "Ray Tune", len(pz_units), say,
                               lambda: stage3(ctx, pz_units, pz_labels, tracker))
@@ -368,23 +380,12 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
                               tags={"persrep.stage": "personalization"})
 
     # 4. evaluation: pretrained once per backbone (all instances), then each adapter
-    ev = settings.evaluation
-    ev_units = []
-    common = {"negatives_source": settings.personalization.negatives}
-    if ev.evaluate_pretrained:
-        for bs in settings.personalization.backbones:
-            ev_units.append({"kind": "pretrained", "backbone": bs, "key": content_key(
-                "eval-pretrained", bs, result_settings(ev, "evaluation"), ctx.dataset_key, instances),
-                "keys": {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
-                         "caption_source": "-", "adapter_key": "-", "positives_used": "-",
-                         "n_positives": -1, **common}})
-    ev_units += [adapter_eval_unit(ctx, u) for u in adapters]
+    ev_units = pretrained_eval_units(ctx) + [adapter_eval_unit(ctx, u) for u in adapters]
     outs = _stage(summary, executor, "evaluation", run_evaluation_unit, ctx, ev_units,
-                  [f"{u['kind']}:{u['backbone'].name}:{u.get('instance', 'all')}" for u in ev_units],
-                  unit_resources(ctx, "evaluation"), say)
+                  [u.label for u in ev_units], unit_resources(ctx, "evaluation"), say)
 
     summary.rows = [r for u, o in zip(ev_units, outs) if o.status != "failed"
-                    for r in read_rows(ctx.storage, u["key"])]
+                    for r in read_rows(ctx.storage, u.key)]
     seen = set()
     for r in summary.rows:  # adapters trained on something other than their label: say so once each
         if r.get("positives_used") == "real_only_fallback" and r.get("adapter_key") not in seen:

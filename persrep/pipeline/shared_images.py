@@ -11,7 +11,7 @@ Two kinds, both drawn from the *un-personalised* base model and published under
   generated``, the paper's setting), ``synthesis.cut_paste.num_backgrounds`` images from the
   scene prompts :data:`~persrep.generation.cut_paste.BACKGROUND_PROMPTS`, one unit per
   (category, prompt list, seed), shared by the category's instances. A positive picks its
-  background by its placement's background seed (:class:`PublishedBackgrounds`).
+  background by its placement's background seed (:class:`persrep.generation.cut_paste.PublishedBackgrounds`).
 
 A unit's key hashes what determines its pixels: kind, category, prompts, count, seed, the base
 model's identity and the sampler (steps, scheduler, guidance, resolution); never batch sizes.
@@ -22,20 +22,22 @@ from __future__ import annotations
 import io
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import stable_seed
+from persrep.generation.base import any_generator, stable_seed
+from persrep.pipeline.stages import Unit
 
 STAGE = "base_images"
 CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale
+CLASS_IMAGES, BACKGROUNDS = "class_images", "backgrounds"  # the kinds (generators' shared_inputs)
 
 
-@dataclass
-class SharedImagesUnit:
+@dataclass(frozen=True, eq=False)
+class SharedImagesUnit(Unit):
     kind: str  # "class_images" | "backgrounds"
     category: str
     prompts: list[str]
@@ -54,16 +56,19 @@ def _base(settings: Settings) -> dict[str, Any]:
 def class_images_unit(settings: Settings, category: str) -> SharedImagesUnit | None:
     """The category's prior-preservation images, or None when no DreamBooth type needs them."""
     db, syn = settings.generator.dreambooth, settings.synthesis
-    dreambooth = any(t in ("dreambooth", "masked_dreambooth") for t in settings.generator.types)
+    dreambooth = any_generator(settings.generator.types, lambda c: CLASS_IMAGES in c.shared_inputs)
     if not (dreambooth and db.prior_preservation and db.prior_loss_weight > 0 and db.num_class_images > 0):
         return None
     unit = SharedImagesUnit("class_images", category, [db.class_prompt.format(category=category)],
                             db.num_class_images, db.seed,
                             {"steps": syn.inference_steps, "scheduler": syn.scheduler,
                              "cfg": CLASS_GUIDANCE, "resolution": db.resolution})
-    unit.key = content_key("base-images", unit.kind, category, unit.prompts, unit.count, unit.seed,
-                           unit.sampler, _base(settings))
-    return unit
+    return _keyed(unit, settings)
+
+
+def _keyed(unit: SharedImagesUnit, settings: Settings) -> SharedImagesUnit:
+    return replace(unit, key=content_key("base-images", unit.kind, unit.category, unit.prompts, unit.count,
+                                         unit.seed, unit.sampler, _base(settings)))
 
 
 def backgrounds_unit(settings: Settings, category: str) -> SharedImagesUnit | None:
@@ -71,14 +76,20 @@ def backgrounds_unit(settings: Settings, category: str) -> SharedImagesUnit | No
     from persrep.generation.cut_paste import BACKGROUND_PROMPTS, GENERATED
 
     syn = settings.synthesis
-    if "cut_paste" not in settings.generator.types or syn.cut_paste.backgrounds != GENERATED:
+    if not any_generator(settings.generator.types, lambda c: BACKGROUNDS in c.shared_inputs) \
+            or syn.cut_paste.backgrounds != GENERATED:
         return None
     unit = SharedImagesUnit("backgrounds", category, list(BACKGROUND_PROMPTS), syn.cut_paste.num_backgrounds,
                             syn.seed, {"steps": syn.inference_steps, "scheduler": syn.scheduler,
                                        "cfg": float(syn.cfg[0]), "resolution": syn.resolution})
-    unit.key = content_key("base-images", unit.kind, category, unit.prompts, unit.count, unit.seed,
-                           unit.sampler, _base(settings))
-    return unit
+    return _keyed(unit, settings)
+
+
+def shared_unit(kind: str, settings: Settings, category: str) -> SharedImagesUnit | None:
+    """The category's shared unit of ``kind`` (``class_images`` / ``backgrounds``), or None."""
+    if kind not in (CLASS_IMAGES, BACKGROUNDS):
+        raise ValueError(f"unknown shared images kind {kind!r}: one of {[CLASS_IMAGES, BACKGROUNDS]}")
+    return (class_images_unit if kind == CLASS_IMAGES else backgrounds_unit)(settings, category)
 
 
 def plan_shared_units(settings: Settings, instances: dict[str, str]) -> list[SharedImagesUnit]:
@@ -139,15 +150,3 @@ def read_shared_images(storage: Any, key: str) -> list[Image.Image]:
     if not images:
         raise ValueError(f"shared images unit {storage.uri(STAGE, key)} has no images")
     return images
-
-
-class PublishedBackgrounds:
-    """A cut-and-paste background source over a published ``backgrounds`` unit: seed -> one of them."""
-
-    def __init__(self, images: list[Image.Image]):
-        self.images = images
-
-    def __call__(self, seed: int, size: int) -> Image.Image:
-        from persrep.generation.cut_paste import fit_canvas
-
-        return fit_canvas(self.images[seed % len(self.images)], size)

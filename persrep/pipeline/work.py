@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,11 @@ from persrep.config import BackboneSettings, content_key
 from persrep.data.layout import is_image_name
 from persrep.generation.base import (GeneratorArtifact, InstanceData, SampleRow, generator_class,
                                      get_generator, instance_data_key)
-from persrep.generation.plan import DataConfig
+from persrep.generation.plan import NEGATIVE_GENERATOR, DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
 from persrep.pipeline.context import RunContext
+from persrep.pipeline.stages import Unit
 from persrep.keys import result_settings
 from persrep.pipeline.verdict import UnitRejected, synthesis_verdict
 from persrep.storage import Storage
@@ -64,17 +65,28 @@ def generator_key(ctx: RunContext, gtype: str, name: str) -> str:
     return get_generator(gtype, ctx.settings).artifact_key(instance_data(ctx, name))
 
 
-def run_generator_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True, eq=False)
+class GeneratorUnit(Unit):
+    """Generator prep: one (trained generator type, instance)."""
+
+    generator: str
+    instance: str
+    key: str
+    shared_inputs: tuple[str, ...] = ()  # keys of the shared base-image units it reads (class images)
+
+    @property
+    def label(self) -> str:
+        return f"{self.generator}:{self.instance}"
+
+
+def run_generator_unit(ctx: RunContext, unit: GeneratorUnit) -> dict[str, Any]:
     """Train a personalised generator for one instance; publish its weights."""
-    gtype, name, key = unit["generator"], unit["instance"], unit["key"]
+    gtype, name, key = unit.generator, unit.instance, unit.key
     if ctx.storage.is_intact(GENERATORS, key):
         return {"status": "skipped", "key": key}
     t0, started_at = time.perf_counter(), time.time()
-    gen = get_generator(gtype, ctx.settings)
-    if unit.get("class_images"):  # the category's prior-preservation images, drawn once, shared
-        from persrep.pipeline.shared_images import read_shared_images
-
-        gen.prior_images = read_shared_images(ctx.storage, unit["class_images"])
+    # the type's factory reads what it shares per category (DreamBooth: its class images)
+    gen = generator_class(gtype).from_context(ctx, ctx.instances[name], "generator_prep")
     artifact = gen.prepare(instance_data(ctx, name), scratch_dir(ctx, "class_images"))
     if artifact.key != key:
         raise RuntimeError(f"{gtype} {name}: artifact key {artifact.key} != planned {key}")
@@ -91,15 +103,22 @@ def load_artifact(storage: Storage, gtype: str, name: str, key: str) -> Generato
 
 
 # -- synthesis ----------------------------------------------------------------------------------
-@dataclass
-class SynthesisUnit:
-    group: str
+@dataclass(frozen=True, eq=False)
+class SynthesisUnit(Unit):
+    """One group of rows drawn with one loaded generator. ``group`` is typed
+    (:class:`~persrep.generation.plan.RowGroup`: kind, owner, data configuration) and is also the
+    group's stored name (a ``str``), so summaries and stored runs read the same."""
+
+    group: str  # a RowGroup where planned; a plain str where rebuilt from a row table (Ray Data)
     generator: str  # a generator type, or "base" for negatives
     instance: str  # instance, or "<category>_negatives"
     rows: list[SampleRow]
     generator_key: str | None
     key: str = ""
-    sampler_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return str(self.group)
 
 
 def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_key: str | None,
@@ -112,27 +131,36 @@ def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_
                         "filter": result_settings(syn.filter, "synthesis.filter")})
 
 
-def _sampler(ctx: RunContext, unit: SynthesisUnit):
-    if unit.generator == "base":
+def open_sampler(ctx: RunContext, unit: SynthesisUnit):
+    """What draws a synthesis unit's rows, loaded: the base model for negatives, else the unit's
+    generator built by its type's factory (``from_context``) and loaded with its artifact. One
+    body for the in-process loop and the Ray Data actors."""
+    if unit.generator == NEGATIVE_GENERATOR:
         from persrep.generation.dreambooth import BaseModelSampler
 
         return BaseModelSampler(ctx.settings)
     cls = generator_class(unit.generator)
-    if unit.generator == "cut_paste":
-        from persrep.pipeline.shared_images import PublishedBackgrounds, backgrounds_unit, read_shared_images
-
-        gen = cls(ctx.settings, data_root=ctx.data_path)
-        shared = backgrounds_unit(ctx.settings, ctx.instances[unit.instance])
-        if shared is not None:  # generated backgrounds: the category's shared unit (planned from the
-            # settings alone, so the Ray Data path, which rebuilds units from rows, finds it too)
-            gen.background_source = PublishedBackgrounds(read_shared_images(ctx.storage, shared.key))
-    else:
-        gen = get_generator(unit.generator, ctx.settings)
+    gen = cls.from_context(ctx, ctx.instances[unit.instance], "synthesis")
     if cls.needs_training:
         gen.load(load_artifact(ctx.storage, unit.generator, unit.instance, unit.generator_key or ""))
     else:
         gen.load(gen.prepare(instance_data(ctx, unit.instance), scratch_dir(ctx, "prep")))
     return gen
+
+
+def unit_scorer(ctx: RunContext, unit: SynthesisUnit):
+    """The filter's scorer for a unit's rows, or None (filter off; negatives are never filtered)."""
+    syn = ctx.settings.synthesis
+    if not syn.filter.enabled or unit.generator == NEGATIVE_GENERATOR:
+        return None
+    from persrep.generation.filtering import scorer_from_settings
+
+    scorer = scorer_from_settings(syn.filter, instance_data(ctx, unit.instance))
+    if syn.filter.segmenter != "none":  # segment each generated image first (PerSAM in the paper)
+        from persrep.segmentation.filtering import SegmentingScorer
+
+        scorer = SegmentingScorer.from_settings(scorer, ctx.settings, instance_data(ctx, unit.instance))
+    return scorer
 
 
 def _filtered(sampler, scorer, rows: list[SampleRow], key: str, flt) -> list[dict[str, Any]]:
@@ -141,6 +169,29 @@ def _filtered(sampler, scorer, rows: list[SampleRow], key: str, flt) -> list[dic
 
     result = filter_until(sampler.sample, scorer, rows, flt.threshold, flt.max_attempts_per_image)
     return [record(a.sample, a.row, key, filter_score=a.score, kept=a.kept) for a in result.attempts]
+
+
+def draw_chunk(sampler, scorer, rows: list[SampleRow], key: str,
+               flt) -> tuple[list[list[dict[str, Any]]], bool]:
+    """Draw one sampling chunk: all rows at once (through the filter when ``scorer``), or, when
+    that raises, each row alone, so one bad row does not sink its chunk-mates; a row that still
+    raises is recorded with its error. Returns (records per part, fell back): one part for the
+    whole chunk, or one per row after the fallback. One body for both synthesis paths."""
+    def draw(part: list[SampleRow]) -> list[dict[str, Any]]:
+        if scorer is not None:
+            return _filtered(sampler, scorer, part, key, flt)
+        return [record(s, r, key) for s, r in zip(sampler.sample(part), part)]
+
+    try:
+        return [draw(rows)], False
+    except Exception:  # noqa: BLE001 - retried row by row; failures recorded per row
+        parts = []
+        for r in rows:
+            try:
+                parts.append(draw([r]))
+            except Exception as row_exc:  # noqa: BLE001
+                parts.append([record(None, r, key, error=f"{type(row_exc).__name__}: {row_exc}"[:500])])
+        return parts, True
 
 
 def synthesis_outcome(ctx: RunContext, group: str, key: str, status: str,
@@ -162,32 +213,13 @@ def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
     if ctx.storage.is_intact(shards.STAGE, unit.key):
         return synthesis_outcome(ctx, "", unit.key, "skipped")
     t0 = time.perf_counter()
-    sampler = _sampler(ctx, unit)
+    sampler = open_sampler(ctx, unit)
     syn = ctx.settings.synthesis
-    scorer = None
-    if syn.filter.enabled and unit.generator != "base":  # negatives are never filtered
-        from persrep.generation.filtering import scorer_from_settings
-
-        scorer = scorer_from_settings(syn.filter, instance_data(ctx, unit.instance))
-        if syn.filter.segmenter != "none":  # segment each generated image first (PerSAM in the paper)
-            from persrep.segmentation.filtering import SegmentingScorer
-
-            scorer = SegmentingScorer.from_settings(scorer, ctx.settings, instance_data(ctx, unit.instance))
+    scorer = unit_scorer(ctx, unit)
     records: list[dict[str, Any]] = []
     for i in range(0, len(unit.rows), syn.batch_size):
-        batch = unit.rows[i:i + syn.batch_size]
-        try:
-            if scorer is not None:
-                records += _filtered(sampler, scorer, batch, unit.key, syn.filter)
-            else:
-                records += [record(s, r, unit.key) for s, r in zip(sampler.sample(batch), batch)]
-        except Exception:  # noqa: BLE001 - retry the batch's rows alone, so one bad row
-            for r in batch:  # does not sink its batch-mates; failures are recorded per row
-                try:
-                    records += (_filtered(sampler, scorer, [r], unit.key, syn.filter) if scorer is not None
-                                else [record(sampler.sample([r])[0], r, unit.key)])
-                except Exception as row_exc:  # noqa: BLE001
-                    records.append(record(None, r, unit.key, error=f"{type(row_exc).__name__}: {row_exc}"[:500]))
+        parts, _ = draw_chunk(sampler, scorer, unit.rows[i:i + syn.batch_size], unit.key, syn.filter)
+        records += [rec for part in parts for rec in part]
     meta = publish_unit(ctx.storage, unit.key, records, syn.rows_per_shard,
                         {"group": unit.group, "generator": unit.generator, "instance": unit.instance,
                          "seconds": time.perf_counter() - t0})
@@ -195,8 +227,8 @@ def run_synthesis_unit(ctx: RunContext, unit: SynthesisUnit) -> dict[str, Any]:
 
 
 # -- personalisation ----------------------------------------------------------------------------
-@dataclass
-class PersonalizeUnit:
+@dataclass(frozen=True, eq=False)
+class PersonalizeUnit(Unit):
     instance: str
     category: str
     config: DataConfig
@@ -205,6 +237,14 @@ class PersonalizeUnit:
     negatives_keys: list[str]  # synthesis units of generated negatives
     key: str = ""
     positives_fallback: bool = False  # its positives unit kept too few: real photos (on_empty=real_only)
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.label}:{self.backbone.name}:{self.instance}"
+
+    def keyed(self, ctx: RunContext) -> "PersonalizeUnit":
+        """This unit with its key (:func:`personalize_key`)."""
+        return replace(self, key=personalize_key(ctx, self))
 
 
 def personalize_key(ctx: RunContext, u: PersonalizeUnit) -> str:
@@ -259,7 +299,7 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
                          progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train and publish one adapter; ``progress`` is called after every training step
     (``train_one_instance``): the Tune stage reports it and surfaces its checkpoints."""
-    from persrep.contrastive.train import ADAPTER, train_one_instance
+    from persrep.contrastive.train import train_one_instance
 
     if ctx.storage.is_intact(ADAPTERS, u.key):
         return {"status": "skipped", "key": u.key}
@@ -267,13 +307,22 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
     work = scratch_dir(ctx, "train", u.key)
     res = train_one_instance(ctx.settings.personalization, u.backbone, data, work, progress=progress)
     metrics = {k: v for k, v in res.metrics.items() if k != "loss_history"}
-    meta = {"instance": u.instance, "data_config": u.config.label, "backbone": u.backbone.name,
-            "metrics": metrics, "seconds": res.seconds, "resumed_from": res.resumed_from}
-    ctx.storage.publish(ADAPTERS, u.key, {
-        ADAPTER: res.adapter_path.read_bytes(),
-        "metrics.json": json.dumps({**meta, "loss_history": res.metrics["loss_history"]}).encode()}, meta)
+    publish_adapter(ctx, u, res.adapter_path.read_bytes(), metrics, res.metrics["loss_history"],
+                    res.seconds, res.resumed_from)
     shutil.rmtree(work, ignore_errors=True)
     return {"status": "done", "key": u.key, "seconds": res.seconds, **metrics}
+
+
+def publish_adapter(ctx: RunContext, u: PersonalizeUnit, adapter: bytes, metrics: dict[str, Any],
+                    loss_history: list[float], seconds: float, resumed_from: int) -> None:
+    """Publish one trained adapter (weights + metrics.json, manifest last): one body for
+    single-process and data-parallel training, so evaluation cannot tell them apart."""
+    from persrep.contrastive.train import ADAPTER
+
+    meta = {"instance": u.instance, "data_config": u.config.label, "backbone": u.backbone.name,
+            "metrics": metrics, "seconds": seconds, "resumed_from": resumed_from}
+    ctx.storage.publish(ADAPTERS, u.key, {
+        ADAPTER: adapter, "metrics.json": json.dumps({**meta, "loss_history": loss_history}).encode()}, meta)
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -299,27 +348,44 @@ def positives_used(adapter_meta: dict[str, Any]) -> dict[str, Any]:
             "n_positives": int(m.get("num_positives", -1))}
 
 
-def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True, eq=False)
+class EvaluationUnit(Unit):
+    """The pretrained backbone on every instance (``kind="pretrained"``), or one adapter on its
+    instance (``kind="adapter"``); ``keys`` are the result rows' identifying columns."""
+
+    kind: str  # pretrained | adapter
+    backbone: BackboneSettings
+    key: str
+    keys: dict[str, Any]
+    instance: str | None = None
+    adapter_key: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.backbone.name}:{self.instance or 'all'}"
+
+
+def run_evaluation_unit(ctx: RunContext, unit: EvaluationUnit) -> dict[str, Any]:
     """Evaluate the pretrained backbone (all instances) or one adapter (its instance)."""
     from persrep.evaluation.stage import Evaluator
 
-    key = unit["key"]
+    key = unit.key
     if ctx.storage.is_intact(EVALUATIONS, key):
         return {"status": "skipped", "key": key}
     t0 = time.perf_counter()
-    bs: BackboneSettings = unit["backbone"]
+    bs: BackboneSettings = unit.backbone
     ev = Evaluator(ctx.dataset, ctx.settings.evaluation)
-    if unit["kind"] == "pretrained":
-        rows = ev.evaluate_pretrained(bs, sorted(ctx.instances), unit["keys"])
+    if unit.kind == "pretrained":
+        rows = ev.evaluate_pretrained(bs, sorted(ctx.instances), unit.keys)
     else:
         from persrep.contrastive.train import ADAPTER
 
-        man = ctx.storage.manifest(ADAPTERS, unit["adapter_key"])
+        man = ctx.storage.manifest(ADAPTERS, unit.adapter_key)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / ADAPTER
-            path.write_bytes(ctx.storage.read_unit_file(ADAPTERS, unit["adapter_key"], ADAPTER, man))
-            rows = ev.evaluate_adapter(bs, unit["instance"], path, {**unit["keys"], **positives_used(man.meta)})
-    _publish_rows(ctx, key, rows, {"kind": unit["kind"], "backbone": bs.name,
+            path.write_bytes(ctx.storage.read_unit_file(ADAPTERS, unit.adapter_key, ADAPTER, man))
+            rows = ev.evaluate_adapter(bs, unit.instance, path, {**unit.keys, **positives_used(man.meta)})
+    _publish_rows(ctx, key, rows, {"kind": unit.kind, "backbone": bs.name,
                                    "seconds": time.perf_counter() - t0},
                   {"examples.json": json.dumps(ev.last_examples).encode()})  # the report's gallery
     return {"status": "done", "key": key, "rows": len(rows), "seconds": time.perf_counter() - t0}

@@ -121,7 +121,7 @@ class Gallery:
 
     def _synthesis(self) -> tuple[dict[str, list[tuple[str, Any]]], dict[str, str]]:
         """instance -> [(data config label, rows)] of its positives; category -> negatives unit key."""
-        from persrep.generation.plan import DIFFUSION_FREE, DataConfig
+        from persrep.generation.plan import row_config
         from persrep.generation.shards import read_unit
 
         pos: dict[str, list[tuple[str, Any]]] = defaultdict(list)
@@ -138,9 +138,7 @@ class Gallery:
             if not rows:
                 continue
             r0 = rows[0]
-            cfg = r0.get("cfg")
-            free = r0["generator"] in DIFFUSION_FREE or cfg is None or (isinstance(cfg, float) and math.isnan(cfg))
-            label = DataConfig(r0["generator"], None if free else float(cfg), r0.get("caption_source") or "none").label
+            label = row_config(r0["generator"], r0.get("cfg"), r0.get("caption_source")).label
             pos[owner].append((label, rows))
         for inst in pos:
             pos[inst].sort()

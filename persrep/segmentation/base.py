@@ -12,13 +12,14 @@ prior), GrabCut uses it when given (feature prior from the object's own pixels),
 Every class declares its :class:`Needs` (weights, GPU preferred) so pre-flight can refuse a
 missing model before compute (:func:`require_available`).
 
-Adding one: subclass :class:`Segmenter`, set ``name``, decorate with :func:`register_segmenter`,
-and name its module in :data:`_BUILTIN_MODULES`.
+Adding one: one module with a subclass of :class:`Segmenter` that sets ``name`` and ``needs``
+(and overrides ``check_available`` when it needs a package), decorated with
+:func:`register_segmenter`; a built-in one is also named, by module, in
+:data:`persrep.registry.SEGMENTERS` (imported on first use).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,9 +27,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-_BUILTIN_MODULES = {"grabcut": "persrep.segmentation.grabcut", "sam": "persrep.segmentation.sam",
-                    "persam": "persrep.segmentation.sam"}
-_REGISTRY: dict[str, type["Segmenter"]] = {}
+from persrep.registry import SEGMENTERS
+
+# the built-in segmenters are named, by module, in persrep.registry.SEGMENTERS
 
 
 class SegmenterUnavailableError(RuntimeError):
@@ -89,6 +90,12 @@ class Segmenter(ABC):
         s = self.settings
         return {"segmenter": self.name, "model": s.model if self.needs.weights else None}
 
+    @classmethod
+    def check_available(cls, settings: Any) -> str:
+        """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when this
+        segmenter cannot run here; else a note saying what it will use."""
+        return f"segmenter {cls.name}: no weights needed"
+
     @abstractmethod
     def segment(self, images: list[Image.Image], reference: Reference | None = None) -> list[Segmentation]:
         """One :class:`Segmentation` per image, at the image's size, in order."""
@@ -97,21 +104,16 @@ class Segmenter(ABC):
 def register_segmenter(cls: type[Segmenter]) -> type[Segmenter]:
     if not isinstance(getattr(cls, "name", None), str) or not isinstance(getattr(cls, "needs", None), Needs):
         raise TypeError(f"{cls.__name__} needs class attributes name (str) and needs (Needs)")
-    _REGISTRY[cls.name] = cls
+    SEGMENTERS.add(cls.name, cls)
     return cls
 
 
 def segmenter_names() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+    return SEGMENTERS.names()
 
 
 def segmenter_class(name: str) -> type[Segmenter]:
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown segmenter {name!r}: choose one of {segmenter_names()} "
-                         "(segmentation.segmenter)")
-    return _REGISTRY[name]
+    return SEGMENTERS.get(name)
 
 
 def get_segmenter(name: str, settings: Any, device: Any = None) -> Segmenter:
@@ -127,18 +129,7 @@ def make_segmenter(settings: Any, device: Any = None) -> Segmenter:
 def require_available(name: str, settings: Any) -> str:
     """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when the segmenter
     ``name`` cannot run here; return a note saying what it will use."""
-    cls = segmenter_class(name)
-    if cls.needs.weights:
-        from persrep.segmentation.sam import locate_sam
-
-        return f"segmenter {name}: weights {locate_sam(settings.model)}"
-    if name == "grabcut":
-        try:
-            import cv2  # noqa: F401
-        except ImportError:
-            raise SegmenterUnavailableError(
-                "segmenter grabcut: opencv is not installed: `pip install opencv-python-headless`") from None
-    return f"segmenter {name}: no weights needed"
+    return segmenter_class(name).check_available(settings)
 
 
 # -- post-processing shared by the implementations -------------------------------------------

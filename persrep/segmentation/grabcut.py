@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from persrep.segmentation.base import (Needs, Reference, Segmentation, Segmenter, border_fraction,
-                                       clean_mask, register_segmenter)
+from persrep.segmentation.base import (Needs, Reference, Segmentation, Segmenter,
+                                       SegmenterUnavailableError, border_fraction, clean_mask,
+                                       register_segmenter)
 
 PRIOR_INPUT = 320  # EfficientNet-Lite0 input for the prior: a 10 x 10 feature grid
 PRIOR_FG = 0.1  # normalised prior above this starts as probable foreground (inside the box);
@@ -43,6 +44,15 @@ PRIOR_FG = 0.1  # normalised prior above this starts as probable foreground (ins
 class GrabCutSegmenter(Segmenter):
     name = "grabcut"
     needs = Needs(weights=False, gpu_preferred=False, reference=False)
+
+    @classmethod
+    def check_available(cls, settings: Any) -> str:
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            raise SegmenterUnavailableError(
+                "segmenter grabcut: opencv is not installed: `pip install opencv-python-headless`") from None
+        return super().check_available(settings)
 
     def identity(self) -> dict[str, Any]:
         s = self.settings

@@ -58,12 +58,6 @@ DATA_EXTRA = ("personalization.negatives", "personalization.external_negatives")
 TRIAL_PREFIXES = ("personalization.", "evaluation.")
 NOT_SWEEPABLE = ("data", "storage", "tracking", "resources", "name")
 MAX_DATA_COMBINATIONS = 1000
-METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("ap", "roc_auc"),
-    "retrieval": ("ndcg", "mrr", "map", "recall@1", "recall@5", "recall@10", "hit@1", "hit@5", "hit@10"),
-    "detection": ("map", "map50", "f1_50"),
-    "segmentation": ("map", "map50", "f1_50", "mean_iou"),
-}
 EXAMPLE_DIM = "personalization.lora.rank: {grid: [4, 8]}"
 
 
@@ -180,6 +174,10 @@ class SpaceFile(BaseModel):
     @classmethod
     def _metric(cls, v: str) -> str:
         task, _, metric = v.partition(".")
+        from persrep.evaluation.tasks import task_spec
+        from persrep.registry import TASKS
+
+        METRICS = {name: task_spec(name).metrics for name in TASKS.names()}  # noqa: N806
         if task not in METRICS:
             raise ValueError(f"unknown task {task!r}: write task.metric with task one of "
                              f"{', '.join(METRICS)} (e.g. retrieval.ndcg)")

@@ -1,0 +1,149 @@
+"""A fifth generator type, added the registry way: one class + one registry call, here in the test,
+no other file edited, run through the whole pipeline in-process (generator prep, synthesis,
+personalisation, evaluation). The planner, pre-flight, memory plan and runner learn what it needs
+from its capabilities, never from its name."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from persrep.config import ConfigError, load_settings
+from persrep.generation.base import (Capabilities, GeneratorArtifact, PersonalizedGenerator, SampledImage,
+                                     generator_caps, instance_data_key, register_generator)
+from persrep.evaluation.records import Score
+from persrep.evaluation.tasks import TaskSpec, register_task
+from persrep.registry import GENERATORS, TASKS
+
+NAME = "photo_jitter_test"
+TASK = "own_nearest_test"
+TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
+        "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6",
+        "synthesis.num_positives=4", "synthesis.resolution=32", "synthesis.cfg=[4, 5]",
+        "personalization.max_steps=3", "personalization.batch_size=4",
+        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
+        "evaluation.dense_input_size=64",
+        "tracking.enabled=false"]
+
+
+class PhotoJitterGenerator(PersonalizedGenerator):
+    """Trains per instance (its 'model' is the mean colour of the instance's photos) and draws each
+    positive as one of the photos, shifted and tinted towards that colour by the row's seed and
+    guidance scale. Positives are synthetic; it uses guidance (one data configuration per CFG)."""
+
+    type_name = NAME
+    needs_training = True
+    capabilities = Capabilities(trains_per_instance=True, uses_guidance=True)
+    prepared: list[str] = []  # instances trained in this process (generator prep ran here)
+
+    def settings_for_key(self):
+        return {"version": 1}
+
+    def prepare(self, instance, out_dir):
+        mean = np.mean([np.asarray(im.convert("RGB"), dtype=np.float64).mean((0, 1))
+                        for im in instance.train_images], 0)
+        photos = []
+        for im in instance.train_images:
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="PNG")
+            photos.append(buf.getvalue())
+        files = {"model.json": json.dumps({"mean": mean.tolist()}).encode(),
+                 **{f"photo_{i}.png": b for i, b in enumerate(photos)}}
+        type(self).prepared.append(instance.name)
+        return GeneratorArtifact(self.type_name, instance.name, files,
+                                 {"settings": self.settings_for_key(), "inputs": instance_data_key(instance)},
+                                 self.artifact_key(instance))
+
+    def load(self, artifact):
+        self.mean = np.asarray(json.loads(artifact.files["model.json"])["mean"])
+        self.photos = [Image.open(io.BytesIO(artifact.files[f])).convert("RGB")
+                       for f in sorted(artifact.files) if f.startswith("photo_")]
+
+    def sample(self, rows):
+        out = []
+        size = self.settings.synthesis.resolution
+        for row in rows:
+            rng = np.random.default_rng(row.seed)
+            arr = np.asarray(self.photos[row.index % len(self.photos)].resize((size, size)), dtype=np.float64)
+            arr = np.roll(arr, tuple(rng.integers(-size // 8, size // 8 + 1, 2)), axis=(0, 1))
+            weight = min(row.cfg / 30.0, 1.0) * 0.3
+            arr = (1 - weight) * arr + weight * self.mean
+            out.append(SampledImage(Image.fromarray(arr.clip(0, 255).astype(np.uint8)), None, row))
+        return out
+
+
+def own_nearest(x) -> list:
+    """A fifth task: the fraction of the instance's test images whose nearest training image
+    (cosine, over every instance's) is one of its own. An independent numpy computation."""
+    test = np.asarray(x.pool.test_embeddings)[x.own_test]
+    train = np.asarray(x.pool.train_embeddings)
+    sims = (test / np.linalg.norm(test, axis=1, keepdims=True)) @ \
+        (train / np.linalg.norm(train, axis=1, keepdims=True)).T
+    hits = np.asarray(x.pool.train_labels)[sims.argmax(1)] == x.instance
+    return [Score(TASK, "top1", float(hits.mean()))]
+
+
+@pytest.fixture
+def fifth_task():
+    """A new evaluation task, the same way: one spec + one registry call."""
+    register_task(TaskSpec(TASK, dense=False, metrics=("top1",), headline="top1", evaluate=own_nearest))
+    yield TASK
+    TASKS.remove(TASK)
+
+
+@pytest.fixture
+def fifth_generator():
+    """The one registry call (a decorator); removed afterwards so other tests see four types."""
+    assert NAME not in GENERATORS
+    register_generator(PhotoJitterGenerator)
+    PhotoJitterGenerator.prepared = []
+    yield PhotoJitterGenerator
+    GENERATORS.remove(NAME)
+
+
+def test_unknown_names_are_settings_errors_naming_the_choices():
+    with pytest.raises(ConfigError, match=f"generator.types = .*unknown generator type '{NAME}': "
+                                          r"choose one of \[.*dreambooth.*\] \(generator.types\)"):
+        load_settings("local", [f"generator.types=[{NAME}]"])
+    with pytest.raises(ConfigError, match=f"evaluation.tasks = .*unknown evaluation task '{TASK}'"):
+        load_settings("local", [f"evaluation.tasks=[{TASK}]"])
+
+
+def test_a_fifth_generator_and_task_registered_here_run_through_the_whole_pipeline(tmp_path, fifth_generator,
+                                                                                   fifth_task):
+    from persrep.pipeline import run_pipeline
+
+    root = tmp_path / "root"
+    settings = load_settings("local", [*TINY, f"generator.types=[real_only, {NAME}]", f"storage.root={root}",
+                                       f"evaluation.tasks=[classification, {TASK}]"])
+    caps = generator_caps(NAME)
+    assert caps.trains_per_instance and not caps.positives_are_real and not caps.needs_base_model
+    summary = run_pipeline(settings, run_id="fifth")
+    assert summary.exit_code == 0, summary.failures
+    n = 4  # instances
+    assert summary.stages["generator_prep"]["done"] == n            # it trains per instance
+    assert sorted(fifth_generator.prepared) == ["bottle_0", "bottle_1", "mug_0", "mug_1"]
+    assert "base_images" not in summary.stages                       # needs no base model images
+    assert summary.stages["synthesis"]["done"] == 2 * n              # one unit per (cfg, instance)
+    assert summary.stages["personalization"]["done"] == 3 * n        # real_only + its two CFGs
+    assert summary.stages["evaluation"]["done"] == 3 * n + 1
+    frame = pd.read_parquet(root / "runs" / "fifth" / "results.parquet")
+    mine = frame[frame["generator"] == NAME]
+    assert set(mine["data_config"]) == {f"{NAME}/cfg4/template", f"{NAME}/cfg5/template"}
+    assert set(mine["positives_used"]) == {"synthetic"} and set(mine["n_positives"]) == {4}
+    assert mine["value"].notna().all() and set(mine["task"]) == {"classification", TASK}
+    # the new task scored every model on every instance, within [0, 1]
+    top1 = frame[frame["task"] == TASK]
+    assert set(top1["metric"]) == {"top1"} and len(top1) == 3 * n + n  # adapters + pretrained
+    assert top1["value"].between(0, 1).all()
+    # its synthesis units are labelled like every other's, and a re-run computes nothing
+    units = json.loads((root / "runs" / "fifth" / "units.json").read_text())
+    assert sum(u["stage"] == "synthesis" and u["label"].startswith("pos:") for u in units) == 2 * n
+    again = run_pipeline(settings, run_id="again")
+    assert all(c["done"] == 0 for c in again.stages.values()), again.stages
+    assert len(fifth_generator.prepared) == n  # its generators were not trained again
