@@ -1,6 +1,6 @@
 """The synthesis stage on Ray Data: one row table, an actor pool that keeps generators loaded.
 
-:func:`run_synthesis_stage` is what the runner calls for stage 2 when it runs on Ray, instead of
+:func:`run_synthesis_stage` (a :class:`SynthesisStage`) is what the runner calls for stage 2 when it runs on Ray, instead of
 one Ray task per unit. It produces exactly what :func:`persrep.pipeline.work.run_synthesis_unit`
 produces for each unit (same rows, same pixels, same parquet layout and manifest), so
 :func:`persrep.generation.shards.read_unit` and every later stage read either.
@@ -306,9 +306,17 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
                         sampler_factory: SamplerFactory | None = None,
                         no_progress_timeout_s: float = 1800.0,
                         torch_threads: int | None = None) -> StageOutcomes:
-    """Draw every unpublished unit's rows on a Ray Data actor pool; publish each unit when complete.
+    """Draw every unpublished unit's rows on a Ray Data actor pool; publish each unit when complete
+    (:class:`SynthesisStage` with these options)."""
+    return SynthesisStage(ctx, progress, max_retries, num_actors, use_gpus, cache_size, sampler_factory,
+                          no_progress_timeout_s, torch_threads).run(units)
 
-    Returns one :class:`Outcome` per unit (input order): ``skipped`` (published before),
+
+@dataclass
+class SynthesisStage:
+    """The synthesis stage on Ray Data: its options as state, ``run(units)`` the stage.
+
+    ``run`` returns one :class:`Outcome` per unit (input order): ``skipped`` (published before),
     ``done`` (value as ``run_synthesis_unit``'s: key, rows, kept, errors, seconds) or ``failed``
     (its generator could not be loaded, or it was still missing after ``max_retries`` extra passes).
     ``.stats`` has the stage's totals (rows, errors, generator loads, actors, passes, ...).
@@ -316,154 +324,165 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
     replaces :func:`persrep.pipeline.work.open_sampler` (tests inject faults through it).
     ``torch_threads``: intra-op threads per actor (default: the actor's whole CPUs, at least 1).
     """
-    from persrep.distributed.session import ensure_ray
 
-    say = progress or (lambda _m: None)
-    if max_retries is None:
-        max_retries = ctx.settings.resources.max_retries
-    t_stage = time.perf_counter()
-    keys = [u.key for u in units]
-    if len(set(keys)) != len(keys) or not all(keys):
-        raise ValueError("synthesis units need distinct, non-empty keys (set unit.key = synthesis_key(...))")
-    syn = ctx.settings.synthesis
-    outcomes: dict[str, Outcome] = {}
-    states: dict[str, _UnitState] = {}
-    for u in units:
-        if ctx.storage.is_intact(shards.STAGE, u.key):
-            outcomes[u.key] = _checked(ctx, u, "skipped", None, 1, 0.0)
-        else:
-            states[u.key] = _UnitState(u)
-    stats: dict[str, Any] = {"units": len(units), "skipped": len(units) - len(states), "rows": 0, "kept": 0,
-                             "errors": 0, "loads": 0, "actors": 0, "incarnations": 0, "nodes": 0,
-                             "duplicates": 0, "passes": 0, "batches": 0, "per_instance": {}, "load_ids": {}}
-    if not states:
-        say(f"synthesis: all {len(units)} units already published; nothing to generate")
+    ctx: Any
+    progress: Progress | None = None
+    max_retries: int | None = None  # None: resources.max_retries
+    num_actors: int | None = None
+    use_gpus: bool | None = None
+    cache_size: int = 2
+    sampler_factory: SamplerFactory | None = None
+    no_progress_timeout_s: float = 1800.0
+    torch_threads: int | None = None
+
+    def run(self, units: list[SynthesisUnit]) -> StageOutcomes:
+        from persrep.distributed.session import ensure_ray
+
+        ctx = self.ctx
+        say = self.progress or (lambda _m: None)
+        max_retries = ctx.settings.resources.max_retries if self.max_retries is None else self.max_retries
+        t_stage = time.perf_counter()
+        keys = [u.key for u in units]
+        if len(set(keys)) != len(keys) or not all(keys):
+            raise ValueError("synthesis units need distinct, non-empty keys (set unit.key = synthesis_key(...))")
+        syn = ctx.settings.synthesis
+        outcomes: dict[str, Outcome] = {}
+        states: dict[str, _UnitState] = {}
+        for u in units:
+            if ctx.storage.is_intact(shards.STAGE, u.key):
+                outcomes[u.key] = _checked(ctx, u, "skipped", None, 1, 0.0)
+            else:
+                states[u.key] = _UnitState(u)
+        stats: dict[str, Any] = {"units": len(units), "skipped": len(units) - len(states), "rows": 0, "kept": 0,
+                                 "errors": 0, "loads": 0, "actors": 0, "incarnations": 0, "nodes": 0,
+                                 "duplicates": 0, "passes": 0, "batches": 0, "per_instance": {}, "load_ids": {}}
+        if not states:
+            say(f"synthesis: all {len(units)} units already published; nothing to generate")
+            return _finish(units, outcomes, stats, t_stage, say)
+
+        load_ids: dict[str, set[str]] = defaultdict(set)  # "generator:instance" -> load ids
+        actors: set[str] = set()
+        nodes: set[str] = set()
+        per_instance: dict[str, dict[str, int]] = defaultdict(lambda: {"rows": 0, "kept": 0, "errors": 0})
+
+        def publish(st: _UnitState) -> None:
+            u = st.unit
+            recs = sorted(st.records.values(), key=_order_key(syn.batch_size, st.fallback_chunks))
+            name = f"{u.generator}:{u.instance}"
+            for r in recs:
+                if r["load_id"]:
+                    load_ids[name].add(r["load_id"])
+                if r["actor"]:
+                    actors.add(r["actor"])
+                if r["node"]:
+                    nodes.add(r["node"])
+            clean = [{k: v for k, v in r.items() if k not in EXTRA_NAMES} for r in recs]
+            seconds = time.perf_counter() - (st.first_seen or t_stage)
+            meta = shards.publish_unit(ctx.storage, u.key, clean, syn.rows_per_shard,
+                                       {"group": u.group, "generator": u.generator, "instance": u.instance,
+                                        "seconds": seconds, "runner": "ray-data"})
+            errors, kept = meta["errors"], meta["kept"]
+            outcomes[u.key] = _checked(ctx, u, "done", meta, st.attempts, time.perf_counter() - t_stage)
+            pi = per_instance[name]
+            pi["rows"] += len(clean)
+            pi["kept"] += kept
+            pi["errors"] += errors
+            stats["rows"] += len(clean)
+            stats["kept"] += kept
+            stats["errors"] += errors
+            st.records.clear()
+            st.published = True
+
+        ensure_ray(ctx.settings.resources)
+        pending = list(states)
+        for pass_no in range(max_retries + 1):
+            if not pending:
+                break
+            stats["passes"] += 1
+            for k in pending:
+                st = states[k]
+                st.attempts += 1
+                st.records.clear()
+                st.final.clear()
+                st.fallback_chunks.clear()
+                st.fatal = None
+            for k in [k for k in pending if not states[k].unit.rows]:  # an empty unit: publish it now
+                publish(states[k])
+            todo = [states[k].unit for k in pending if states[k].unit.rows]
+            pass_error = None
+            if todo:
+                say(f"synthesis: pass {pass_no + 1}: {len(todo)} units, {sum(len(u.rows) for u in todo)} rows")
+                try:
+                    self._pass(todo, states, publish, stats, max_retries, say)
+                except Exception as exc:  # noqa: BLE001 - a failed pass keeps what it published
+                    pass_error = short_error(getattr(exc, "cause", None) or exc)
+                    say(f"synthesis: pass {pass_no + 1} stopped: {pass_error}; published units are kept")
+            pending = []
+            for u in todo:
+                st = states[u.key]
+                if st.published:
+                    continue
+                error = st.fatal or pass_error or f"{len(u.rows) - len(st.final)} of {len(u.rows)} rows missing"
+                if pass_no < max_retries:
+                    say(f"synthesis: retrying {u.group} (attempt {st.attempts + 1}): {error}")
+                    pending.append(u.key)
+                else:
+                    outcomes[u.key] = Outcome(u.group, "failed", {}, error, st.attempts, time.perf_counter() - t_stage)
+        stats["per_instance"] = {k: {**v, "loads": len(load_ids[k])} for k, v in per_instance.items()}
+        stats["loads"] = len(set().union(*load_ids.values())) if load_ids else 0
+        stats["load_ids"] = {k: sorted(v) for k, v in load_ids.items()}
+        stats["incarnations"] = len(actors)
+        stats["nodes"] = len(nodes)
         return _finish(units, outcomes, stats, t_stage, say)
 
-    load_ids: dict[str, set[str]] = defaultdict(set)  # "generator:instance" -> load ids
-    actors: set[str] = set()
-    nodes: set[str] = set()
-    per_instance: dict[str, dict[str, int]] = defaultdict(lambda: {"rows": 0, "kept": 0, "errors": 0})
+    def _pass(self, todo: list[SynthesisUnit], states: dict[str, _UnitState], publish: Callable,
+              stats: dict[str, Any], max_retries: int, say: Progress) -> None:
+        """One pass of the actor pool over ``todo``'s rows; units are published as they complete."""
+        import ray
 
-    def publish(st: _UnitState) -> None:
-        u = st.unit
-        recs = sorted(st.records.values(), key=_order_key(syn.batch_size, st.fallback_chunks))
-        name = f"{u.generator}:{u.instance}"
-        for r in recs:
-            if r["load_id"]:
-                load_ids[name].add(r["load_id"])
-            if r["actor"]:
-                actors.add(r["actor"])
-            if r["node"]:
-                nodes.add(r["node"])
-        clean = [{k: v for k, v in r.items() if k not in EXTRA_NAMES} for r in recs]
-        seconds = time.perf_counter() - (st.first_seen or t_stage)
-        meta = shards.publish_unit(ctx.storage, u.key, clean, syn.rows_per_shard,
-                                   {"group": u.group, "generator": u.generator, "instance": u.instance,
-                                    "seconds": seconds, "runner": "ray-data"})
-        errors, kept = meta["errors"], meta["kept"]
-        outcomes[u.key] = _checked(ctx, u, "done", meta, st.attempts, time.perf_counter() - t_stage)
-        pi = per_instance[name]
-        pi["rows"] += len(clean)
-        pi["kept"] += kept
-        pi["errors"] += errors
-        stats["rows"] += len(clean)
-        stats["kept"] += kept
-        stats["errors"] += errors
-        st.records.clear()
-        st.published = True
+        ctx, no_progress_timeout_s = self.ctx, self.no_progress_timeout_s
+        syn = ctx.settings.synthesis
+        blocks = row_blocks(todo, syn.batch_size)
+        n, per = pool_shape(ctx, len(blocks), self.num_actors, self.use_gpus)
+        stats["actors"] = max(stats["actors"], n)
+        stats["batches"] += len(blocks)
+        retries = max(1, max_retries)
+        each = "1 GPU" if per["num_gpus"] else f"{per['num_cpus']:g} CPU"
+        say(f"synthesis: {len(blocks)} batches on {n} actor(s) ({each} each)")
+        dctx = ray.data.DataContext.get_current()
+        saved = {k: getattr(dctx, k) for k in ("execution_no_progress_timeout_s", "wait_for_min_actors_s",
+                                               "max_consecutive_actor_init_deaths", "actor_task_retry_on_errors")}
+        try:
+            dctx.execution_no_progress_timeout_s = float(no_progress_timeout_s)
+            dctx.wait_for_min_actors_s = int(no_progress_timeout_s)
+            dctx.max_consecutive_actor_init_deaths = retries
+            dctx.actor_task_retry_on_errors = False  # user errors are handled per row inside the UDF
+            ds = ray.data.from_arrow(blocks)
+            with warnings.catch_warnings():
+                # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; passing
+                # them as remote args is deprecated (removal planned for 2.64), still the only explicit way
+                warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+                out = self._map(ds, n, per, retries)
+            t_pass = time.perf_counter()
+            for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if "first_output_s" not in stats:  # cold start: actors up, generators loaded, first batch drawn
+                    stats["first_output_s"] = round(time.perf_counter() - t_pass, 2)
+                _collect(batch.to_pylist(), states, publish, stats, syn.batch_size)
+        finally:
+            for k, v in saved.items():
+                setattr(dctx, k, v)
 
-    ensure_ray(ctx.settings.resources)
-    pending = list(states)
-    for pass_no in range(max_retries + 1):
-        if not pending:
-            break
-        stats["passes"] += 1
-        for k in pending:
-            st = states[k]
-            st.attempts += 1
-            st.records.clear()
-            st.final.clear()
-            st.fallback_chunks.clear()
-            st.fatal = None
-        for k in [k for k in pending if not states[k].unit.rows]:  # an empty unit: publish it now
-            publish(states[k])
-        todo = [states[k].unit for k in pending if states[k].unit.rows]
-        pass_error = None
-        if todo:
-            say(f"synthesis: pass {pass_no + 1}: {len(todo)} units, {sum(len(u.rows) for u in todo)} rows")
-            try:
-                _run_pass(ctx, todo, states, publish, stats, max_retries, num_actors, use_gpus, cache_size,
-                          sampler_factory, no_progress_timeout_s, torch_threads, say)
-            except Exception as exc:  # noqa: BLE001 - a failed pass keeps what it published
-                pass_error = short_error(getattr(exc, "cause", None) or exc)
-                say(f"synthesis: pass {pass_no + 1} stopped: {pass_error}; published units are kept")
-        pending = []
-        for u in todo:
-            st = states[u.key]
-            if st.published:
-                continue
-            error = st.fatal or pass_error or f"{len(u.rows) - len(st.final)} of {len(u.rows)} rows missing"
-            if pass_no < max_retries:
-                say(f"synthesis: retrying {u.group} (attempt {st.attempts + 1}): {error}")
-                pending.append(u.key)
-            else:
-                outcomes[u.key] = Outcome(u.group, "failed", {}, error, st.attempts, time.perf_counter() - t_stage)
-    stats["per_instance"] = {k: {**v, "loads": len(load_ids[k])} for k, v in per_instance.items()}
-    stats["loads"] = len(set().union(*load_ids.values())) if load_ids else 0
-    stats["load_ids"] = {k: sorted(v) for k, v in load_ids.items()}
-    stats["incarnations"] = len(actors)
-    stats["nodes"] = len(nodes)
-    return _finish(units, outcomes, stats, t_stage, say)
+    def _map(self, ds, n: int, per: dict[str, float], retries: int):
+        import ray
 
-
-def _run_pass(ctx, todo, states, publish, stats, max_retries, num_actors, use_gpus, cache_size,
-              sampler_factory, no_progress_timeout_s, torch_threads, say) -> None:
-    import ray
-
-    syn = ctx.settings.synthesis
-    blocks = row_blocks(todo, syn.batch_size)
-    n, per = pool_shape(ctx, len(blocks), num_actors, use_gpus)
-    stats["actors"] = max(stats["actors"], n)
-    stats["batches"] += len(blocks)
-    retries = max(1, max_retries)
-    each = "1 GPU" if per["num_gpus"] else f"{per['num_cpus']:g} CPU"
-    say(f"synthesis: {len(blocks)} batches on {n} actor(s) ({each} each)")
-    dctx = ray.data.DataContext.get_current()
-    saved = {k: getattr(dctx, k) for k in ("execution_no_progress_timeout_s", "wait_for_min_actors_s",
-                                           "max_consecutive_actor_init_deaths", "actor_task_retry_on_errors")}
-    try:
-        dctx.execution_no_progress_timeout_s = float(no_progress_timeout_s)
-        dctx.wait_for_min_actors_s = int(no_progress_timeout_s)
-        dctx.max_consecutive_actor_init_deaths = retries
-        dctx.actor_task_retry_on_errors = False  # user errors are handled per row inside the UDF
-        ds = ray.data.from_arrow(blocks)
-        with warnings.catch_warnings():
-            # max_restarts / max_task_retries have no named map_batches parameter in Ray 2.60; passing
-            # them as remote args is deprecated (removal planned for 2.64), still the only explicit way
-            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-            out = _map(ds, ctx, n, per, retries, sampler_factory, cache_size, torch_threads)
-        t_pass = time.perf_counter()
-        for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if "first_output_s" not in stats:  # cold start: actors up, generators loaded, first batch drawn
-                stats["first_output_s"] = round(time.perf_counter() - t_pass, 2)
-            _collect(batch.to_pylist(), states, publish, stats, syn.batch_size)
-    finally:
-        for k, v in saved.items():
-            setattr(dctx, k, v)
-
-
-def _map(ds, ctx, n: int, per: dict[str, float], retries: int, sampler_factory, cache_size: int,
-         torch_threads: int | None):
-    import ray
-
-    return ds.map_batches(
-        SynthesisWorker, batch_size=ctx.settings.synthesis.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=n),
-        fn_constructor_kwargs={"ctx": ctx, "sampler_factory": sampler_factory, "cache_size": cache_size,
-                               "torch_threads": torch_threads or max(1, int(per["num_cpus"]))},
-        num_cpus=per["num_cpus"], num_gpus=per["num_gpus"] or None, memory=per.get("memory") or None,
-        max_restarts=2 * retries + 1, max_task_retries=retries)
+        return ds.map_batches(
+            SynthesisWorker, batch_size=self.ctx.settings.synthesis.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=n),
+            fn_constructor_kwargs={"ctx": self.ctx, "sampler_factory": self.sampler_factory,
+                                   "cache_size": self.cache_size,
+                                   "torch_threads": self.torch_threads or max(1, int(per["num_cpus"]))},
+            num_cpus=per["num_cpus"], num_gpus=per["num_gpus"] or None, memory=per.get("memory") or None,
+            max_restarts=2 * retries + 1, max_task_retries=retries)
 
 
 def _collect(rows: list[dict[str, Any]], states: dict[str, _UnitState], publish, stats: dict[str, Any],

@@ -63,7 +63,7 @@ StepHook = Callable[[PersonalizeUnit, dict[str, Any]], None]
 # -- names, storage, resources ------------------------------------------------------------------
 def unit_label(u: PersonalizeUnit) -> str:
     """The label the runner uses for a personalisation unit (summary, MLflow run names)."""
-    return f"{u.config.label}:{u.backbone.name}:{u.instance}"
+    return u.label
 
 
 def experiment_name(units: Sequence[PersonalizeUnit]) -> str:
@@ -404,7 +404,16 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
                               step_hook: StepHook | None = None,
                               data_parallel_workers: int = 0,
                               max_concurrent_trials: int | None = None) -> list[Outcome]:
-    """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit.
+    """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit
+    (:class:`PersonalizationStage` with these options)."""
+    return PersonalizationStage(ctx, progress, max_retries, tracking_tags, callbacks, mlflow, name,
+                                storage_path, storage_filesystem, report_every, step_hook,
+                                data_parallel_workers, max_concurrent_trials).run(units, labels)
+
+
+@dataclass
+class PersonalizationStage:
+    """The personalisation stage on Ray Tune: its options as state, ``run(units)`` the stage.
 
     ``tracking_tags`` (e.g. ``{"mlflow.parentRunId": id}``) are merged into the tags of every
     ``MLflowLoggerCallback`` in ``callbacks`` and of the one built from ``mlflow`` (keyword
@@ -414,39 +423,126 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
     ``data_parallel_workers > 1`` each trial fits a ``TorchTrainer`` over that many workers
     (:mod:`persrep.distributed.data_parallel`). Ray must be initialised.
     """
-    say = progress or (lambda _m: None)
-    settings = ctx.settings
-    max_retries = settings.resources.max_retries if max_retries is None else max_retries
-    labels = list(labels) if labels is not None else [unit_label(u) for u in units]
-    if len(labels) != len(units):
-        raise ValueError(f"{len(labels)} labels for {len(units)} units")
 
-    outcomes: list[Outcome | None] = [None] * len(units)
-    todo: dict[str, PersonalizeUnit] = {}
-    label_of: dict[str, str] = {}
-    for i, u in enumerate(units):
-        if not u.key:
-            raise ValueError(f"unit {labels[i]} has no key (set it with personalize_key)")
-        if u.key in todo:
-            continue
-        if ctx.storage.is_intact(ADAPTERS, u.key):
-            outcomes[i] = Outcome(labels[i], "skipped", {"status": "skipped", "key": u.key})
-        else:
-            todo[u.key], label_of[u.key] = u, labels[i]
-    say(f"{STAGE}: {len(units) - len(todo)} of {len(units)} units already published; "
-        f"{len(todo)} to train as Tune trials")
+    ctx: Any
+    progress: Callable[[str], None] | None = None
+    max_retries: int | None = None  # None: resources.max_retries
+    tracking_tags: Mapping[str, str] | None = None
+    callbacks: Sequence[Any] | None = None
+    mlflow: Mapping[str, Any] | None = None
+    name: str | None = None  # the Tune experiment (None: a content key of the units)
+    storage_path: str | None = None  # None: tune_common.tune_storage(ctx)
+    storage_filesystem: Any = None
+    report_every: int = 1
+    step_hook: StepHook | None = None
+    data_parallel_workers: int = 0
+    max_concurrent_trials: int | None = None
 
-    if todo:
-        records = _run_trials(ctx, todo, label_of, say, max_retries, tracking_tags,
-                              list(callbacks or []), mlflow, name or experiment_name(units),
-                              storage_path, storage_filesystem, report_every, step_hook,
-                              data_parallel_workers, max_concurrent_trials)
-        by_key = {k: _outcome(ctx, k, label_of[k], records.get(k)) for k in todo}
+    def run(self, units: Sequence[PersonalizeUnit], labels: Sequence[str] | None = None) -> list[Outcome]:
+        """One :class:`Outcome` per unit, in order (``labels``: default the units' labels)."""
+        ctx, say = self.ctx, self.progress or (lambda _m: None)
+        settings = ctx.settings
+        max_retries = settings.resources.max_retries if self.max_retries is None else self.max_retries
+        labels = list(labels) if labels is not None else [u.label for u in units]
+        if len(labels) != len(units):
+            raise ValueError(f"{len(labels)} labels for {len(units)} units")
+
+        outcomes: list[Outcome | None] = [None] * len(units)
+        todo: dict[str, PersonalizeUnit] = {}
+        label_of: dict[str, str] = {}
         for i, u in enumerate(units):
-            if outcomes[i] is None:
-                o = by_key[u.key]
-                outcomes[i] = Outcome(labels[i], o.status, o.value, o.error, o.attempts, o.seconds, o.trace)
-    return [o for o in outcomes if o is not None]
+            if not u.key:
+                raise ValueError(f"unit {labels[i]} has no key (set it with personalize_key)")
+            if u.key in todo:
+                continue
+            if ctx.storage.is_intact(ADAPTERS, u.key):
+                outcomes[i] = Outcome(labels[i], "skipped", {"status": "skipped", "key": u.key})
+            else:
+                todo[u.key], label_of[u.key] = u, labels[i]
+        say(f"{STAGE}: {len(units) - len(todo)} of {len(units)} units already published; "
+            f"{len(todo)} to train as Tune trials")
+
+        if todo:
+            records = self._trials(todo, label_of, say, max_retries, self.name or experiment_name(units))
+            by_key = {k: _outcome(ctx, k, label_of[k], records.get(k)) for k in todo}
+            for i, u in enumerate(units):
+                if outcomes[i] is None:
+                    o = by_key[u.key]
+                    outcomes[i] = Outcome(labels[i], o.status, o.value, o.error, o.attempts, o.seconds, o.trace)
+        return [o for o in outcomes if o is not None]
+
+    def _trials(self, todo: dict[str, PersonalizeUnit], label_of: dict[str, str], say: Callable[[str], None],
+                max_retries: int, name: str) -> dict[str, _TrialRecord]:
+        """Run ``todo`` as the trials of one Tune experiment (restored when it can be); their records."""
+        ctx, settings = self.ctx, self.ctx.settings
+        tracking_tags, callbacks, mlflow = self.tracking_tags, list(self.callbacks or []), self.mlflow
+        dp_workers, step_hook = self.data_parallel_workers, self.step_hook
+        storage_path, fs = self.storage_path, self.storage_filesystem
+        if storage_path is None:
+            storage_path, fs = tune_storage(ctx)
+        if tracking_tags:
+            for cb in callbacks:  # MLflowLoggerCallback keeps its tags in .tags
+                if isinstance(getattr(cb, "tags", None), dict):
+                    cb.tags.update(tracking_tags)
+        if mlflow:
+            callbacks.append(mlflow_callback(mlflow, tracking_tags))
+
+        gpus = cluster_gpus()
+        resources = trial_resources(settings, gpus, dp_workers, getattr(ctx, "memory", {}).get("personalization", 0))
+        use_gpu = gpus > 0 and settings.resources.gpus_per_trial > 0
+        if dp_workers > 1 and use_gpu and gpus < dp_workers:
+            # Train would wait for the GPUs forever: say so now
+            raise ValueError(f"data_parallel_workers={dp_workers} needs {dp_workers} GPUs, the cluster has "
+                             f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 to train on CPUs")
+        trainable = tune.with_resources(
+            tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=self.report_every,
+                                 step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu),
+            resources)
+
+        keys = sorted(todo)
+        exp_path = f"{storage_path.rstrip('/')}/{name}"
+        restore = False
+        if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+            prior = _prior_trials(exp_path, fs)
+            resumable = {k for k, status in prior.items() if status != "TERMINATED"}
+            if set(keys) <= resumable:
+                restore = True
+            else:  # the old experiment does not cover what is left: a fresh one beside it
+                name = f"{name}-{content_key(keys, length=8)}"
+                exp_path = f"{storage_path.rstrip('/')}/{name}"
+                restore = tune.Tuner.can_restore(exp_path, storage_filesystem=fs) and \
+                    set(keys) <= {k for k, s in _prior_trials(exp_path, fs).items() if s != "TERMINATED"}
+
+        # the token is the experiment's name: a restored run config (which holds the StageCallback
+        # pickled by the earlier launch) finds this launch's state under the same token
+        token = name
+        if token in _STATES:
+            raise RuntimeError(f"Tune experiment {name} is already running in this process")
+        state = _StageState(dict(label_of), say, callbacks, total=len(keys))
+        _STATES[token] = state
+        try:
+            if restore:
+                say(f"{STAGE}: resuming Tune experiment {exp_path}")
+                tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True,
+                                           resume_errored=True, storage_filesystem=fs)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={"unit": tune.grid_search(keys)},
+                    tune_config=tune.TuneConfig(
+                        max_concurrent_trials=self.max_concurrent_trials or settings.resources.max_concurrent_trials,
+                        reuse_actors=True, trial_name_creator=_TrialNamer(label_of),
+                        trial_dirname_creator=_TrialNamer(label_of, dirs=True)),
+                    run_config=tune.RunConfig(
+                        name=name, storage_path=storage_path, storage_filesystem=fs,
+                        failure_config=tune.FailureConfig(max_failures=max_retries),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                        callbacks=[StageCallback(token)], verbose=0))
+            with tracking_env_restored():  # Tune's MLflow callback sets it process-wide
+                tuner.fit()
+            return dict(state.records)
+        finally:
+            _STATES.pop(token, None)
 
 
 def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcome:
@@ -468,76 +564,3 @@ def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcom
         return Outcome(label, value.get("status", "done"), value, None, rec.num_failures + 1, seconds)
     err = rec.errors[-1] if rec.errors else "trial failed"
     return Outcome(label, "failed", {}, err, max(1, rec.num_failures), seconds, rec.trace)
-
-
-def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, str],
-                say: Callable[[str], None], max_retries: int, tracking_tags: Mapping[str, str] | None,
-                callbacks: list[Any], mlflow: Mapping[str, Any] | None, name: str,
-                storage_path: str | None, fs: Any, report_every: int, step_hook: StepHook | None,
-                dp_workers: int, max_concurrent: int | None) -> dict[str, _TrialRecord]:
-    settings = ctx.settings
-    if storage_path is None:
-        storage_path, fs = tune_storage(ctx)
-    if tracking_tags:
-        for cb in callbacks:  # MLflowLoggerCallback keeps its tags in .tags
-            if isinstance(getattr(cb, "tags", None), dict):
-                cb.tags.update(tracking_tags)
-    if mlflow:
-        callbacks.append(mlflow_callback(mlflow, tracking_tags))
-
-    gpus = cluster_gpus()
-    resources = trial_resources(settings, gpus, dp_workers, getattr(ctx, "memory", {}).get("personalization", 0))
-    use_gpu = gpus > 0 and settings.resources.gpus_per_trial > 0
-    if dp_workers > 1 and use_gpu and gpus < dp_workers:
-        # Train would wait for the GPUs forever: say so now
-        raise ValueError(f"data_parallel_workers={dp_workers} needs {dp_workers} GPUs, the cluster has "
-                         f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 to train on CPUs")
-    trainable = tune.with_resources(
-        tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=report_every,
-                             step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu),
-        resources)
-
-    keys = sorted(todo)
-    exp_path = f"{storage_path.rstrip('/')}/{name}"
-    restore = False
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        prior = _prior_trials(exp_path, fs)
-        resumable = {k for k, status in prior.items() if status != "TERMINATED"}
-        if set(keys) <= resumable:
-            restore = True
-        else:  # the old experiment does not cover what is left: a fresh one beside it
-            name = f"{name}-{content_key(keys, length=8)}"
-            exp_path = f"{storage_path.rstrip('/')}/{name}"
-            restore = tune.Tuner.can_restore(exp_path, storage_filesystem=fs) and \
-                set(keys) <= {k for k, s in _prior_trials(exp_path, fs).items() if s != "TERMINATED"}
-
-    # the token is the experiment's name: a restored run config (which holds the StageCallback
-    # pickled by the earlier launch) finds this launch's state under the same token
-    token = name
-    if token in _STATES:
-        raise RuntimeError(f"Tune experiment {name} is already running in this process")
-    state = _StageState(dict(label_of), say, callbacks, total=len(keys))
-    _STATES[token] = state
-    try:
-        if restore:
-            say(f"{STAGE}: resuming Tune experiment {exp_path}")
-            tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True,
-                                       resume_errored=True, storage_filesystem=fs)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"unit": tune.grid_search(keys)},
-                tune_config=tune.TuneConfig(
-                    max_concurrent_trials=max_concurrent or settings.resources.max_concurrent_trials,
-                    reuse_actors=True, trial_name_creator=_TrialNamer(label_of),
-                    trial_dirname_creator=_TrialNamer(label_of, dirs=True)),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=storage_path, storage_filesystem=fs,
-                    failure_config=tune.FailureConfig(max_failures=max_retries),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[StageCallback(token)], verbose=0))
-        with tracking_env_restored():  # Tune's MLflow callback sets it process-wide
-            tuner.fit()
-        return dict(state.records)
-    finally:
-        _STATES.pop(token, None)
