@@ -12,7 +12,8 @@ from PIL import Image
 from persrep.cli import main
 from persrep.config import load_settings
 from persrep.data.check import check_dataset
-from persrep.data.info_check import run_needs_categories, unsafe_entry
+from persrep.data.info_check import unsafe_entry
+from persrep.pipeline.context import run_needs_categories
 from persrep.data.layout import DatasetError
 
 NAMES = ["mug_0", "mug_1", "can_0"]

@@ -218,8 +218,7 @@ def test_operational_settings_recompute_nothing_result_settings_exactly_their_un
 
 # -- GPU-only settings on a machine without CUDA --------------------------------------------------
 def test_gpu_only_settings_warn_once_each_before_compute(tmp_path):
-    from persrep.models.accelerator import cpu_fallback_notes
-    from persrep.pipeline.context import preflight_models
+    from persrep.pipeline.context import cpu_fallback_notes, preflight_models
 
     s = load_settings("paper", ["generator.dreambooth.use_8bit_adam=true", "generator.dreambooth.mixed_precision=fp16",
                                 "synthesis.filter.scorer=embedding"])

@@ -129,13 +129,3 @@ def check_info(ds: "InstanceDataset", report: "CheckReport", needs_categories: b
         else:
             report.add("warning", where, f"{len(uncategorised)} instance(s) have no category ({shown}): "
                        f"the fallback category {FALLBACK_CATEGORY!r} is used", fix)
-
-
-def run_needs_categories(settings: Any) -> bool:
-    """Whether a run's settings use the category of each instance (prompts, classes, negatives)."""
-    from persrep.generation.base import any_generator
-
-    trained = any_generator(settings.generator.types, lambda c: c.trains_per_instance)
-    captioned = any_generator(settings.generator.types, lambda c: c.uses_captions)
-    captions = captioned and any(s != "template" for s in settings.synthesis.caption_sources)
-    return trained or captions or settings.personalization.negatives == "generated"

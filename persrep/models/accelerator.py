@@ -2,7 +2,7 @@
 
 ``generator.dreambooth.mixed_precision`` (fp16/bf16 autocast) and ``use_8bit_adam``
 (bitsandbytes) only apply on a GPU. On CPU training falls back to fp32 and torch AdamW: the same
-method, more memory. :func:`cpu_fallback_notes` names each such setting once, on the driver, so a
+method, more memory. :func:`dreambooth_gpu_notes` names each such setting once, on the driver, so a
 run never discovers it deep inside a stage (and never warns once per unit). Personalisation's
 bf16 autocast and xformers are automatic (on when CUDA is present) and have no setting.
 A GPU setting that cannot work anywhere (8-bit Adam without bitsandbytes on a GPU) is a warning
@@ -21,14 +21,10 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def cpu_fallback_notes(settings: Any, cuda: bool | None = None) -> list[str]:
-    """One warning line per GPU-only setting that is on but cannot apply on this machine."""
-    from persrep.generation.base import any_generator
-
-    # the GPU-only settings are DreamBooth's: they apply to types that train a diffusion model
-    if not any_generator(settings.generator.types, lambda c: c.trains_per_instance and c.needs_base_model):
-        return []
-    db = settings.generator.dreambooth
+def dreambooth_gpu_notes(db: Any, cuda: bool | None = None) -> list[str]:
+    """One warning line per GPU-only DreamBooth setting (``generator.dreambooth``) that is on but
+    cannot apply on this machine. Whether the run trains a diffusion model at all is the caller's
+    question (``persrep.pipeline.context.cpu_fallback_notes`` asks the generator types)."""
     cuda = cuda_available() if cuda is None else cuda
     notes = []
     if not cuda:

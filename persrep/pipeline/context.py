@@ -130,11 +130,30 @@ def preflight_models(settings: Settings) -> list[str]:
         require_available(settings.generator.base_model)  # raises ModelUnavailableError
         notes.append(f"diffusion base model: {settings.generator.base_model}")
     from persrep.generation.filtering import require_scorer
-    from persrep.models.accelerator import cpu_fallback_notes
 
     require_scorer(settings.synthesis.filter)  # dreamsim: package and weights, before compute
     notes += cpu_fallback_notes(settings)  # GPU-only settings on CPU: one warning each
     return notes
+
+
+def cpu_fallback_notes(settings: Settings, cuda: bool | None = None) -> list[str]:
+    """GPU-only settings on a machine without CUDA: one warning each, when a generator type trains
+    a diffusion model (its capabilities say so); persrep.models.accelerator words them."""
+    from persrep.models.accelerator import dreambooth_gpu_notes
+
+    if not any_generator(settings.generator.types, lambda c: c.trains_per_instance and c.needs_base_model):
+        return []
+    return dreambooth_gpu_notes(settings.generator.dreambooth, cuda)
+
+
+def run_needs_categories(settings: Settings) -> bool:
+    """Whether a run's settings use the category of each instance (prompts, classes, negatives):
+    a type that trains per instance, captions other than the template for a type that uses
+    captions, or generated negatives (the data check then requires every instance's category)."""
+    trained = any_generator(settings.generator.types, lambda c: c.trains_per_instance)
+    captioned = any_generator(settings.generator.types, lambda c: c.uses_captions)
+    captions = captioned and any(s != "template" for s in settings.synthesis.caption_sources)
+    return trained or captions or settings.personalization.negatives == "generated"
 
 
 def prepare_run(settings: Settings, progress: Progress | None = None, run_id: str | None = None) -> RunContext:
@@ -152,8 +171,6 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     from persrep.evaluation.tasks import dense_tasks
 
     dense = bool(dense_tasks(settings.evaluation.tasks))
-    from persrep.data.info_check import run_needs_categories
-
     report = check_dataset(ds, deep=n_images <= DEEP_CHECK_LIMIT, dense_tasks=dense,
                            needs_categories=run_needs_categories(settings))
     report.raise_on_errors()

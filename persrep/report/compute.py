@@ -51,7 +51,7 @@ def compute_frame(units: list[dict[str, Any]], storage: Any, frame: pd.DataFrame
             continue
         config, backbone, inst = u["label"].rsplit(":", 2)
         generator = _CFG_LABEL.match(config)["gen"] if _CFG_LABEL.match(config) else config
-        g = 0.0 if generator == "real_only" else syn.get(f"pos:{_config_key(config)}:{inst}", np.nan)
+        g = 0.0 if _real_positives(generator) else syn.get(f"pos:{_config_key(config)}:{inst}", np.nan)
         g += gen.get(f"{generator}:{inst}", 0.0)
         per[(backbone, config)].append((g, seconds("adapters", u["key"])))
     if not per:
@@ -103,3 +103,14 @@ def plot_compute_quality(table: pd.DataFrame, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.savefig(path)
     return path
+
+
+def _real_positives(generator: str) -> bool:
+    """Whether a type's positives are the real photos (no synthesis cost); a type no longer
+    registered counts as synthetic (its cost is then read, or unknown)."""
+    from persrep.generation.base import generator_caps
+
+    try:
+        return generator_caps(generator).positives_are_real
+    except ValueError:
+        return False
