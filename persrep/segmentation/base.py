@@ -13,7 +13,7 @@ Every class declares its :class:`Needs` (weights, GPU preferred) so pre-flight c
 missing model before compute (:func:`require_available`).
 
 Adding one: one module with a subclass of :class:`Segmenter` that sets ``name`` and ``needs``
-(and overrides ``check_available`` when it needs a package), decorated with
+(and overrides ``preflight`` when it needs a package), decorated with
 :func:`register_segmenter`; a built-in one is also named, by module, in
 :data:`persrep.registry.SEGMENTERS` (imported on first use).
 """
@@ -91,7 +91,7 @@ class Segmenter(ABC):
         return {"segmenter": self.name, "model": s.model if self.needs.weights else None}
 
     @classmethod
-    def check_available(cls, settings: Any) -> str:
+    def preflight(cls, settings: Any) -> str:
         """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when this
         segmenter cannot run here; else a note saying what it will use."""
         return f"segmenter {cls.name}: no weights needed"
@@ -129,7 +129,7 @@ def make_segmenter(settings: Any, device: Any = None) -> Segmenter:
 def require_available(name: str, settings: Any) -> str:
     """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when the segmenter
     ``name`` cannot run here; return a note saying what it will use."""
-    return segmenter_class(name).check_available(settings)
+    return segmenter_class(name).preflight(settings)
 
 
 # -- post-processing shared by the implementations -------------------------------------------

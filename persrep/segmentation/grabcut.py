@@ -46,13 +46,13 @@ class GrabCutSegmenter(Segmenter):
     needs = Needs(weights=False, gpu_preferred=False, reference=False)
 
     @classmethod
-    def check_available(cls, settings: Any) -> str:
+    def preflight(cls, settings: Any) -> str:
         try:
             import cv2  # noqa: F401
         except ImportError:
             raise SegmenterUnavailableError(
                 "segmenter grabcut: opencv is not installed: `pip install opencv-python-headless`") from None
-        return super().check_available(settings)
+        return super().preflight(settings)
 
     def identity(self) -> dict[str, Any]:
         s = self.settings

@@ -110,7 +110,7 @@ def _device(device: Any) -> torch.device:
 
 class _SamBase(Segmenter):
     @classmethod
-    def check_available(cls, settings: Any) -> str:
+    def preflight(cls, settings: Any) -> str:
         return f"segmenter {cls.name}: weights {locate_sam(settings.model)}"
 
     def identity(self) -> dict[str, Any]:
