@@ -301,9 +301,8 @@ def data_stages(ctx: RunContext, summary: RunSummary, say: Progress, out: DataSt
         out.synthesized.update({u.group: u.key for u, o in zip(units, outs) if o.status != "failed"})
         summary.record_synthesis(units, outs, say)
 
-    def plan_prep() -> list[GeneratorUnit]:
-        planned = [u for u in plan_generator_units(ctx) if not set(u.shared_inputs) & failed("base_images")]
-        return planned
+    def plan_prep() -> list[GeneratorUnit]:  # a unit whose class images failed cannot run
+        return [u for u in plan_generator_units(ctx) if not set(u.shared_inputs) & failed("base_images")]
 
     return [
         # auto masks (generator.auto_masks): one unit per instance without train masks
@@ -317,11 +316,13 @@ def data_stages(ctx: RunContext, summary: RunSummary, say: Progress, out: DataSt
                      lambda u: f"{u.kind}:{u.category}", resources="synthesis"),
         # generator prep: one unit per (instance, trained generator type)
         PlannedStage("generator_prep", plan_prep, run_generator_unit, lambda u: u.label,
-                     report=prep_report, always=True),
+                     report=prep_report, always=True,
+                     available=lambda done: out.ready.update({(u.generator, u.instance): u.key for u in done})),
         # synthesis: one unit per group of rows (a generator loaded once per group)
         PlannedStage("synthesis", lambda: plan_synthesis_units(ctx, out.ready), run_synthesis_unit,
                      lambda u: u.label, hook="synthesis_stage", how="Ray Data",
-                     report=synthesis_report, always=True),
+                     report=synthesis_report, always=True,
+                     available=lambda done: out.synthesized.update({u.group: u.key for u in done})),
     ]
 
 
@@ -335,22 +336,8 @@ def run_data_stages(ctx: RunContext, executor: Executor, summary: RunSummary, sa
     out = DataStages()
     runs: dict[str, StageRun] = {}
     for stage in data_stages(ctx, summary, say, out, runs):
-        if stage.name == "generator_prep":  # skipped units are finished generators: available
-            planned = stage.plan()
-            out.ready = {(u.generator, u.instance): u.key for u in planned if u.key in skip}
-            stage = _replanned(stage, planned)
-        elif stage.name == "synthesis":
-            planned = stage.plan()
-            out.synthesized = {u.group: u.key for u in planned if u.key in skip}
-            stage = _replanned(stage, planned)
         runs[stage.name] = run_planned(stage, ctx, executor, summary, say, skip, unit_resources)
     return out
-
-
-def _replanned(stage: PlannedStage, planned: list[Any]) -> PlannedStage:
-    from dataclasses import replace
-
-    return replace(stage, plan=lambda: planned)
 
 
 def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracker: Any,

@@ -52,6 +52,7 @@ class PlannedStage:
     how: str = ""  # said when the hook runs the stage (e.g. "Ray Data")
     report: Callable[[list[Any], list[Outcome]], None] | None = None  # after the stage
     always: bool = False  # recorded in the summary even with no units to run
+    available: Callable[[list[Any]], None] | None = None  # told the planned units in ``skip`` (made earlier)
 
 
 @dataclass
@@ -100,6 +101,8 @@ def run_planned(stage: PlannedStage, ctx: Any, executor: Executor, summary: Any,
     counted as available), run the rest with ``executor`` (its stage hook when it has one), record
     them in ``summary`` and add their keys to ``skip``."""
     planned = list(stage.plan())
+    if stage.available is not None:
+        stage.available([u for u in planned if u.key in skip])
     units = [u for u in planned if u.key not in skip]
     skip.update(u.key for u in units)
     if not units and not stage.always:
