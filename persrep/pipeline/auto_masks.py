@@ -21,7 +21,7 @@ from PIL import Image
 from persrep.config import content_key
 from persrep.generation.base import image_fingerprint
 from persrep.generation.shards import png_bytes
-from persrep.pipeline.stages import Unit
+from persrep.pipeline.units import Unit
 from persrep.segmentation.base import get_segmenter
 
 STAGE = "masks"

@@ -19,7 +19,7 @@ from typing import Any
 
 from persrep.config import content_key
 from persrep.pipeline.context import RunContext
-from persrep.pipeline.stages import Unit
+from persrep.pipeline.units import Unit
 
 STAGE = "captions"
 CAPTIONS_FILE = "captions.json"

@@ -29,7 +29,7 @@ from PIL import Image
 
 from persrep.config import Settings, content_key
 from persrep.generation.base import any_generator, stable_seed
-from persrep.pipeline.stages import Unit
+from persrep.pipeline.units import Unit
 
 STAGE = "base_images"
 CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale

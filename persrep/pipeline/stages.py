@@ -8,8 +8,7 @@ takes, an optional executor *stage hook* that runs the whole stage its own way (
 synthesis; declared on :class:`persrep.pipeline.executor.StageHooks`), and ``report`` (what the
 stage adds to the summary afterwards). :func:`run_planned` runs one with either executor.
 
-Units are frozen dataclasses deriving :class:`Unit`; ``unit["key"]`` still reads a field, for
-callers written against the former dict units.
+Units are frozen dataclasses deriving :class:`persrep.pipeline.units.Unit`.
 """
 
 from __future__ import annotations
@@ -22,21 +21,6 @@ from typing import Any
 from persrep.pipeline.executor import Executor, Outcome, Resources, stage_hooks
 
 Progress = Callable[[str], None]
-
-
-class Unit:
-    """Base of the frozen unit dataclasses: ``unit["field"]`` / ``unit.get("field")`` read a field."""
-
-    key: str
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return getattr(self, name)
-        except AttributeError:
-            raise KeyError(name) from None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from persrep.generation.plan import NEGATIVE_GENERATOR, DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
 from persrep.pipeline.context import RunContext
-from persrep.pipeline.stages import Unit
+from persrep.pipeline.units import Unit
 from persrep.keys import result_settings
 from persrep.pipeline.verdict import UnitRejected, synthesis_verdict
 from persrep.storage import Storage
