@@ -114,6 +114,7 @@ def test_unknown_names_are_settings_errors_naming_the_choices():
         load_settings("local", [f"evaluation.tasks=[{TASK}]"])
 
 
+@pytest.mark.slow
 def test_a_fifth_generator_and_task_registered_here_run_through_the_whole_pipeline(tmp_path, fifth_generator,
                                                                                    fifth_task):
     from persrep.pipeline import run_pipeline
@@ -134,7 +135,8 @@ def test_a_fifth_generator_and_task_registered_here_run_through_the_whole_pipeli
     assert summary.stages["evaluation"]["done"] == 3 * n + 1
     frame = pd.read_parquet(root / "runs" / "fifth" / "results.parquet")
     mine = frame[frame["generator"] == NAME]
-    assert set(mine["data_config"]) == {f"{NAME}/cfg4/template", f"{NAME}/cfg5/template"}
+    # one data configuration per CFG (it uses guidance), no caption source (it uses no captions)
+    assert set(mine["data_config"]) == {f"{NAME}/cfg4/none", f"{NAME}/cfg5/none"}
     assert set(mine["positives_used"]) == {"synthetic"} and set(mine["n_positives"]) == {4}
     assert mine["value"].notna().all() and set(mine["task"]) == {"classification", TASK}
     # the new task scored every model on every instance, within [0, 1]
