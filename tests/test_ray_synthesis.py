@@ -118,7 +118,10 @@ def world(s3_server, ray_local):
     root = f"s3://{bucket}/x"
     ctx = prepare_run(tiny_settings(root), run_id="t")
     from persrep.pipeline.runner import plan_generator_units
+    from persrep.pipeline.shared_images import plan_shared_units, run_shared_unit
 
+    for u in plan_shared_units(ctx.settings, ctx.instances):  # DreamBooth's class images, as the pipeline
+        run_shared_unit(ctx, u)
     gen_units = plan_generator_units(ctx)
     for u in gen_units:
         run_generator_unit(ctx, u)
