@@ -17,13 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from persrep.errors import ConfigError  # noqa: F401 (re-exported)
+
+
 GeneratorType = Literal["real_only", "cut_paste", "dreambooth", "masked_dreambooth"]
 GlobalFeature = Literal["cls", "cls+mean"]
 Task = Literal["classification", "retrieval", "detection", "segmentation"]
-
-
-class ConfigError(ValueError):
-    """A settings problem found before any compute. ``str()`` is one line per problem."""
 
 
 class Section(BaseModel):

@@ -29,14 +29,13 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from persrep.errors import StorageError  # noqa: F401 (re-exported)
+
+
 MANIFEST = "MANIFEST.json"
 log = logging.getLogger(__name__)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-=+]+$")
-
-
-class StorageError(RuntimeError):
-    """A storage problem: the message names the location and the fix."""
 
 
 class CorruptUnitError(StorageError):

@@ -16,9 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
-
-class CaptionError(ValueError):
-    """Captions cannot be produced: one line naming the model/endpoint, the problem and the fix."""
+from persrep.errors import CaptionError  # noqa: F401 (re-exported)
 
 
 class Backend(Protocol):

@@ -28,16 +28,13 @@ from PIL import Image
 
 from persrep.config import content_key
 from persrep.storage import MANIFEST, Storage, StorageError
+from persrep.errors import DatasetError  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "test", "test_dense")
 SCENES = ("in_distribution", "pose", "distractors", "pose_and_distractors")
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before PIL's own 179 MP error
 MIN_SIDE = 8  # smaller images carry no usable object detail (a 1x1 "photo" is an error)
-
-
-class DatasetError(ValueError):
-    """The data set cannot be used: the message names the path, the problem and the fix."""
 
 
 def natural_key(name: str) -> list[object]:

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from persrep.errors import ModelUnavailableError  # noqa: F401 (re-exported)
+
+
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -42,10 +45,6 @@ SCHEDULER_NAMES = ("pndm", "ddim", "dpm", "euler")
 _SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                     steps_offset=1, skip_prk_steps=True, prediction_type="epsilon")
-
-
-class ModelUnavailableError(RuntimeError):
-    """A base model that cannot be loaded here; ``str()`` is one line naming the fix."""
 
 
 @dataclass
