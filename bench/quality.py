@@ -65,7 +65,8 @@ from persrep.data.importer import import_folder  # noqa: E402
 from persrep.data.layout import InstanceDataset, is_image_name, open_dataset  # noqa: E402
 from persrep.evaluation.aggregate import results_frame  # noqa: E402
 from persrep.evaluation.stage import Evaluator  # noqa: E402
-from persrep.generation.base import InstanceData, SampleRow, stable_seed  # noqa: E402
+from persrep.generation.base import InstanceData, SampleRow  # noqa: E402
+from persrep.hashing import stable_seed  # noqa: E402
 from persrep.generation.cut_paste import CutPasteGenerator  # noqa: E402
 from persrep.segmentation import get_segmenter  # noqa: E402
 from persrep.segmentation.dataset import mask_iou  # noqa: E402

@@ -8,7 +8,6 @@ before compute, with one line per problem naming the key, the bad value and what
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from persrep.errors import ConfigError  # noqa: F401 (re-exported)
-
+from persrep.hashing import sha256_hex
 
 GeneratorType = Literal["real_only", "cut_paste", "dreambooth", "masked_dreambooth"]
 GlobalFeature = Literal["cls", "cls+mean"]
@@ -453,4 +452,4 @@ def content_key(*parts: BaseModel | dict[str, Any] | str | int | float | None, l
     """
     canon = [settings_to_dict(p) if isinstance(p, (BaseModel, dict)) else p for p in parts]
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return sha256_hex(blob, length)

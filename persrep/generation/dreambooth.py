@@ -42,8 +42,8 @@ from PIL import Image
 from persrep.config import DreamBoothSettings, content_key
 from persrep.keys import result_settings
 from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
-                                     SampledImage, SampleRow, instance_data_key, register_generator,
-                                     stable_seed)
+                                     SampledImage, SampleRow, instance_data_key, register_generator)
+from persrep.hashing import stable_seed
 from persrep.models.diffusion import (TINY, DiffusionComponents, component_identity, generate_grouped,
                                       generate_images, load_components, make_pipeline)
 

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from persrep.generation.base import InstanceData, SampledImage, SampleRow, stable_seed
+from persrep.generation.base import InstanceData, SampledImage, SampleRow
+from persrep.hashing import stable_seed
 from persrep.models.errors import ModelError
 
 FeatureFn = Callable[[list[Image.Image]], torch.Tensor]  # images -> [N, D] embeddings

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import IDENTIFIER, SampleRow, stable_seed
+from persrep.generation.base import IDENTIFIER, SampleRow
+from persrep.hashing import stable_seed
 
 DIFFUSION_FREE = ("real_only", "cut_paste")
 NEGATIVE_GENERATOR = "base"

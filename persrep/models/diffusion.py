@@ -14,7 +14,6 @@ image's starting noise depends only on its own seed, never on what else shares i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 from persrep.errors import ModelUnavailableError  # noqa: F401 (re-exported)
-
+from persrep.hashing import directory_digest
 
 logger = logging.getLogger(__name__)
 
@@ -235,14 +234,15 @@ def component_identity(base_model: str) -> dict[str, Any]:
         return {"kind": "tiny", "version": TINY_VERSION, "seed": TINY_SEED}
     if _looks_like_path(base_model) and Path(base_model).expanduser().is_dir():
         root = Path(base_model).expanduser().resolve()
-        digest = hashlib.sha256()
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = path.relative_to(root).as_posix()
+
+        def entry(rel: str, path: Path) -> bytes:
             if path.suffix in (".json", ".txt"):
-                digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-            elif path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
-                digest.update(f"{rel}:{path.stat().st_size}\0".encode())
-        return {"kind": "local", "name": root.name, "content": digest.hexdigest()[:16]}
+                return rel.encode() + b"\0" + path.read_bytes() + b"\0"
+            if path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+                return f"{rel}:{path.stat().st_size}\0".encode()
+            return b""
+
+        return {"kind": "local", "name": root.name, "content": directory_digest(root, entry, 16)}
     return {"kind": "hub", "model_id": base_model}
 
 
