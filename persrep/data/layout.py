@@ -21,7 +21,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -35,6 +35,22 @@ SPLITS = ("train", "test", "test_dense")
 SCENES = ("in_distribution", "pose", "distractors", "pose_and_distractors")
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before PIL's own 179 MP error
 MIN_SIDE = 8  # smaller images carry no usable object detail (a 1x1 "photo" is an error)
+DATA_PREFIX = "@data/"  # a settings path relative to the data set root
+
+
+def resolve_data_path(path: str, data_root: str | None, setting: str = "synthesis.cut_paste.backgrounds",
+                      absolute: bool = False) -> str:
+    """``@data/x`` -> ``<data_root>/x`` (local or ``s3://``). Any other path is returned unchanged,
+    or with ``absolute`` (what workers receive) a local one is made absolute against the cwd."""
+    if path.startswith(DATA_PREFIX):
+        if not data_root:
+            raise ValueError(f"{setting}={path!r} is relative to the data set root, but no data root "
+                             "is known: pass data_root (the data set directory or s3:// URI) to the "
+                             "generator, or give a full folder path")
+        return f"{data_root.rstrip('/')}/{path[len(DATA_PREFIX):].lstrip('/')}"
+    if not absolute or "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
 
 
 def natural_key(name: str) -> list[object]:

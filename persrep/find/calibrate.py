@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from persrep.data.layout import resolve_data_path
 from persrep.evaluation.classification import instance_scores
 from persrep.evaluation.features import cosine_similarity_matrix
 
@@ -96,9 +97,7 @@ def calibration_images(source) -> tuple[dict[str, list[Image.Image]], list[Image
     blobs: list[bytes] = []
     origin = "none"
     if pz.negatives == "external" and pz.external_negatives:
-        loc = pz.external_negatives
-        if loc.startswith("@data/"):
-            loc = f"{source.data_path.rstrip('/')}/{loc[len('@data/'):]}"
+        loc = resolve_data_path(pz.external_negatives, source.data_path)
         coll = Collection(loc, source.s3_endpoint)
         paths = list(iter_paths(coll))
         step = max(1, len(paths) // MAX_NEGATIVES)

@@ -25,11 +25,11 @@ from PIL import Image
 
 from persrep.compositing import (ALPHA_THRESHOLD, MIN_INNER_WEIGHT, MIN_OBJECT_PX,  # noqa: F401 (re-exported)
                                  Placement, composite, cut_out, draw_placement, transform_foreground)
+from persrep.data.layout import DATA_PREFIX, resolve_data_path  # noqa: F401 (re-exported)
 from persrep.generation.base import InstanceData, SampledImage, SampleRow, register_generator
 from persrep.generation.real_only import RealPhotosGenerator
 
 GENERATED = "generated"
-DATA_PREFIX = "@data/"
 CROP_FRACTION = (0.6, 1.0)  # side of a background crop, as a fraction of the photo's shorter side
 
 # Scenes for generated backgrounds: surfaces and places where everyday objects are photographed.
@@ -55,17 +55,6 @@ class BackgroundSource(Protocol):
 
 def background_prompt(seed: int) -> str:
     return BACKGROUND_PROMPTS[seed % len(BACKGROUND_PROMPTS)]
-
-
-def resolve_data_path(path: str, data_root: str | None, setting: str = "synthesis.cut_paste.backgrounds") -> str:
-    """``@data/x`` -> ``<data_root>/x`` (local or ``s3://``); any other path is returned unchanged."""
-    if not path.startswith(DATA_PREFIX):
-        return path
-    if not data_root:
-        raise ValueError(f"{setting}={path!r} is relative to the data set root, but no data root "
-                         "is known: pass data_root (the data set directory or s3:// URI) to the "
-                         "generator, or give a full folder path")
-    return f"{data_root.rstrip('/')}/{path[len(DATA_PREFIX):].lstrip('/')}"
 
 
 # ---------------------------------------------------------------------------------------------
