@@ -25,7 +25,6 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from persrep.config import Settings, content_key
 from persrep.generation.base import IDENTIFIER, SampleRow
@@ -184,7 +183,3 @@ def build_rows(settings: Settings, instances: dict[str, str],
                                       gcfg, seed, src, i))
             groups[f"neg:{gcfg:g}:{src}:{cat}"] = rows
     return groups
-
-
-def row_to_dict(row: SampleRow) -> dict[str, Any]:
-    return asdict(row)

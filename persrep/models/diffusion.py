@@ -14,7 +14,6 @@ image's starting noise depends only on its own seed, never on what else shares i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -345,12 +344,3 @@ def generate_grouped(pipeline, prompts: list[str], seeds: list[int], guidance_sc
             for i, image in zip(chunk, drawn):
                 images[i] = image
     return images  # type: ignore[return-value]
-
-
-def config_summary(components: DiffusionComponents) -> dict[str, Any]:
-    """A human-readable size summary (for logs and run reports)."""
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"base_model": components.base_model, "resolution": components.resolution,
-            "unet_params": count(components.unet), "vae_params": count(components.vae),
-            "text_encoder_params": count(components.text_encoder),
-            "scheduler": json.loads(json.dumps(dict(components.scheduler.config), default=str))}
