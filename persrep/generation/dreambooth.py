@@ -407,16 +407,6 @@ class BaseModelSampler:
     def negative_prompt(self, category: str) -> str:
         return self.settings.generator.dreambooth.class_prompt.format(category=category)
 
-    def negative_rows(self, category: str, count: int, cfgs: list[float] | None = None,
-                      instance: str | None = None) -> list[SampleRow]:
-        """``count`` negative rows for ``category``, cycling through the guidance scales."""
-        cfgs = cfgs or list(self.settings.synthesis.cfg)
-        prompt = self.negative_prompt(category)
-        return [SampleRow(instance=instance or f"{category}_negatives", role="negative", generator="base",
-                          prompt=prompt, cfg=cfgs[i % len(cfgs)], caption_source="template", index=i,
-                          seed=stable_seed("negative", category, self.settings.synthesis.seed, i))
-                for i in range(count)]
-
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         leaking = [r.prompt for r in rows if IDENTIFIER in r.prompt]
         if leaking:
