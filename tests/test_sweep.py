@@ -388,3 +388,14 @@ def test_optuna_search_with_asha(first_sweep, tmp_path):
     assert _units(root, "synthesis") == syn  # the data was there already
     assert any(p.name.startswith("searcher-state") for p in out.iterdir())  # Optuna's state, by Tune
     assert all(math.isfinite(v) for v in trials["retrieval.ndcg"])
+
+
+def test_sweep_trial_names_what_it_was_not_given():
+    """Argument checks are errors that say the fix, not ``assert`` (gone under ``python -O``)."""
+    pytest.importorskip("ray")
+    from persrep.distributed.sweep import sweep_trial
+
+    with pytest.raises(TypeError, match=r"sweep_trial needs ctx, options: bind them with tune.with_parameters"):
+        sweep_trial({"data": "a"}, space=object())
+    with pytest.raises(KeyError, match=r"data='b' is not one of the sweep's data options \['a'\]"):
+        sweep_trial({"data": "b"}, ctx=object(), space=object(), options={"a": object()})
