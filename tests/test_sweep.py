@@ -399,3 +399,18 @@ def test_sweep_trial_names_what_it_was_not_given():
         sweep_trial({"data": "a"}, space=object())
     with pytest.raises(KeyError, match=r"data='b' is not one of the sweep's data options \['a'\]"):
         sweep_trial({"data": "b"}, ctx=object(), space=object(), options={"a": object()})
+
+
+def test_the_optuna_hint_names_the_version_the_project_needs(tmp_path, monkeypatch):
+    import importlib.util as ilu
+
+    from persrep.sweep import space as sp
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'"{sp.OPTUNA_REQUIREMENT}"' in pyproject, "OPTUNA_REQUIREMENT differs from pyproject.toml"
+    real = ilu.find_spec
+    monkeypatch.setattr(ilu, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    doc = _toy_doc()
+    doc["search"] = "optuna"
+    with pytest.raises(Exception, match=r"pip install 'optuna>=5.0,<6'"):
+        load_space(_write(tmp_path, doc))
