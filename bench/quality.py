@@ -63,7 +63,7 @@ from persrep.contrastive.train import TrainingData, train_one_instance  # noqa: 
 from persrep.data.composite import CompositeSettings, write_composite  # noqa: E402
 from persrep.data.importer import import_folder  # noqa: E402
 from persrep.data.layout import InstanceDataset, is_image_name, open_dataset  # noqa: E402
-from persrep.evaluation.aggregate import results_frame  # noqa: E402
+from persrep.evaluation.aggregate import HEADLINE as HEADLINE_METRIC, results_frame  # noqa: E402
 from persrep.evaluation.stage import Evaluator  # noqa: E402
 from persrep.generation.base import InstanceData, SampleRow  # noqa: E402
 from persrep.hashing import stable_seed  # noqa: E402
@@ -71,8 +71,7 @@ from persrep.generation.cut_paste import CutPasteGenerator  # noqa: E402
 from persrep.segmentation import get_segmenter  # noqa: E402
 from persrep.segmentation.dataset import mask_iou  # noqa: E402
 
-HEADLINE = [("classification", "ap"), ("retrieval", "ndcg"), ("detection", "map"),
-            ("segmentation", "map")]
+HEADLINE = list(HEADLINE_METRIC.items())  # [(task, metric)] in the paper's order
 NEG_SIDE = 256  # external negatives are downscaled to this shorter side (memory, decode time)
 
 
