@@ -21,7 +21,7 @@ Data configuration ``cut_paste_auto`` (COIL or DreamBooth): cut-and-paste whose 
 predicted by the segmenter instead of read from the data set: what a user with 3 plain photos gets.
 On COIL its runs also record the predicted masks' IoU against the provided ones.
 
-Negatives never come from the evaluated data set (REFERENCE.md, last section): COIL uses the
+Negatives never come from the evaluated data set (docs/PROTOCOL.md, leakage): COIL uses the
 DreamBooth photos; DreamBooth uses COIL views + background photos. One variant, ``in_pool``,
 trains with the other evaluated instances' photos as negatives to show the inflation; it is
 labelled ``LEAKY`` in the table and ``"leaky": true`` in the JSON, and never compared as a result.

@@ -249,7 +249,7 @@ class PersonalizationSettings(Section):
     temperature: float = Field(0.07, gt=0, le=10)
     loss: Literal["infonce", "infonce_symmetric"] = "infonce"
     negatives: Literal["generated", "external", "in_pool"] = Field(
-        "generated", description="'in_pool' draws from evaluated instances: leaks (REFERENCE.md)")
+        "generated", description="'in_pool' draws from evaluated instances: leaks (docs/PROTOCOL.md)")
     external_negatives: str | None = None
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 1234

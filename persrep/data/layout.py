@@ -1,6 +1,6 @@
 """Instance data sets in the reference layout, from a local directory or ``s3://``.
 
-Layout (REFERENCE.md "Data sets and on-disk layout")::
+Layout (the reference layout; ../shared/docs/REFERENCE.md, not in this repository)::
 
     train/<instance>/*.jpg            exactly 3 in the benchmarks
     test/<instance>/*.jpg

@@ -14,7 +14,7 @@ The rule (documented in the README and checked in the tests):
   negatives it synthesised), plus the reference photos of every *other* instance of the run's
   data set: what a user who personalised several objects owns anyway. Never the data set's test
   images: those are the evaluation pool, which ``bench/find.py`` scans as the labelled
-  collection, so calibrating on them would leak (REFERENCE.md, last section).
+  collection, so calibrating on them would leak (docs/PROTOCOL.md, leakage).
 - *Threshold*: the value that maximises F1 of positives vs negatives; among all thresholds
   that reach that F1 (an interval between two consecutive calibration scores), the midpoint of
   the widest one. When the scores separate, that is the midpoint between the weakest positive

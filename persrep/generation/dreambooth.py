@@ -1,10 +1,11 @@
 """DreamBooth personalisation of Stable Diffusion (plain and masked), and base-model sampling.
 
-Training follows the reference (docs/REFERENCE.md): instance prompt ``a photo of <new1> {category}``,
-class prompt ``A photo of {category}``, prior preservation on class images drawn from the base
-model, optional text-encoder training, constant learning rate, gradient clipping at 1.0. Either
-the whole UNet (+ text encoder) is fine-tuned, or LoRA adapters on the attention projections
-(UNet ``to_q/to_k/to_v/to_out.0``; text encoder ``q/k/v/out_proj``) through peft.
+Training follows the reference (../shared/docs/REFERENCE.md, not in this repository): instance
+prompt ``a photo of <new1> {category}``, class prompt ``A photo of {category}``, prior preservation
+on class images drawn from the base model, optional text-encoder training, constant learning rate,
+gradient clipping at 1.0. Either the whole UNet (+ text encoder) is fine-tuned, or LoRA adapters on
+the attention projections (UNet ``to_q/to_k/to_v/to_out.0``; text encoder ``q/k/v/out_proj``)
+through peft.
 
 Masked DreamBooth multiplies the noise prediction and the target of the *instance* images by
 ``(mask + floor) / max(mask + floor)`` (mask at latent resolution) before the MSE. With the default

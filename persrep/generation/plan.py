@@ -15,8 +15,9 @@ Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a f
 generates them before synthesis; ``build_rows`` gets them as ``llm_captions``).
 
 Captions files (reference format): a JSON object whose keys are instance names (the released
-PODS file) or category names (REFERENCE.md), each a list of captions containing ``<new1>``, e.g.
-``"A <new1> mug on a wooden desk"``. For negatives the identifier is removed.
+PODS file) or category names (../shared/docs/REFERENCE.md, not in this repository), each a list of
+captions containing ``<new1>``, e.g. ``"A <new1> mug on a wooden desk"``. For negatives the
+identifier is removed.
 """
 
 from __future__ import annotations

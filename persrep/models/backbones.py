@@ -62,8 +62,8 @@ class PaperBackbone:
     preprocessing: Preprocessing
 
 
-# The paper's three backbones (docs/REFERENCE.md), by timm name. Reference eval geometry:
-# DINOv2/MAE resize 256 -> centre-crop 224; CLIP resize 224 -> crop 224.
+# The paper's three backbones (../shared/docs/REFERENCE.md, not in this repository), by timm name.
+# Reference eval geometry: DINOv2/MAE resize 256 -> centre-crop 224; CLIP resize 224 -> crop 224.
 PAPER_BACKBONES: dict[str, PaperBackbone] = {
     name: PaperBackbone(label, f"timm/{name}", Preprocessing(mean, std, crop_ratio))
     for name, label, (mean, std), crop_ratio in [

@@ -161,7 +161,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     check_external_negatives(ctx)
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
-                         "instances; classification gains are inflated by leakage (REFERENCE.md)")
+                         "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
     return ctx
 
 
