@@ -252,3 +252,16 @@ if __name__ == "__main__":
     print(f"cycles through function-level (lazy) imports: {len(l_comps)}")
     for c in l_comps:
         print("  " + " -> ".join(one_cycle(l_graph, c)) + (f"   [{len(c)} modules]" if len(c) > 3 else ""))
+
+
+def test_test_modules_share_helpers_through_helper_modules():
+    """Tests import shared helpers from tests/helpers.py, tests/worlds.py, tiny_lm.py, browser.py,
+    never from another test module (that runs its module-level fixtures' imports and couples files)."""
+    bad = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node, _lazy in _imports(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad += [f"{path.name} imports {n}" for n in names
+                    if n.split(".")[0].startswith("test_") and n.split(".")[0] != path.stem]
+    assert not bad, "move shared test helpers into tests/helpers.py or tests/worlds.py: " + "; ".join(bad)

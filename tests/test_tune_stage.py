@@ -22,7 +22,7 @@ from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, personalize_key
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import TINY  # noqa: E402
+from worlds import TINY  # noqa: E402
 
 REAL_ONLY = [*TINY, "generator.types=[real_only]"]
 
