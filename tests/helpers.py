@@ -2,7 +2,8 @@
 with its whole session, read and verify the published units of a storage root.
 
 Moved unchanged from test_faults.py; used by test_faults, test_soak, test_services,
-test_bad_inputs and test_security (pytest puts tests/ on sys.path: ``from helpers import ...``).
+test_bad_inputs and test_security; the image comparisons from test_diffusion and test_dreambooth
+(pytest puts tests/ on sys.path: ``from helpers import ...``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from persrep.storage import MANIFEST, Storage
@@ -166,3 +168,16 @@ def results(root: Path, run_id: str) -> pd.DataFrame:
 
 def n_published(root: Path, stage: str) -> int:
     return len(list((root / stage).glob(f"*/{MANIFEST}")))
+
+
+# -- images (test_diffusion, test_dreambooth) ------------------------------------------------------
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def assert_same_up_to_float_rounding(a, b) -> None:
+    """Same noise, same prompt: the same image. Not always bit-identical across batch sizes,
+    because BLAS blocks a matmul differently for a batch of 1 and of 4 (seen with 1 thread: one
+    value of 12,288 off by one grey level); a different seed changes the mean by ~40 levels."""
+    diff = np.abs(pixels(a) - pixels(b))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())

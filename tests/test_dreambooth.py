@@ -19,6 +19,8 @@ from persrep.generation import dreambooth as db
 from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
                                      SampleRow, get_generator, register_generator, registered_types)
 from persrep.generation.plan import build_rows
+from helpers import assert_same_up_to_float_rounding as _assert_same_up_to_float_rounding
+from helpers import pixels as _pixels
 from persrep.models.diffusion import generate_images, load_components, make_pipeline
 
 RES = 64
@@ -55,18 +57,6 @@ def _settings(**dreambooth) -> Settings:
     syn = settings.synthesis
     syn.resolution, syn.inference_steps, syn.batch_size, syn.cfg = RES, 4, 4, [5.0]
     return settings
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image).astype(np.int16)
-
-
-def _assert_same_up_to_float_rounding(a, b) -> None:
-    """Same noise, same prompt: the same image. Not always bit-identical across batch sizes,
-    because BLAS blocks a matmul differently for a batch of 1 and of 4 (seen with 1 thread: one
-    value of 12,288 off by one grey level); a different seed changes the mean by ~40 levels."""
-    diff = np.abs(_pixels(a) - _pixels(b))
-    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 CLASS_IMAGES = [_object_image((200, 200, 0), (90, 120, 90)), _object_image((0, 160, 200), (120, 90, 60))]

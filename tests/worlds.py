@@ -6,6 +6,8 @@ Moved unchanged from the modules that defined them (pytest puts tests/ on sys.pa
 
 from __future__ import annotations
 
+from persrep.config import BackboneSettings
+
 # the toy world, 2 categories x 2 instances, every generator type (was test_pipeline.TINY)
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
         "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6",
@@ -29,3 +31,8 @@ ONE_INSTANCE = ["data.toy.categories=2", "data.toy.instances_per_category=2", "d
                 "personalization.max_steps=3", "personalization.batch_size=4",
                 "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
                 "resources.cpus_per_trial=0.5"]
+
+# backbones (test_backbones, test_lora): a ViT of DINOv2's architecture with random weights, and
+# the real offline EfficientNet-Lite0
+TINY_DINO = BackboneSettings(name="vit_base_patch14_dinov2.lvd142m", weights="tiny")
+OFFLINE = BackboneSettings(name="tf_efficientnet_lite0", weights="offline")
