@@ -339,30 +339,6 @@ class StageCallback(tune.Callback):
         for callback in state.callbacks if state else []:
             getattr(callback, hook)(**info)
 
-    def setup(self, **info: Any) -> None:
-        self._forward("setup", info)
-
-    def on_step_begin(self, **info: Any) -> None:
-        self._forward("on_step_begin", info)
-
-    def on_step_end(self, **info: Any) -> None:
-        self._forward("on_step_end", info)
-
-    def on_trial_restore(self, **info: Any) -> None:
-        self._forward("on_trial_restore", info)
-
-    def on_trial_save(self, **info: Any) -> None:
-        self._forward("on_trial_save", info)
-
-    def on_trial_result(self, **info: Any) -> None:
-        self._forward("on_trial_result", info)
-
-    def on_checkpoint(self, **info: Any) -> None:
-        self._forward("on_checkpoint", info)
-
-    def on_experiment_end(self, **info: Any) -> None:
-        self._forward("on_experiment_end", info)
-
     def __getstate__(self) -> dict[str, Any]:
         return {"token": self.token}
 
@@ -429,6 +405,20 @@ class StageCallback(tune.Callback):
         st.progress(f"{STAGE}: {n}/{st.total} {rec.label} -> {status}"
                     + (f" after {rec.num_failures + (status != 'failed')} attempts"
                        if rec.num_failures else ""))
+
+
+def _forwarder(hook: str) -> Callable[..., None]:
+    def forward(self: StageCallback, **info: Any) -> None:
+        self._forward(hook, info)
+
+    forward.__name__ = forward.__qualname__ = hook
+    return forward
+
+
+# the hooks StageCallback does not handle itself only pass through
+for _hook in FORWARDED_HOOKS:
+    if _hook not in vars(StageCallback):
+        setattr(StageCallback, _hook, _forwarder(_hook))
 
 
 def _prior_trials(exp_path: str, fs: Any) -> dict[str, str]:
