@@ -415,7 +415,7 @@ class Tracker:
     def log_results(self, frame: Any, run_id: str | None = None) -> dict[str, float]:
         """Headline means over instances as metrics on the parent:
         ``<model>/<backbone>/<data_config>/<task>_<metric>`` (scene "all", status ok)."""
-        from persrep.report import HEADLINE
+        from persrep.evaluation.aggregate import HEADLINE
 
         if frame is None or len(frame) == 0:
             return {}
