@@ -8,7 +8,6 @@ before compute, with one line per problem naming the key, the bad value and what
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -17,13 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from persrep.errors import ConfigError  # noqa: F401 (re-exported)
+from persrep.hashing import sha256_hex
+
 GeneratorType = Literal["real_only", "cut_paste", "dreambooth", "masked_dreambooth"]
 GlobalFeature = Literal["cls", "cls+mean"]
 Task = Literal["classification", "retrieval", "detection", "segmentation"]
-
-
-class ConfigError(ValueError):
-    """A settings problem found before any compute. ``str()`` is one line per problem."""
 
 
 class Section(BaseModel):
@@ -251,7 +249,7 @@ class PersonalizationSettings(Section):
     temperature: float = Field(0.07, gt=0, le=10)
     loss: Literal["infonce", "infonce_symmetric"] = "infonce"
     negatives: Literal["generated", "external", "in_pool"] = Field(
-        "generated", description="'in_pool' draws from evaluated instances: leaks (REFERENCE.md)")
+        "generated", description="'in_pool' draws from evaluated instances: leaks (docs/PROTOCOL.md)")
     external_negatives: str | None = None
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 1234
@@ -454,4 +452,4 @@ def content_key(*parts: BaseModel | dict[str, Any] | str | int | float | None, l
     """
     canon = [settings_to_dict(p) if isinstance(p, (BaseModel, dict)) else p for p in parts]
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return sha256_hex(blob, length)

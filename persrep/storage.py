@@ -13,7 +13,6 @@ settings or ``$AWS_ENDPOINT_URL`` (e.g. a moto server on loopback in the tests).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,14 +28,13 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from persrep.errors import StorageError  # noqa: F401 (re-exported)
+from persrep.hashing import sha256_hex
+
 MANIFEST = "MANIFEST.json"
 log = logging.getLogger(__name__)
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-=+]+$")
-
-
-class StorageError(RuntimeError):
-    """A storage problem: the message names the location and the fix."""
 
 
 class CorruptUnitError(StorageError):
@@ -65,7 +63,7 @@ def validate_root_uri(root: str) -> None:
 
 
 def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return sha256_hex(data)
 
 
 def _check_name(name: str, what: str) -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 from persrep.config import BackboneSettings, PersonalizationSettings, content_key
 from persrep.contrastive.losses import build_loss, triplet_accuracy
 from persrep.contrastive.triplets import sample_triplets
-from persrep.generation.base import stable_seed
+from persrep.hashing import stable_seed
 from persrep.models.backbones import build_backbone, train_transform
 from persrep.models.lora import apply_lora, lora_parameters, lora_state_dict, save_adapter
 

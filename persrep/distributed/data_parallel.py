@@ -69,7 +69,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     from torch.nn.parallel import DistributedDataParallel
 
     from persrep.contrastive.train import TrainingSetup, _save_checkpoint
-    from persrep.generation.base import stable_seed
+    from persrep.hashing import stable_seed
     from persrep.models.lora import lora_state_dict, save_adapter
 
     ctx, unit = config["ctx"], config["unit"]

@@ -66,11 +66,9 @@ def log_path(ctx) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from persrep.cli import _model_errors
-    from persrep.config import ConfigError, load_settings
+    from persrep.config import load_settings
     from persrep.console import Console
-    from persrep.data.layout import DatasetError
-    from persrep.storage import StorageError
+    from persrep.errors import UserError
 
     args = parse_args(argv, prog)
     overrides = settings_overrides(args)
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 finally:
                     release(started)
             console.summary(summary)
-    except (ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
+    except UserError as exc:
         print(f"{prog or 'run_all'}: {exc}", file=sys.stderr)
         return 2
     if ctx.storage.is_s3 and not args.verbose and Path(log).is_file():

@@ -31,11 +31,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from persrep.cli import _model_errors
-    from persrep.config import ConfigError
-    from persrep.data.layout import DatasetError
+    from persrep.errors import UserError
     from persrep.generation.plan import PlanError
-    from persrep.storage import StorageError
     from persrep.sweep.space import SweepError, load_space
 
     from persrep.distributed.job import say, settings_overrides
@@ -58,7 +55,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             result = run_sweep(space, say, name=args.name)
         finally:
             release(started)
-    except (ConfigError, DatasetError, StorageError, PlanError, *_model_errors()) as exc:
+    except (UserError, PlanError) as exc:
         text = str(exc)  # one line per problem; a SweepError's lines already name the space file
         print(text if isinstance(exc, SweepError) else f"sweep: {text}", file=sys.stderr)
         return 2

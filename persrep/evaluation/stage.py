@@ -1,6 +1,7 @@
 """Evaluate a backbone (pretrained, or one adapter per instance) on a data set: tidy rows.
 
-Joins the data layout, the model registry and the suite. The pools follow REFERENCE.md:
+Joins the data layout, the model registry and the suite. The pools follow the paper's protocol
+(../shared/docs/REFERENCE.md, not in this repository):
 
 - global pool: the test images of *every* instance of the data set (not only the evaluated
   ones); retrieval gallery: the train images of every instance;

@@ -25,13 +25,12 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from persrep.config import content_key
+from persrep.contrastive.train import ADAPTER
 from persrep.models.backbones import Backbone, build_backbone, eval_transform
 from persrep.models.lora import (AdapterFormatError, identity_mismatches, load_adapter,
                                  lora_state_dict, read_adapter_metadata)
 
 __all__ = ["ModelSpec", "extractor_key", "Extractors", "device"]
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 def device() -> torch.device:
@@ -81,7 +80,7 @@ class Extractors:
             metas = {}
             for spec in adapters:
                 path = Path(tmp) / f"{spec.adapter_key}.safetensors"
-                path.write_bytes(st.read_unit_file("adapters", spec.adapter_key, ADAPTER_FILE))
+                path.write_bytes(st.read_unit_file("adapters", spec.adapter_key, ADAPTER))
                 metas[spec.name] = (path, read_adapter_metadata(path))
             first = adapters[0]
             load_adapter(self.backbone, metas[first.name][0])  # checks the base identity, injects LoRA

@@ -1,10 +1,11 @@
 """DreamBooth personalisation of Stable Diffusion (plain and masked), and base-model sampling.
 
-Training follows the reference (docs/REFERENCE.md): instance prompt ``a photo of <new1> {category}``,
-class prompt ``A photo of {category}``, prior preservation on class images drawn from the base
-model, optional text-encoder training, constant learning rate, gradient clipping at 1.0. Either
-the whole UNet (+ text encoder) is fine-tuned, or LoRA adapters on the attention projections
-(UNet ``to_q/to_k/to_v/to_out.0``; text encoder ``q/k/v/out_proj``) through peft.
+Training follows the reference (../shared/docs/REFERENCE.md, not in this repository): instance
+prompt ``a photo of <new1> {category}``, class prompt ``A photo of {category}``, prior preservation
+on class images drawn from the base model, optional text-encoder training, constant learning rate,
+gradient clipping at 1.0. Either the whole UNet (+ text encoder) is fine-tuned, or LoRA adapters on
+the attention projections (UNet ``to_q/to_k/to_v/to_out.0``; text encoder ``q/k/v/out_proj``)
+through peft.
 
 Masked DreamBooth multiplies the noise prediction and the target of the *instance* images by
 ``(mask + floor) / max(mask + floor)`` (mask at latent resolution) before the MSE. With the default
@@ -43,8 +44,8 @@ from PIL import Image
 from persrep.config import DreamBoothSettings, content_key
 from persrep.keys import result_settings
 from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
-                                     SampledImage, SampleRow, instance_data_key, register_generator,
-                                     stable_seed)
+                                     SampledImage, SampleRow, instance_data_key, register_generator)
+from persrep.hashing import stable_seed
 from persrep.models.diffusion import (TINY, DiffusionComponents, component_identity, generate_grouped,
                                       generate_images, load_components, make_pipeline)
 
@@ -428,16 +429,6 @@ class BaseModelSampler:
 
     def negative_prompt(self, category: str) -> str:
         return self.settings.generator.dreambooth.class_prompt.format(category=category)
-
-    def negative_rows(self, category: str, count: int, cfgs: list[float] | None = None,
-                      instance: str | None = None) -> list[SampleRow]:
-        """``count`` negative rows for ``category``, cycling through the guidance scales."""
-        cfgs = cfgs or list(self.settings.synthesis.cfg)
-        prompt = self.negative_prompt(category)
-        return [SampleRow(instance=instance or f"{category}_negatives", role="negative", generator="base",
-                          prompt=prompt, cfg=cfgs[i % len(cfgs)], caption_source="template", index=i,
-                          seed=stable_seed("negative", category, self.settings.synthesis.seed, i))
-                for i in range(count)]
 
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         leaking = [r.prompt for r in rows if IDENTIFIER in r.prompt]

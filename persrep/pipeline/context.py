@@ -16,7 +16,7 @@ from typing import Any
 
 from persrep.config import Settings, content_key
 from persrep.data.check import check_dataset
-from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset,
+from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset, resolve_data_path,
                                  select_instances)
 from persrep.storage import Storage, StorageError
 
@@ -49,11 +49,7 @@ class RunContext:
 
     def resolve_data_path(self, value: str) -> str:
         """``@data/x`` -> ``<data set root>/x``; relative local paths made absolute for workers."""
-        if value.startswith("@data/"):
-            return f"{self.data_path.rstrip('/')}/{value[len('@data/'):]}"
-        if "://" in value:
-            return value
-        return str(Path(value).expanduser().absolute())
+        return resolve_data_path(value, self.data_path, absolute=True)
 
 
 def _toy_dataset(settings: Settings, storage: Storage, progress: Progress | None) -> str:
@@ -165,7 +161,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     check_external_negatives(ctx)
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
-                         "instances; classification gains are inflated by leakage (REFERENCE.md)")
+                         "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
     return ctx
 
 

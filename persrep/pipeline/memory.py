@@ -38,15 +38,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from persrep.errors import InsufficientResourcesError  # noqa: F401 (re-exported)
+
 GIB = 1024 ** 3
 PROCESS_GB = 1.2  # an idle worker process after the heavy imports
 SD15_PARAMS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}  # fallback
 STAGES = ("generator_prep", "synthesis", "personalization", "evaluation")
 OVERCOMMIT = 1.5  # an estimate up to this much above the largest node's Ray memory runs alone there
-
-
-class InsufficientResourcesError(ValueError):
-    """A unit needs more memory than any node has: said before any compute, with the fix."""
 
 
 @dataclass

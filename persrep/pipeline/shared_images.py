@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import stable_seed
+from persrep.hashing import stable_seed
 
 STAGE = "base_images"
 CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from PIL import Image
 from persrep.config import BackboneSettings, content_key
 from persrep.data.layout import is_image_name
 from persrep.generation.base import (GeneratorArtifact, InstanceData, SampleRow, generator_class,
-                                     get_generator, instance_data_key)
+                                     get_generator)
 from persrep.generation.plan import DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
@@ -99,7 +99,6 @@ class SynthesisUnit:
     rows: list[SampleRow]
     generator_key: str | None
     key: str = ""
-    sampler_settings: dict[str, Any] = field(default_factory=dict)
 
 
 def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_key: str | None,
@@ -323,7 +322,3 @@ def run_evaluation_unit(ctx: RunContext, unit: dict[str, Any]) -> dict[str, Any]
                                    "seconds": time.perf_counter() - t0},
                   {"examples.json": json.dumps(ev.last_examples).encode()})  # the report's gallery
     return {"status": "done", "key": key, "rows": len(rows), "seconds": time.perf_counter() - t0}
-
-
-def instance_key(ctx: RunContext, name: str) -> str:
-    return instance_data_key(instance_data(ctx, name))

@@ -26,13 +26,11 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from persrep.errors import SegmenterUnavailableError  # noqa: F401 (re-exported)
+
 _BUILTIN_MODULES = {"grabcut": "persrep.segmentation.grabcut", "sam": "persrep.segmentation.sam",
                     "persam": "persrep.segmentation.sam"}
 _REGISTRY: dict[str, type["Segmenter"]] = {}
-
-
-class SegmenterUnavailableError(RuntimeError):
-    """A segmenter's weights or package are missing; the one-line message says what to provide."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,12 @@ class Segmenter(ABC):
         s = self.settings
         return {"segmenter": self.name, "model": s.model if self.needs.weights else None}
 
+    @classmethod
+    def preflight(cls, settings: Any) -> str:
+        """Raise :class:`SegmenterUnavailableError` (one line, the fix) when this segmenter cannot
+        run here; return a note saying what it will use. Implementations with weights override it."""
+        return f"segmenter {cls.name}: no weights needed"
+
     @abstractmethod
     def segment(self, images: list[Image.Image], reference: Reference | None = None) -> list[Segmentation]:
         """One :class:`Segmentation` per image, at the image's size, in order."""
@@ -127,18 +131,7 @@ def make_segmenter(settings: Any, device: Any = None) -> Segmenter:
 def require_available(name: str, settings: Any) -> str:
     """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when the segmenter
     ``name`` cannot run here; return a note saying what it will use."""
-    cls = segmenter_class(name)
-    if cls.needs.weights:
-        from persrep.segmentation.sam import locate_sam
-
-        return f"segmenter {name}: weights {locate_sam(settings.model)}"
-    if name == "grabcut":
-        try:
-            import cv2  # noqa: F401
-        except ImportError:
-            raise SegmenterUnavailableError(
-                "segmenter grabcut: opencv is not installed: `pip install opencv-python-headless`") from None
-    return f"segmenter {name}: no weights needed"
+    return segmenter_class(name).preflight(settings)
 
 
 # -- post-processing shared by the implementations -------------------------------------------

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from persrep.errors import SegmenterUnavailableError
 from persrep.segmentation.base import (Needs, Reference, Segmentation, Segmenter, border_fraction,
                                        clean_mask, register_segmenter)
 
@@ -43,6 +44,15 @@ PRIOR_FG = 0.1  # normalised prior above this starts as probable foreground (ins
 class GrabCutSegmenter(Segmenter):
     name = "grabcut"
     needs = Needs(weights=False, gpu_preferred=False, reference=False)
+
+    @classmethod
+    def preflight(cls, settings: Any) -> str:
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            raise SegmenterUnavailableError(
+                "segmenter grabcut: opencv is not installed: `pip install opencv-python-headless`") from None
+        return super().preflight(settings)
 
     def identity(self) -> dict[str, Any]:
         s = self.settings

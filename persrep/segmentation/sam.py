@@ -109,6 +109,10 @@ def _device(device: Any) -> torch.device:
 
 
 class _SamBase(Segmenter):
+    @classmethod
+    def preflight(cls, settings: Any) -> str:
+        return f"segmenter {cls.name}: weights {locate_sam(settings.model)}"
+
     def identity(self) -> dict[str, Any]:
         return {"segmenter": self.name, "model": self.settings.model, "margin": self.settings.margin}
 
