@@ -270,6 +270,9 @@ class EvaluationSettings(Section):
         "patch tokens either way (docs/DESIGN.md, dense head)")
     batch_size: int = Field(32, ge=1, le=4096)
     evaluate_pretrained: bool = True
+    prefix_cache: bool = Field(True, description="CNN adapters leave the stem and first blocks "
+                               "frozen: embed the pools through them once per process, run only the "
+                               "adapted tail per adapter (same features; false = the full forward)")
 
 
 class TrackingSettings(Section):
