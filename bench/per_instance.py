@@ -7,24 +7,30 @@ masks, views 0/24/48 as train photos, PODS-style test and dense scenes on real b
 held-out objects as distractors); negatives: the DreamBooth photos (external to the pool).
 Model: the real offline EfficientNet-Lite0 (``offline-real``: 160 px, dense 448 px, 40 steps).
 
-Per instance: cut-and-paste positives, one adapter trained (``train_one_instance``), then the
-adapter evaluated twice on all four tasks, once per path:
+Per instance: cut-and-paste positives, then per path one adapter trained (``train_one_instance``)
+and evaluated on all four tasks:
 
-- ``baseline``: ``evaluation.prefix_cache=false``: every model embeds every pool with the full
-  forward (what main did);
-- ``optimised``: ``evaluation.prefix_cache=true``: the frozen stem + ``blocks[:5]`` run once per
+- ``baseline`` (what main did): ``personalization.channels_last=false``,
+  ``evaluation.prefix_cache=false``: every model embeds every pool with the full forward;
+- ``optimised``: ``personalization.channels_last=true`` (training convs in channels_last memory
+  format) and ``evaluation.prefix_cache=true``: the frozen stem + ``blocks[:5]`` run once per
   pool per process (``persrep.evaluation.prefix_pool``), each model runs only its adapted tail.
+
+Then the baseline adapter is also evaluated through the prefix cache: its rows must equal the
+baseline's (``prefix_cache_same_adapter_compared``: exactness of the cache alone), and the two
+adapters' rows are compared (``channels_last_adapter_compared``: channels_last training is the
+same maths in another float summation order, so adapters and metrics agree to a tolerance).
 
 The pretrained backbone is evaluated once per path too (it is one unit per backbone; in the
 optimised path it also fills the process's prefix cache, so its cost is counted, not hidden).
 Per path and stage: seconds of training, global pool embedding, the dense pool (embedded and
 cached for the pretrained model; for an adapter streamed while the dense tasks run, so their time
 includes it), the report's examples, each task, and the result rows compared (max |diff|
-over every metric value; ``identical`` when all equal). Training has no exact lever (inputs are
-re-augmented every step, so their prefix activations never repeat): it is timed once and counted
-in both paths.
+over every metric value; ``identical`` when all equal). The frozen prefix cannot be cached for
+training inputs: they are re-augmented every step (flip, rotation, random resized crop), so their
+prefix activations never repeat; channels_last is the training lever instead.
 
-    .venv/bin/python bench/per_instance.py                 # 2 instances, ~6 min on 2 free cores
+    .venv/bin/python bench/per_instance.py                 # 2 instances, ~10 min on 2 free cores
     .venv/bin/python bench/per_instance.py --instances 3 --threads 2
 
 Writes ``bench/per_instance.json``.
@@ -119,6 +125,13 @@ def compare(a: list[dict], b: list[dict]) -> dict:
             "max_abs_diff": float(max(diffs)) if diffs else 0.0}
 
 
+def adapter_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return float(max((ta[k] - tb[k]).abs().max() for k in ta))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
@@ -157,27 +170,35 @@ def main(argv: list[str] | None = None) -> int:
             positives, _ = quality.cut_paste_positives(settings, ds, name, comp, pz.num_positives, Path(tmp))
             synth_s = time.perf_counter() - t0
             anchors = [ds.read_image(p) for p in ds.instances[name].train]
-            t0 = time.perf_counter()
-            res = train_one_instance(pz, bs, TrainingData(name, anchors, positives, negatives,
-                                                          "synthetic", neg_source), Path(tmp) / "train")
-            train_wall = time.perf_counter() - t0
-            entry = {"cut_paste_positives_s": round(synth_s, 2), "training_s": round(train_wall, 2),
-                     "training_loop_s": round(res.seconds, 2), "steps": res.steps}
+            data = TrainingData(name, anchors, positives, negatives, "synthetic", neg_source)
+            entry: dict = {"cut_paste_positives_s": round(synth_s, 2)}
+            adapters = {}
+            for path in PATHS:  # training: baseline contiguous, optimised channels_last
+                t0 = time.perf_counter()
+                res = train_one_instance(pz.model_copy(update={"channels_last": path == "optimised"}), bs,
+                                         data, Path(tmp) / f"train-{path}")
+                entry[f"training_{path}_s"] = round(time.perf_counter() - t0, 2)
+                entry[f"final_loss_{path}"] = res.metrics["final_loss"]
+                adapters[path] = res.adapter_path
+            entry["adapter_max_abs_diff"] = adapter_diff(adapters["baseline"], adapters["optimised"])
             for path in PATHS:  # the optimised path reuses the prefix cache its pretrained run filled
                 r, parts = evaluate(path, ds, settings, bs, timer,
-                                    lambda e, b: e.evaluate_adapter(b, name, res.adapter_path,
+                                    lambda e, b: e.evaluate_adapter(b, name, adapters[path],
                                                                     {"model_path": path}))
                 rows[path] += r
                 entry[f"evaluation_{path}"] = parts
-            entry["results_compared"] = compare(
-                [r for r in rows["baseline"] if r["instance"] == name and r["model"] == "personalised"],
-                [r for r in rows["optimised"] if r["instance"] == name and r["model"] == "personalised"])
+            # the prefix cache alone on the *same* adapter: must give the baseline's rows
+            same, _ = evaluate("optimised", ds, settings, bs, timer,
+                               lambda e, b: e.evaluate_adapter(b, name, adapters["baseline"], {}))
+            mine = lambda rs: [r for r in rs if r["instance"] == name and r["model"] == "personalised"]  # noqa: E731
+            entry["prefix_cache_same_adapter_compared"] = compare(mine(rows["baseline"]), mine(same))
+            entry["channels_last_adapter_compared"] = compare(mine(rows["baseline"]), mine(rows["optimised"]))
             record["instances"][name] = entry
             quality.log(f"{name}: {json.dumps(entry)}")
     n = len(names)
     per_inst = {}
     for path in PATHS:
-        train = sum(e["training_s"] for e in record["instances"].values()) / n
+        train = sum(e[f"training_{path}_s"] for e in record["instances"].values()) / n
         ev_adapter = sum(e[f"evaluation_{path}"]["total"] for e in record["instances"].values()) / n
         pre = record["pretrained"][path]["total"]
         per_inst[path] = {"training_s": round(train, 2), "adapter_evaluation_s": round(ev_adapter, 2),
@@ -185,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                           "personalisation_plus_evaluation_s": round(train + ev_adapter, 2)}
     b, o = per_inst["baseline"], per_inst["optimised"]
     ratios = {"adapter_evaluation": round(b["adapter_evaluation_s"] / o["adapter_evaluation_s"], 2),
+              "training": round(b["training_s"] / o["training_s"], 2),
               "pretrained_evaluation": round(record["pretrained"]["baseline"]["total"]
                                              / record["pretrained"]["optimised"]["total"], 2),
               "personalisation_plus_evaluation": round(b["personalisation_plus_evaluation_s"]
@@ -211,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, out)
     print(json.dumps({"per_instance_mean": per_inst, "ratios": ratios,
                       "pretrained_results_compared": doc["pretrained_results_compared"],
-                      "adapters_compared": {k: v["results_compared"] for k, v in record["instances"].items()}},
+                      "prefix_cache_same_adapter": {k: v["prefix_cache_same_adapter_compared"]
+                                                    for k, v in record["instances"].items()},
+                      "channels_last_adapters": {k: v["channels_last_adapter_compared"]
+                                                 for k, v in record["instances"].items()}},
                      indent=1))
     quality.log(f"wrote {out}; wall {doc['wall_s']} s")
     return 0

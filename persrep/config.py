@@ -255,6 +255,9 @@ class PersonalizationSettings(Section):
     external_negatives: str | None = None
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 1234
+    channels_last: bool = Field(False, description="train CNNs in channels_last memory format: "
+                                "~1.7x faster steps on CPU (bench/per_instance.json); same maths, "
+                                "float rounding differs (not bit-identical), so off by default")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 # section -> fields that do not change a unit's result
 OPERATIONAL: dict[str, tuple[str, ...]] = {
-    "personalization": ("checkpoint_every",),
+    "personalization": ("checkpoint_every", "channels_last"),
     "evaluation": ("batch_size", "evaluate_pretrained", "prefix_cache"),
     # recomputes activations in the backward pass: the same gradients, less memory
     "generator.dreambooth": ("gradient_checkpointing",),
