@@ -169,6 +169,14 @@ class EmbeddingCache:
 
         return self._compute(key, images, embed, self.dense_dtype)
 
+    def arrays(self, kind: str, extractor_key: str, images: Sequence, list_key: str,
+               embed: Callable[[torch.Tensor], np.ndarray], dtype=np.float32) -> np.ndarray:
+        """Any per-image array (``embed``: batch -> numpy), cached like the embeddings under its
+        own ``kind`` (``persrep.evaluation.prefix_pool``: a frozen prefix's activations)."""
+        key = (kind, extractor_key, list_key)
+        cached = self._load(key, len(images))
+        return cached if cached is not None else self._compute(key, images, embed, np.dtype(dtype))
+
     def forget(self, extractor_key: str) -> None:
         """Drop one extractor's arrays from memory (files on disk stay)."""
         for key in [k for k in self._memory if k[1] == extractor_key]:

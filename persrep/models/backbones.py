@@ -141,10 +141,10 @@ class Backbone(nn.Module):
         if not fine or not hasattr(self.model, "forward_intermediates"):
             raise RuntimeError(f"{self.settings.name}: no stride-16 stage for hypercolumn dense "
                                "features; set evaluation.dense_features=last")
+        from persrep.models.prefix import hypercolumn
+
         last, (mid,) = self.model.forward_intermediates(x, indices=[fine[-1]], intermediates_only=False)
-        up = nn.functional.interpolate(nn.functional.normalize(last, dim=1), size=mid.shape[-2:],
-                                       mode="bilinear", align_corners=False)
-        return torch.cat([nn.functional.normalize(mid, dim=1), nn.functional.normalize(up, dim=1)], 1)
+        return hypercolumn(mid, last)
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.model.forward_features(x)

@@ -25,6 +25,7 @@ from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resource
 from persrep.pipeline.memory import count_units, plan_stages
 from persrep.generation import shards
 from persrep.pipeline.summary import format_summary, headline_table
+from persrep.pipeline.unit_stats import stage_costs, unit_record
 from persrep.pipeline.verdict import synthesis_verdict
 from persrep.pipeline.work import (PersonalizeUnit, SynthesisUnit, generator_key, personalize_key,
                                    read_rows, run_evaluation_unit, run_generator_unit,
@@ -54,7 +55,7 @@ class RunSummary:
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
             self.units.append({"stage": stage, "label": o.label, "status": o.status,
-                               "key": (o.value or {}).get("key"), "attempts": o.attempts})
+                               "key": (o.value or {}).get("key"), "attempts": o.attempts, **unit_record(o)})
             counts["retried"] += o.attempts > 1
             if o.attempts > 1:
                 self.retries.append({"stage": stage, "unit": o.label, "attempts": o.attempts, "status": o.status})
@@ -110,9 +111,14 @@ def _special_stage(summary: RunSummary, name: str, how: str, n_units: int, say: 
 
 def _stage(summary: RunSummary, executor: Executor, name: str, fn, ctx, units, labels,
            resources: Resources, say: Progress) -> list[Outcome]:
-    """A stage whose units the executor maps over (in-process loop or Ray tasks)."""
-    return _special_stage(summary, name, "", len(units), say,
-                          lambda: executor.map(fn, ctx, units, labels, resources, name) if units else [])
+    """A stage whose units the executor maps over (in-process loop or Ray tasks); units already
+    published are skipped here, without a task (pipeline/finished.py); each unit's seconds and
+    peak memory are measured where it runs (pipeline/unit_stats.py)."""
+    from persrep.pipeline.finished import map_unfinished
+    from persrep.pipeline.unit_stats import Measured
+
+    return _special_stage(summary, name, "", len(units), say, lambda: map_unfinished(
+        ctx, name, units, labels, lambda us, ls: executor.map(Measured(fn), ctx, us, ls, resources, name), say))
 
 
 def run_pipeline(settings: Settings, progress: Progress | None = None,
@@ -423,6 +429,7 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
            "instances": len(ctx.instances), "stages": summary.stages, "failures": summary.failures,
            "retries": summary.retries, "timings": summary.timings, "notes": summary.notes,
            "fallbacks": summary.fallbacks, "synthesis_units": summary.synthesis_units,
+           "costs": stage_costs(summary.units, summary.timings),  # seconds + peak RSS per stage, unit type
            "leakage_warning": ctx.settings.personalization.negatives == "in_pool",
            "headline": json.loads(table.to_json(orient="records")) if len(table) else []}
     st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())

@@ -262,9 +262,13 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
 
     if ctx.storage.is_intact(ADAPTERS, u.key):
         return {"status": "skipped", "key": u.key}
-    data = training_data(ctx, u)
-    work = scratch_dir(ctx, "train", u.key)
-    res = train_one_instance(ctx.settings.personalization, u.backbone, data, work, progress=progress)
+    from persrep.pipeline.unit_stats import measure
+
+    cost: dict[str, Any] = {}  # seconds + peak RSS in the trial's process (Tune path; summary.json costs)
+    with measure(cost):
+        data = training_data(ctx, u)
+        work = scratch_dir(ctx, "train", u.key)
+        res = train_one_instance(ctx.settings.personalization, u.backbone, data, work, progress=progress)
     metrics = {k: v for k, v in res.metrics.items() if k != "loss_history"}
     meta = {"instance": u.instance, "data_config": u.config.label, "backbone": u.backbone.name,
             "metrics": metrics, "seconds": res.seconds, "resumed_from": res.resumed_from}
@@ -272,7 +276,7 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
         ADAPTER: res.adapter_path.read_bytes(),
         "metrics.json": json.dumps({**meta, "loss_history": res.metrics["loss_history"]}).encode()}, meta)
     shutil.rmtree(work, ignore_errors=True)
-    return {"status": "done", "key": u.key, "seconds": res.seconds, **metrics}
+    return {"status": "done", "key": u.key, "seconds": res.seconds, **metrics, **cost}
 
 
 # -- evaluation ---------------------------------------------------------------------------------
