@@ -182,6 +182,14 @@ class RunLock:
 
     # -- acquire / release ------------------------------------------------------------------
     def acquire(self) -> None:
+        try:
+            self._acquire()
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - endpoint down, permissions: one line, exit 2
+            raise self.storage._error(exc, f"cannot take the lock {self.storage.uri(LOCK)}") from None
+
+    def _acquire(self) -> None:
         where = self.storage.uri(LOCK)
         for _ in range(5):
             if self._create(self._record()):
