@@ -99,9 +99,9 @@ def test_run_all_and_sweep_from_another_directory_on_a_cluster_started_elsewhere
         jenv = {**env, "RAY_ADDRESS": addr.read_text()}
         # the premise: a worker's working directory is the cluster's, not the driver's
         probe = subprocess.run([sys.executable, "-c", "import os, ray; ray.init(log_to_driver=False); "
-                                "print(ray.get(ray.remote(os.getcwd).remote()))"],
+                                "print(ray.get(ray.remote(lambda: os.getcwd()).remote()))"],
                                cwd=user, env=jenv, capture_output=True, text=True, timeout=120)
-        assert probe.stdout.strip().splitlines()[-1] == str(home), probe.stdout + probe.stderr[-2000:]
+        assert probe.stdout.strip().splitlines()[-1:] == [str(home)], probe.stdout + probe.stderr[-2000:]
 
         toy = subprocess.run([sys.executable, "-m", "persrep.cli", "data", "toy", "mydata", "categories=1",
                               "instances_per_category=2", "image_size=64", "test_per_scene=1",
