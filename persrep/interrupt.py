@@ -11,6 +11,8 @@ manifest and the next run recomputes it; finished units are skipped (the resume)
 Ray Tune's own SIGINT handler (stop the experiment, then *return* from ``fit``) is switched off
 (``TUNE_DISABLE_SIGINT_HANDLER``): with it, the pipeline would go on to evaluate after a Ctrl-C.
 A second signal while the job is stopping falls back to the default action (immediate exit).
+``ray.init`` of a local cluster installs Ray's own SIGTERM handler (kill the node's processes,
+then ``sys.exit(1)``, which aborts the connected driver): :func:`reinstall` puts ours back after it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def signal_name(exc: KeyboardInterrupt) -> str:
     return exc.name if isinstance(exc, JobInterrupted) else "SIGINT"
 
 
+_ACTIVE: list = []  # our handler while inside stop_on_signals
+
+
+def reinstall() -> None:
+    """Put our handlers back (after a library, e.g. ``ray.init``, replaced them)."""
+    if _ACTIVE and threading.current_thread() is threading.main_thread():
+        for s in EXIT_CODES:
+            signal.signal(s, _ACTIVE[-1])
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`JobInterrupted` in the main thread while inside."""
@@ -65,8 +77,10 @@ def stop_on_signals() -> Iterator[None]:
     saved = {s: signal.getsignal(s) for s in EXIT_CODES}
     for s in EXIT_CODES:
         signal.signal(s, handler)
+    _ACTIVE.append(handler)
     try:
         yield
     finally:
+        _ACTIVE.remove(handler)
         for s, h in saved.items():
             signal.signal(s, h)
