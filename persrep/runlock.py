@@ -30,6 +30,9 @@ HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
 
+_HELD: set[str] = set()  # tokens of the locks this process holds now
+
+
 class RunLockError(StorageError):
     """The storage root is in use by another job."""
 
@@ -170,6 +173,9 @@ class RunLock:
         if rec["host"] == socket.gethostname():
             if not _pid_alive(rec["pid"], rec.get("pid_start")):
                 return f"no process {rec['pid']} on this host"
+            if rec["pid"] == os.getpid() and rec.get("token") not in _HELD:
+                # an earlier job of this process could not delete it (storage down at its end)
+                return "left by an earlier job of this process"
             return None
         age = time.time() - float(rec.get("heartbeat") or 0)
         if age > self.stale_s:
@@ -193,6 +199,7 @@ class RunLock:
         where = self.storage.uri(LOCK)
         for _ in range(5):
             if self._create(self._record()):
+                _HELD.add(self.token)
                 self._start_heartbeat()
                 return
             rec, version = self._read()
@@ -224,6 +231,7 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        _HELD.discard(self.token)
         try:
             rec, version = self._read()
             if rec and rec.get("token") == self.token:

@@ -58,6 +58,8 @@ def test_stale_locks_are_taken_over_with_a_message(backend, tmp_path, request):
         "dead pid": {**me, "pid": _dead_pid(), "pid_start": None},
         "pid reused": {**me, "pid_start": "1"},  # our pid, but another process's start time
         "silent other host": {**me, "host": host + "-elsewhere", "heartbeat": time.time() - 3600},
+        # an earlier job of this very process that could not delete it (S3 down at its end)
+        "left by this process": {**me},
     }
     for case, rec in cases.items():
         st.write_bytes(LOCK, json.dumps(rec).encode())
