@@ -128,6 +128,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     from persrep.pipeline.paths import resolve_settings_paths
 
     settings = resolve_settings_paths(settings)  # once, on the driver: workers get absolute paths
+    from persrep.pipeline.path_guard import check_path_overlaps
+
+    check_path_overlaps(settings)  # no input inside the run's output, no storage root inside the data
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
     notes = preflight_models(settings)
