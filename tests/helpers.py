@@ -181,3 +181,17 @@ def assert_same_up_to_float_rounding(a, b) -> None:
     value of 12,288 off by one grey level); a different seed changes the mean by ~40 levels."""
     diff = np.abs(pixels(a) - pixels(b))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def fast_reference(tmp_path_factory) -> dict:
+    """An uninterrupted in-process run of worlds.FAST: its units and results (test_faults,
+    test_interrupt wrap it in a module-scoped ``reference`` fixture)."""
+    from persrep.config import load_settings
+    from persrep.pipeline import run_pipeline
+    from worlds import FAST
+
+    root = tmp_path_factory.mktemp("ref") / "root"
+    summary = run_pipeline(load_settings("local", [*FAST, f"storage.root={root}"]), run_id="ref")
+    assert summary.exit_code == 0, summary.failures
+    return {"root": root, "units": set(unit_manifests(root)), "results": results(root, "ref"),
+            "stages": summary.stages}

@@ -29,7 +29,7 @@ from persrep.storage import MANIFEST, Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
 # all the moved helpers stay importable from here (other branches' tests may still do that)
-from helpers import (REPO, RESULT_KEY, RUN_ALL, UNIT_STAGES, error_lines, finish,  # noqa: E402,F401
+from helpers import (REPO, fast_reference, RESULT_KEY, RUN_ALL, UNIT_STAGES, error_lines, finish,  # noqa: E402,F401
                      job_env, kill_job, n_published, results, run_all_argv, run_all_main,
                      session_pids, spawn, unit_dirs, unit_file_mtimes, unit_manifests, verify_all,
                      wait_for)
@@ -40,11 +40,7 @@ from worlds import FAST, TINY  # noqa: E402,F401
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted in-process run of FAST: its units and results."""
-    root = tmp_path_factory.mktemp("ref") / "root"
-    summary = run_pipeline(load_settings("local", [*FAST, f"storage.root={root}"]), run_id="ref")
-    assert summary.exit_code == 0, summary.failures
-    return {"root": root, "units": set(unit_manifests(root)), "results": results(root, "ref"),
-            "stages": summary.stages}
+    return fast_reference(tmp_path_factory)
 
 
 def _kill_then_resume(tmp_path: Path, reference, ray: bool, at_adapters: int) -> dict:

@@ -19,9 +19,16 @@ import pytest
 from persrep.runlock import LOCK
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import (FAST, RESULT_KEY, error_lines, finish, job_env, kill_job,  # noqa: E402,F401
-                         n_published, reference, results, run_all_argv, session_pids, spawn,
-                         unit_dirs, unit_manifests, verify_all, wait_for)
+from helpers import (RESULT_KEY, error_lines, fast_reference, finish, job_env, kill_job,  # noqa: E402,F401
+                     n_published, results, run_all_argv, session_pids, spawn, unit_dirs,
+                     unit_manifests, verify_all, wait_for)
+from worlds import FAST  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted in-process run of FAST: its units and results."""
+    return fast_reference(tmp_path_factory)
 
 STOP_WITHIN_S = 60  # generous on a loaded 2-core box; the measured time is printed
 

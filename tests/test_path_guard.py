@@ -13,7 +13,7 @@ from persrep.pipeline.path_guard import check_path_overlaps
 from persrep.pipeline.paths import resolve_settings_paths
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import error_lines, run_all_main  # noqa: E402
+from helpers import error_lines, run_all_main  # noqa: E402
 
 
 def _check(tmp_path, *overrides):

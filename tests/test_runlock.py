@@ -17,7 +17,8 @@ from persrep.runlock import LOCK, RunLock, RunLockError
 from persrep.storage import Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import FAST, error_lines, finish, job_env, run_all_argv, spawn  # noqa: E402
+from helpers import error_lines, finish, job_env, run_all_argv, spawn  # noqa: E402
+from worlds import FAST  # noqa: E402
 
 
 def _root(backend: str, tmp_path: Path, request) -> str:

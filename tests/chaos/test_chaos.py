@@ -17,7 +17,7 @@ import pytest
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from test_faults import session_pids  # noqa: E402
+from helpers import session_pids  # noqa: E402
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.ray]
 SEED = 20261205
