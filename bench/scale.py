@@ -19,8 +19,9 @@ state's objects and bytes on s3. Fake GPUs: ``--gpus`` (default 2) so trials and
 for GPUs as on a GPU cluster (``resources.gpus_per_trial`` fractional); after each stage it checks
 that every GPU is free again (the stage's actor pool released).
 
-    python bench/scale.py --units 1000 2000       # ~? min on 2 cores; writes bench/scale.json
-    python bench/scale.py --units 50 --rows 2000 --out /tmp/scale.json   # a quick look
+    python bench/scale.py --units 1000 2000 --stages synthesis,evaluation   # ~15 min on 2 loaded cores
+    python bench/scale.py --units 30 90 --rows 3000 --stages synthesis,personalization --out bench/scale_tune.json
+    python bench/scale.py --units 20 --rows 400 --out /tmp/scale.json       # a quick look at every stage
 """
 
 from __future__ import annotations
@@ -179,8 +180,6 @@ def gpus_free(wait_s: float = 10.0) -> bool:
 
 def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int | None,
              concurrent: int, stages: set[str], report_every: int | None) -> dict[str, Any]:
-    import ray
-
     from persrep.config import load_settings
     from persrep.distributed.ray_executor import RayExecutor
     from persrep.distributed.synthesis import run_synthesis_stage
@@ -236,17 +235,18 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
         assert len(pz_units) == n, len(pz_units)
         labels = [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units]
         if "personalization" in stages:
-          with Phase("personalization", endpoint, prefix, n, keys=True) as ph:
-            pz = run_personalization_stage(ctx, pz_units, say, labels=labels, unit_fn=tiny_train,
-                                           max_concurrent_trials=concurrent)
-          assert all(o.status in ("done", "skipped") for o in pz), [o.error for o in pz if o.status == "failed"][:3]
-          res["personalization"] = ph.record(done=sum(o.status == "done" for o in pz),
-                                             skipped=sum(o.status == "skipped" for o in pz),
-                                             gpus_free_after=gpus_free(),
-                                             gpus_per_trial=trial_resources(settings).get("gpu", 0.0))
-          if attempt == "first":
-              res["personalization"]["tune_experiment"] = tune_state(
-                  storage, f".tune/{experiment_name(pz_units)}")
+            with Phase("personalization", endpoint, prefix, n, keys=True) as ph:
+                pz = run_personalization_stage(ctx, pz_units, say, labels=labels, unit_fn=tiny_train,
+                                               max_concurrent_trials=concurrent)
+            assert all(o.status in ("done", "skipped") for o in pz), \
+                [o.error for o in pz if o.status == "failed"][:3]
+            res["personalization"] = ph.record(done=sum(o.status == "done" for o in pz),
+                                               skipped=sum(o.status == "skipped" for o in pz),
+                                               gpus_free_after=gpus_free(),
+                                               gpus_per_trial=trial_resources(settings).get("gpu", 0.0))
+            if attempt == "first":
+                res["personalization"]["tune_experiment"] = tune_state(
+                    storage, f".tune/{experiment_name(pz_units)}")
         ev_units = [adapter_eval_unit(ctx, u) for u in pz_units]
         if "evaluation" not in stages:
             out[attempt] = res

@@ -11,7 +11,6 @@ The scale simulation (``bench/scale.py``) measures the same at 1,000+ units with
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,22 +23,17 @@ from s3_counting import CountingS3Server, classify  # noqa: E402
 @pytest.fixture(scope="module")
 def counting_s3():
     srv = CountingS3Server().start()
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    import boto3
+    with pytest.MonkeyPatch.context() as mp:  # moto accepts any credentials
+        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+            mp.setenv(k, v)
+        import boto3
 
-    boto3.client("s3", endpoint_url=srv.endpoint).create_bucket(Bucket="counted")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        boto3.client("s3", endpoint_url=srv.endpoint).create_bucket(Bucket="counted")
+        try:
+            yield srv
+        finally:
+            srv.stop()
 
 
 def test_classify_requests():
