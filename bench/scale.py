@@ -14,7 +14,7 @@ unit publishes a 1-row parquet. So the figures are the orchestration's cost per 
 
 Per phase it records driver wall seconds, driver CPU seconds (user + system of the driver
 process, all its threads: what "driver time per unit" means here), the driver's peak RSS (polled),
-S3 requests by operation and area (``bench/s3_counting.py``), and for Tune the experiment
+S3 requests by operation and area (``bench/_s3_counting.py``), and for Tune the experiment
 state's objects and bytes on s3. Fake GPUs: ``--gpus`` (default 2) so trials and actors ask
 for GPUs as on a GPU cluster (``resources.gpus_per_trial`` fractional); after each stage it checks
 that every GPU is free again (the stage's actor pool released).
@@ -113,7 +113,7 @@ class Phase:
         self.sampler = Sampler(ray_state=False, period=0.1)
 
     def __enter__(self) -> "Phase":
-        from s3_counting import remote_counts
+        from _s3_counting import remote_counts
 
         remote_counts(self.endpoint, reset_prefix=self.prefix, keys=self.keys)
         self.cpu0 = sum(self.proc.cpu_times()[:2])
@@ -122,7 +122,7 @@ class Phase:
         return self
 
     def __exit__(self, *exc) -> None:
-        from s3_counting import remote_counts
+        from _s3_counting import remote_counts
 
         self.wall = time.perf_counter() - self.t0
         self.cpu = sum(self.proc.cpu_times()[:2]) - self.cpu0
@@ -280,7 +280,7 @@ def main() -> int:
 
     import ray
 
-    server = subprocess.Popen([sys.executable, str(REPO / "bench" / "s3_counting.py")], stdout=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, str(REPO / "bench" / "_s3_counting.py")], stdout=subprocess.PIPE,
                               text=True)
     try:
         endpoint = server.stdout.readline().strip()

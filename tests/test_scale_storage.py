@@ -1,6 +1,6 @@
 """Storage calls per unit on s3:// when a finished job is planned and re-run (no Ray needed).
 
-A real S3 server on loopback (moto, wrapped by ``bench/s3_counting.py`` to count every request)
+A real S3 server on loopback (moto, wrapped by ``bench/_s3_counting.py`` to count every request)
 holds N published synthesis units and N adapters, published by the real publishers. The re-run
 path of the stages that skip finished units (the Ray Data synthesis stage and the Tune stage
 return before starting Ray when nothing is left) and the personalisation planner are counted at
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from s3_counting import CountingS3Server, classify  # noqa: E402
+from _s3_counting import CountingS3Server, classify  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ Counts are served at ``GET /__counts__`` and reset by ``POST /__reset__`` (JSON)
 another process (the scale simulation keeps moto's CPU and memory out of the driver it measures)
 reports the same way as one in a thread (tests).
 
-    python bench/s3_counting.py --port 9000    # serve until killed
+    python bench/_s3_counting.py --port 9000    # serve until killed
 """
 
 from __future__ import annotations
