@@ -155,3 +155,23 @@ def test_fractional_gpus_per_tune_trial():
     assert trial_resources(paper, gpus_in_cluster=8)["gpu"] == 0.25
     ctx = RunContext(paper, None, "", {}, "", "r")
     assert unit_resources(ctx, "generator_prep").gpus == 1.0  # DreamBooth keeps a whole GPU
+
+
+def test_synthesis_cold_start_itemised_from_actor_clocks():
+    """The stage's cold start, per actor, in seconds after the pass began (bench/synthesis.json)."""
+    from persrep.config import load_settings
+    from persrep.distributed.synthesis import cold_start_clock, cold_start_summary, needs_diffusion
+
+    clock = cold_start_clock(100.0, diffusion=False)
+    assert clock["init_start"] == 100.0 and clock["imports_s"] >= 0 and clock["pid"] > 0
+    clocks = [{"process_start": 99.0, "init_start": 100.0, "imports_s": 3.0, "init_done": 104.0,
+               "first_load_s": 2.5, "first_batch_done": 108.0},
+              {"init_start": 101.0, "imports_s": 2.0, "init_done": 103.5, "first_batch_done": 107.0}]
+    s = cold_start_summary(clocks, t_pass_wall=98.0)
+    assert s["actors"] == 2 and s["process_started_s"] == [1.0]
+    assert s["constructor_entered_s"] == [2.0, 3.0] and s["actor_ready_s"] == [6.0, 5.5]
+    assert s["first_generator_load_s"] == [2.5, None] and s["first_batch_done_s"] == [10.0, 9.0]
+    assert cold_start_summary([], 0.0) == {}
+    assert needs_diffusion(load_settings("local", []))  # DreamBooth in the demo
+    assert not needs_diffusion(load_settings("local", ["generator.types=[cut_paste]",
+                                                       "synthesis.cut_paste.backgrounds=photos"]))

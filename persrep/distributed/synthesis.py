@@ -136,7 +136,7 @@ class SynthesisWorker:
         t_init = time.time()
         import ray
 
-        self.cold = cold_start_clock(t_init)
+        self.cold = cold_start_clock(t_init, needs_diffusion(ctx.settings))
         if torch_threads:
             import torch
 
@@ -264,9 +264,18 @@ class SynthesisWorker:
                 "node": self.node, "cold": None}
 
 
-def cold_start_clock(t_init: float) -> dict[str, Any]:
+def needs_diffusion(settings: Any) -> bool:
+    """Whether this stage's samplers import diffusers (DreamBooth variants, the base model for
+    generated negatives or backgrounds); cut-and-paste alone does not."""
+    return (any("dreambooth" in t for t in settings.generator.types)
+            or settings.personalization.negatives == "generated"
+            or settings.synthesis.cut_paste.backgrounds == "generated")
+
+
+def cold_start_clock(t_init: float, diffusion: bool = True) -> dict[str, Any]:
     """An actor's cold-start timestamps (wall clock, so the driver can line them up with its own):
-    process start, constructor entry, and after the heavy imports (torch, diffusers) it needs."""
+    process start, constructor entry, and after the heavy imports (torch, and diffusers when the
+    stage's samplers need it) that its first generator load would otherwise pay for."""
     clock: dict[str, Any] = {"pid": os.getpid(), "init_start": t_init}
     try:
         import psutil
@@ -276,7 +285,9 @@ def cold_start_clock(t_init: float) -> dict[str, Any]:
         pass
     t = time.time()
     import torch  # noqa: F401 - timed here: the first load would pay for it otherwise
-    import diffusers  # noqa: F401
+
+    if diffusion:
+        import diffusers  # noqa: F401
 
     clock["imports_s"] = round(time.time() - t, 3)
     return clock
