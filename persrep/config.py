@@ -305,6 +305,14 @@ class ResourcesSettings(Section):
     data_parallel_workers: int = Field(0, ge=0, le=512, description="> 1: each personalisation "
                                        "trial trains data-parallel over this many workers (TorchTrainer)")
     memory_gb: MemorySettings = MemorySettings()
+    gpus_per_tune_trial: float | None = Field(None, gt=0, le=8, description="GPUs of one personalisation "
+                                              "trial on Tune (fractions pack several per GPU); None = gpus_per_trial")
+    tune_report_every: int = Field(1, ge=1, le=100_000, description="a personalisation trial reports every "
+                                   "n-th training step to Tune (checkpoints and the last step always); each report "
+                                   "costs driver time (docs/SCALING.md)")
+    tune_checkpoints_to_keep: int | None = Field(None, ge=1, description="Tune checkpoints kept per "
+                                                 "personalisation trial; None = all (a few), never a forced "
+                                                 "experiment snapshot (docs/SCALING.md)")
 
 
 class StorageSettings(Section):

@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from persrep.tracking.store import tracking_env_restored
 
 STAGE = "personalization"
 StepHook = Callable[[PersonalizeUnit, dict[str, Any]], None]
+UnitFn = Callable[[Any, PersonalizeUnit, Callable[[dict[str, Any]], None]], dict[str, Any]]
 
 
 # -- names, storage, resources ------------------------------------------------------------------
@@ -91,9 +93,24 @@ def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
         return {"cpu": 0.01}
     memory = {"memory": float(memory_bytes)} if memory_bytes > 0 else {}
     gpus = cluster_gpus() if gpus_in_cluster is None else gpus_in_cluster
-    if res.gpus_per_trial > 0 and gpus > 0:
-        return {"cpu": res.cpus_per_trial, "gpu": min(res.gpus_per_trial, gpus), **memory}
+    per_trial = res.gpus_per_tune_trial if res.gpus_per_tune_trial is not None else res.gpus_per_trial
+    if per_trial > 0 and gpus > 0:
+        return {"cpu": res.cpus_per_trial, "gpu": min(per_trial, gpus), **memory}
     return {"cpu": res.cpus_per_trial, **memory}
+
+
+def trial_checkpoint_config(settings: Any) -> Any:
+    """How many Tune checkpoints a trial keeps (``resources.tune_checkpoints_to_keep``).
+
+    Default None: Tune never *forces* an experiment-state snapshot. With ``num_to_keep=k`` Tune
+    forces one (an upload of the whole experiment state, which lists every trial) each time a
+    trial has checkpointed k times since the last one; with hundreds of trials that each write a
+    few training checkpoints, snapshots then follow every trial and their total size grows with
+    trials^2 (``bench/scale.py``, docs/SCALING.md). Unforced snapshots stay on Tune's automatic
+    period (at most ~5 % of the driver's time). A trial's checkpoints are its few LoRA training
+    checkpoints (``personalization.checkpoint_every``); the published adapter supersedes them.
+    """
+    return tune.CheckpointConfig(num_to_keep=settings.resources.tune_checkpoints_to_keep)
 
 
 def _dirname(label: str, key: str) -> str:
@@ -101,16 +118,42 @@ def _dirname(label: str, key: str) -> str:
 
 
 class _TrialNamer:
-    """Trial names = unit labels (the MLflow run names); picklable for the experiment state."""
+    """Trial names = unit labels (the MLflow run names).
 
-    def __init__(self, labels: Mapping[str, str], dirs: bool = False):
-        self.labels = dict(labels)
+    Tune pickles the namer into *every* trial's entry of the experiment state, so it holds only
+    the stage's token and finds the labels in this driver's state (as :class:`StageCallback`
+    does): carrying the labels dict made each trial's entry O(trials) and the experiment state
+    O(trials^2) (bench/scale.py: 5.4 KB of labels per trial at 20 trials).
+    """
+
+    def __init__(self, token: str, dirs: bool = False):
+        self.token = token
         self.dirs = dirs
 
     def __call__(self, trial: Any) -> str:
         key = trial.config["unit"]
-        label = self.labels.get(key, key)
+        state = _STATES.get(self.token)
+        label = state.labels.get(key, key) if state is not None else key
         return _dirname(label, key) if self.dirs else label
+
+
+@contextmanager
+def without_trial_loggers():
+    """Tune's default per-trial CSV / JSON / TensorBoard loggers off while the stage runs.
+
+    Nothing reads them (outcomes come from the driver callback and the final report); each is a
+    file per trial written on every result and uploaded with the experiment: on s3 about half of
+    the stage's requests at 20 trials (bench/scale.py). Scoped: sweeps keep theirs.
+    """
+    saved = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved
 
 
 # -- inside a trial ---------------------------------------------------------------------------
@@ -200,8 +243,10 @@ def _final_metrics(value: dict[str, Any]) -> dict[str, Any]:
 
 def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[str, PersonalizeUnit] | None = None,
                       report_every: int = 1, step_hook: StepHook | None = None,
-                      data_parallel_workers: int = 0, use_gpu: bool = False) -> None:
-    """The Tune function trainable: one personalisation unit."""
+                      data_parallel_workers: int = 0, use_gpu: bool = False,
+                      unit_fn: UnitFn | None = None) -> None:
+    """The Tune function trainable: one personalisation unit (``unit_fn`` replaces
+    :func:`call_unit`: the scale simulation's trivial trainer)."""
     unit = (units or {}).get(config["unit"])
     # not this launch's to train (a restored experiment also holds trials of units published
     # since, e.g. before the driver was killed), or published meanwhile (another job)
@@ -220,7 +265,7 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
     restored = restore_into(tune.get_checkpoint(), work)
     reporter = TrialReporter(unit, work / CHECKPOINT, report_every, step_hook)
     try:
-        value = call_unit(ctx, unit, reporter)
+        value = (unit_fn or call_unit)(ctx, unit, reporter)
     except UnitRejected as exc:  # its inputs may not be used: retrying gives the same answer
         tune.report(_final_metrics({"status": "failed", "error": short_error(exc), "details": exc.details}))
         return
@@ -448,10 +493,11 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
                               name: str | None = None,
                               storage_path: str | None = None,
                               storage_filesystem: Any = None,
-                              report_every: int = 1,
+                              report_every: int | None = None,
                               step_hook: StepHook | None = None,
                               data_parallel_workers: int = 0,
-                              max_concurrent_trials: int | None = None) -> list[Outcome]:
+                              max_concurrent_trials: int | None = None,
+                              unit_fn: UnitFn | None = None) -> list[Outcome]:
     """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit.
 
     ``tracking_tags`` (e.g. ``{"mlflow.parentRunId": id}``) are merged into the tags of every
@@ -465,6 +511,8 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
     say = progress or (lambda _m: None)
     settings = ctx.settings
     max_retries = settings.resources.max_retries if max_retries is None else max_retries
+    if report_every is None:  # None: the setting (default 1: every step)
+        report_every = settings.resources.tune_report_every
     labels = list(labels) if labels is not None else [unit_label(u) for u in units]
     if len(labels) != len(units):
         raise ValueError(f"{len(labels)} labels for {len(units)} units")
@@ -488,7 +536,7 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
         records = _run_trials(ctx, todo, label_of, say, max_retries, tracking_tags,
                               list(callbacks or []), mlflow, name or experiment_name(units),
                               storage_path, storage_filesystem, report_every, step_hook,
-                              data_parallel_workers, max_concurrent_trials)
+                              data_parallel_workers, max_concurrent_trials, unit_fn)
         by_key = {k: _outcome(ctx, k, label_of[k], records.get(k)) for k in todo}
         for i, u in enumerate(units):
             if outcomes[i] is None:
@@ -522,7 +570,8 @@ def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, 
                 say: Callable[[str], None], max_retries: int, tracking_tags: Mapping[str, str] | None,
                 callbacks: list[Any], mlflow: Mapping[str, Any] | None, name: str,
                 storage_path: str | None, fs: Any, report_every: int, step_hook: StepHook | None,
-                dp_workers: int, max_concurrent: int | None) -> dict[str, _TrialRecord]:
+                dp_workers: int, max_concurrent: int | None,
+                unit_fn: UnitFn | None = None) -> dict[str, _TrialRecord]:
     settings = ctx.settings
     if storage_path is None:
         storage_path, fs = tune_storage(ctx)
@@ -542,7 +591,8 @@ def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, 
                          f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 to train on CPUs")
     trainable = tune.with_resources(
         tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=report_every,
-                             step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu),
+                             step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu,
+                             unit_fn=unit_fn),
         resources)
 
     keys = sorted(todo)
@@ -577,14 +627,14 @@ def _run_trials(ctx: Any, todo: dict[str, PersonalizeUnit], label_of: dict[str, 
                 param_space={"unit": tune.grid_search(keys)},
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=max_concurrent or settings.resources.max_concurrent_trials,
-                    reuse_actors=True, trial_name_creator=_TrialNamer(label_of),
-                    trial_dirname_creator=_TrialNamer(label_of, dirs=True)),
+                    reuse_actors=True, trial_name_creator=_TrialNamer(token),
+                    trial_dirname_creator=_TrialNamer(token, dirs=True)),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage_path, storage_filesystem=fs,
                     failure_config=tune.FailureConfig(max_failures=max_retries),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    checkpoint_config=trial_checkpoint_config(settings),
                     callbacks=[StageCallback(token)], verbose=0))
-        with tracking_env_restored():  # Tune's MLflow callback sets it process-wide
+        with tracking_env_restored(), without_trial_loggers():  # MLflow's callback sets env process-wide
             tuner.fit()
         return dict(state.records)
     finally:
