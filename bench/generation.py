@@ -32,9 +32,13 @@ def _settings(extra: list[str] = ()):
 
 
 def _rows(settings, n: int):
-    from persrep.generation.dreambooth import BaseModelSampler
+    """The pipeline planner's negative rows for one category (prompts, seeds, cfg as a run makes them)."""
+    from persrep.generation.plan import build_rows
 
-    return BaseModelSampler(settings).negative_rows("mug", n)
+    s = settings.model_copy(deep=True)
+    s.synthesis.num_negatives_per_category = n
+    groups = build_rows(s, {"mug_1": "mug"})
+    return [r for g, rows in groups.items() if g.startswith("neg:") for r in rows][:n]
 
 
 def _peak_mb() -> float:

@@ -21,7 +21,7 @@ Data configuration ``cut_paste_auto`` (COIL or DreamBooth): cut-and-paste whose 
 predicted by the segmenter instead of read from the data set: what a user with 3 plain photos gets.
 On COIL its runs also record the predicted masks' IoU against the provided ones.
 
-Negatives never come from the evaluated data set (REFERENCE.md, last section): COIL uses the
+Negatives never come from the evaluated data set (docs/PROTOCOL.md, leakage): COIL uses the
 DreamBooth photos; DreamBooth uses COIL views + background photos. One variant, ``in_pool``,
 trains with the other evaluated instances' photos as negatives to show the inflation; it is
 labelled ``LEAKY`` in the table and ``"leaky": true`` in the JSON, and never compared as a result.
@@ -63,15 +63,15 @@ from persrep.contrastive.train import TrainingData, train_one_instance  # noqa: 
 from persrep.data.composite import CompositeSettings, write_composite  # noqa: E402
 from persrep.data.importer import import_folder  # noqa: E402
 from persrep.data.layout import InstanceDataset, is_image_name, open_dataset  # noqa: E402
-from persrep.evaluation.aggregate import results_frame  # noqa: E402
+from persrep.evaluation.aggregate import HEADLINE as HEADLINE_METRIC, results_frame  # noqa: E402
 from persrep.evaluation.stage import Evaluator  # noqa: E402
-from persrep.generation.base import InstanceData, SampleRow, stable_seed  # noqa: E402
+from persrep.generation.base import InstanceData, SampleRow  # noqa: E402
+from persrep.hashing import stable_seed  # noqa: E402
 from persrep.generation.cut_paste import CutPasteGenerator  # noqa: E402
 from persrep.segmentation import get_segmenter  # noqa: E402
 from persrep.segmentation.dataset import mask_iou  # noqa: E402
 
-HEADLINE = [("classification", "ap"), ("retrieval", "ndcg"), ("detection", "map"),
-            ("segmentation", "map")]
+HEADLINE = list(HEADLINE_METRIC.items())  # [(task, metric)] in the paper's order
 NEG_SIDE = 256  # external negatives are downscaled to this shorter side (memory, decode time)
 
 

@@ -29,6 +29,9 @@ HERE = Path(__file__).resolve().parent
 def _get(doc: dict[str, Any], path: str) -> Any:
     cur: Any = doc
     for part in path.split("/"):
+        if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):  # runs/0/...
+            cur = cur[int(part)]
+            continue
         if not isinstance(cur, dict) or part not in cur:
             return None
         cur = cur[part]
@@ -49,6 +52,9 @@ HEADLINES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "synthesis": ("Ray Data synthesis stage vs a single-process loop",
                   [("ray/best single rows/s", "figures/throughput_ratio_ray_over_best_single"),
                    ("rows", "figures/rows")]),
+    "scale": ("scale simulation: real stages, trivial work, s3 (moto): 1,000+ units",
+              [("synthesis driver ms/unit", "runs/0/first/synthesis/driver_cpu_ms_per_unit"),
+               ("re-run S3 req/unit", "runs/0/rerun/synthesis/s3_requests_per_unit")]),
     "personalize": ("training steps/s through the Tune stage vs a plain loop",
                     [("tune/plain steps/s", "figures/ratio_tune_over_plain"),
                      ("K=2/K=1 throughput", "figures/k2_over_k1_end_to_end_throughput")]),
@@ -57,6 +63,9 @@ HEADLINES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "dense": ("demo toy world: dense scenes (toy-1 vs toy-2) x CNN dense features (last vs hypercolumn)",
               [("toy-2 det mAP hyper/last", "hypercolumn_over_last/toy-2/detection.map"),
                ("toy-2 seg mAP hyper", "results/toy-2/hypercolumn/segmentation.map")]),
+    "chaos": ("seeded chaos soaks (tests/chaos/soak.py): job + sweep on a 2-node cluster under random kills",
+              [("faults injected", "figures/faults_injected"), ("survived", "figures/faults_survived"),
+               ("units lost", "figures/units_lost"), ("extra s (mean)", "figures/extra_seconds_mean")]),
     "quality": ("real photos: pretrained vs real-only vs cut-and-paste (COIL composites, DreamBooth)",
                 [("COIL AP cut_paste", "summary/coil/variants/cut_paste/tasks/classification.ap/mean"),
                  ("COIL AP pretrained", "summary/coil/variants/pretrained/tasks/classification.ap/mean")]),

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import yaml
 
-from persrep.config import ConfigError, available_configs, load_settings, settings_to_dict
+from persrep.config import available_configs, load_settings, settings_to_dict
+from persrep.errors import UserError
 
 
 def _progress(msg: str) -> None:
@@ -279,23 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_errors() -> tuple[type[Exception], ...]:
-    """One-line user errors from the model registries and tracking (no traceback)."""
-    from persrep.models.diffusion import ModelUnavailableError
-    from persrep.models.errors import ModelError
-    from persrep.captions.backends import CaptionError
-    from persrep.pipeline.memory import InsufficientResourcesError
-    from persrep.segmentation.base import SegmenterUnavailableError
-    from persrep.tracking import TrackingError
-
-    return (ModelError, ModelUnavailableError, TrackingError, CaptionError, InsufficientResourcesError,
-            SegmenterUnavailableError)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from persrep.data.layout import DatasetError
-    from persrep.storage import StorageError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if argv[:1] and argv[0] in JOB_COMMANDS:  # argparse's REMAINDER would drop leading options
@@ -305,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
+    except UserError as exc:  # settings, data, storage, models, tracking: one line, exit 2
         print(f"persrep: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

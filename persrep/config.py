@@ -8,7 +8,6 @@ before compute, with one line per problem naming the key, the bad value and what
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -17,15 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from persrep.registry import GENERATORS, SEGMENTERS, TASKS  # noqa: E402 - bottom layer, no persrep imports
+from persrep.errors import ConfigError  # noqa: F401 (re-exported)
+from persrep.hashing import sha256_hex
+from persrep.registry import GENERATORS, SEGMENTERS, TASKS  # bottom layer, no persrep imports
 
 GeneratorType = str  # a name registered in persrep.registry.GENERATORS (checked below)
 GlobalFeature = Literal["cls", "cls+mean"]
 Task = str  # a name registered in persrep.registry.TASKS (checked below)
-
-
-class ConfigError(ValueError):
-    """A settings problem found before any compute. ``str()`` is one line per problem."""
 
 
 class Section(BaseModel):
@@ -267,10 +264,13 @@ class PersonalizationSettings(Section):
     temperature: float = Field(0.07, gt=0, le=10)
     loss: Literal["infonce", "infonce_symmetric"] = "infonce"
     negatives: Literal["generated", "external", "in_pool"] = Field(
-        "generated", description="'in_pool' draws from evaluated instances: leaks (REFERENCE.md)")
+        "generated", description="'in_pool' draws from evaluated instances: leaks (docs/PROTOCOL.md)")
     external_negatives: str | None = None
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 1234
+    channels_last: bool = Field(False, description="train CNNs in channels_last memory format: "
+                                "~1.7x faster steps on CPU (bench/per_instance.json); same maths, "
+                                "float rounding differs (not bit-identical), so off by default")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +286,9 @@ class EvaluationSettings(Section):
         "patch tokens either way (docs/DESIGN.md, dense head)")
     batch_size: int = Field(32, ge=1, le=4096)
     evaluate_pretrained: bool = True
+    prefix_cache: bool = Field(True, description="CNN adapters leave the stem and first blocks "
+                               "frozen: embed the pools through them once per process, run only the "
+                               "adapted tail per adapter (same features; false = the full forward)")
 
     @field_validator("tasks")
     @classmethod
@@ -323,6 +326,14 @@ class ResourcesSettings(Section):
     data_parallel_workers: int = Field(0, ge=0, le=512, description="> 1: each personalisation "
                                        "trial trains data-parallel over this many workers (TorchTrainer)")
     memory_gb: MemorySettings = MemorySettings()
+    gpus_per_tune_trial: float | None = Field(None, gt=0, le=8, description="GPUs of one personalisation "
+                                              "trial on Tune (fractions pack several per GPU); None = gpus_per_trial")
+    tune_report_every: int = Field(1, ge=1, le=100_000, description="a personalisation trial reports every "
+                                   "n-th training step to Tune (checkpoints and the last step always); each report "
+                                   "costs driver time (docs/SCALING.md)")
+    tune_checkpoints_to_keep: int | None = Field(None, ge=1, description="Tune checkpoints kept per "
+                                                 "personalisation trial; None = all (a few), never a forced "
+                                                 "experiment snapshot (docs/SCALING.md)")
 
 
 class StorageSettings(Section):
@@ -476,4 +487,4 @@ def content_key(*parts: BaseModel | dict[str, Any] | str | int | float | None, l
     """
     canon = [settings_to_dict(p) if isinstance(p, (BaseModel, dict)) else p for p in parts]
     blob = json.dumps(canon, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return sha256_hex(blob, length)

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 # section -> fields that do not change a unit's result
 OPERATIONAL: dict[str, tuple[str, ...]] = {
-    "personalization": ("checkpoint_every",),
-    "evaluation": ("batch_size", "evaluate_pretrained"),
+    "personalization": ("checkpoint_every", "channels_last"),
+    "evaluation": ("batch_size", "evaluate_pretrained", "prefix_cache"),
     # recomputes activations in the backward pass: the same gradients, less memory
     "generator.dreambooth": ("gradient_checkpointing",),
     # the verdict policy: applied where a unit's rows are used (pipeline/verdict.py), not in them

@@ -23,8 +23,7 @@ from persrep.models.backbones import (
 )
 from persrep.models.errors import UnknownBackboneError, WeightsUnavailableError
 
-TINY_DINO = BackboneSettings(name="vit_base_patch14_dinov2.lvd142m", weights="tiny")
-OFFLINE = BackboneSettings(name="tf_efficientnet_lite0", weights="offline")
+from worlds import OFFLINE, TINY_DINO
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ from persrep.config import load_settings
 from persrep.pipeline import run_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import error_lines, run_all_main  # noqa: E402
-from test_pipeline import TINY  # noqa: E402
+from helpers import error_lines, run_all_main  # noqa: E402
+from worlds import TINY  # noqa: E402
 
 SMALL = [*TINY, "generator.types=[real_only]", "evaluation.tasks=[classification]",
          "tracking.enabled=false"]

@@ -15,13 +15,8 @@ from persrep.captions.generate import generate_captions
 from persrep.captions.validate import Rules, clean, problem
 from persrep.cli import main
 from persrep.config import LLMCaptionSettings
-from tiny_lm import chain_lm, random_lm, random_t5
+from tiny_lm import CHAIN, WORDS, chain_lm, random_lm, random_t5
 
-WORDS = "A <new1> mug sits on wooden desk beside laptop in morning evening light".split()
-CHAIN = {"[UNK]": ["A"], "A": ["<new1>"], "<new1>": ["mug"], "mug": ["sits"], "sits": ["on"],
-         "on": ["wooden"], "wooden": ["desk"], "desk": ["beside"], "beside": ["laptop"],
-         "laptop": ["in"], "in": ["morning", "evening"], "morning": ["light"], "evening": ["light"],
-         "light": ["[EOS]"]}
 # random models get a vocabulary without the identifier and the category: no valid caption exists
 NOISE = "red green blue stone river cloud paper silver quiet north".split()
 

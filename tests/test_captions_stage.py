@@ -12,8 +12,7 @@ from persrep.pipeline.captions_stage import STAGE, caption_key, llm_captions, pl
 from persrep.pipeline.context import prepare_run
 from persrep.pipeline.executor import LocalExecutor
 from persrep.pipeline.runner import RunSummary, plan_synthesis_units, run_data_stages
-from test_captions import CHAIN, WORDS
-from tiny_lm import chain_lm
+from tiny_lm import CHAIN, WORDS, chain_lm
 
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
         "data.toy.test_per_scene=1", "data.toy.negatives_per_category=2", "data.toy.dense_per_instance=0",

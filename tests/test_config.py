@@ -21,7 +21,7 @@ def test_paper_config_has_the_published_hyperparameters():
     assert (pz.lora.rank, pz.lora.alpha, pz.lora.dropout) == (16, 0.5, 0.3)
     assert (pz.learning_rate, tuple(pz.betas), pz.batch_size, pz.epochs) == (3e-4, (0.5, 0.999), 16, 2)
     assert (pz.num_triplets, pz.temperature, pz.seed, pz.feature) == (4500, 0.07, 1234, "cls+mean")
-    assert pz.negatives == "generated"  # never in-pool by default (REFERENCE.md on leakage)
+    assert pz.negatives == "generated"  # never in-pool by default (leakage: docs/PROTOCOL.md)
     assert {b.name for b in pz.backbones} == {"vit_base_patch14_dinov2.lvd142m",
                                               "vit_base_patch16_clip_224.openai", "vit_base_patch16_224.mae"}
 

@@ -11,19 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from worlds import ONE_INSTANCE
 
 from persrep.console import Console, failure_file, status_table
 from persrep.pipeline.executor import Outcome
 
 REPO = Path(__file__).resolve().parents[1]
 # the job plumbing on one instance (tests/test_job_submit.py's world): no DreamBooth, no dense tasks
-TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
-        "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6", "data.max_instances=1",
-        "generator.types=[real_only, cut_paste]", "evaluation.tasks=[classification, retrieval]",
-        "synthesis.num_positives=4", "synthesis.resolution=32",
-        "personalization.max_steps=3", "personalization.batch_size=4",
-        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
-        "resources.cpus_per_trial=0.5", "resources.max_retries=1"]
+TINY = [*ONE_INSTANCE, "resources.max_retries=1"]
 STAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
 

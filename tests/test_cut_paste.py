@@ -297,3 +297,19 @@ def test_artifact_is_self_contained_and_keyed_by_the_photos(tmp_path):
         make_instance().train_images[0].tobytes()
     with pytest.raises(ValueError, match="given to 'cut_paste'"):
         get_generator("cut_paste", settings).load(artifact)
+
+
+def test_one_data_path_resolver_for_generators_and_the_run_context(tmp_path, monkeypatch):
+    """``@data/`` means the same everywhere; the run context also makes local paths absolute."""
+    from persrep.data.layout import resolve_data_path as layout_resolve
+    from persrep.pipeline.context import RunContext
+
+    assert resolve_data_path is layout_resolve
+    ctx = RunContext.__new__(RunContext)
+    ctx.data_path = "s3://bucket/pods/"
+    assert ctx.resolve_data_path("@data/bg") == resolve_data_path("@data/bg", "s3://bucket/pods/") \
+        == "s3://bucket/pods/bg"
+    monkeypatch.chdir(tmp_path)
+    assert ctx.resolve_data_path("rel/bg") == str(tmp_path / "rel" / "bg")
+    assert ctx.resolve_data_path("s3://other/x") == "s3://other/x"
+    assert resolve_data_path("rel/bg", None) == "rel/bg"  # generators: unchanged

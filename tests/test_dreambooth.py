@@ -18,6 +18,9 @@ from persrep.config import DreamBoothSettings, Settings
 from persrep.generation import dreambooth as db
 from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
                                      SampleRow, get_generator, register_generator, registered_types)
+from persrep.generation.plan import build_rows
+from helpers import assert_same_up_to_float_rounding as _assert_same_up_to_float_rounding
+from helpers import pixels as _pixels
 from persrep.models.diffusion import generate_images, load_components, make_pipeline
 
 RES = 64
@@ -54,18 +57,6 @@ def _settings(**dreambooth) -> Settings:
     syn = settings.synthesis
     syn.resolution, syn.inference_steps, syn.batch_size, syn.cfg = RES, 4, 4, [5.0]
     return settings
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image).astype(np.int16)
-
-
-def _assert_same_up_to_float_rounding(a, b) -> None:
-    """Same noise, same prompt: the same image. Not always bit-identical across batch sizes,
-    because BLAS blocks a matmul differently for a batch of 1 and of 4 (seen with 1 thread: one
-    value of 12,288 off by one grey level); a different seed changes the mean by ~40 levels."""
-    diff = np.abs(_pixels(a) - _pixels(b))
-    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 CLASS_IMAGES = [_object_image((200, 200, 0), (90, 120, 90)), _object_image((0, 160, 200), (120, 90, 60))]
@@ -253,10 +244,16 @@ def test_personalised_generator_refuses_negative_rows(trained):
 
 
 def test_negatives_come_from_the_base_model_without_the_identifier():
-    sampler = db.BaseModelSampler(_settings(), device="cpu")
-    rows = sampler.negative_rows("mug", 5, cfgs=[4.0, 5.0])
-    assert all(IDENTIFIER not in r.prompt and r.role == "negative" for r in rows)
-    assert [r.cfg for r in rows] == [4.0, 5.0, 4.0, 5.0, 4.0] and len({r.seed for r in rows}) == 5
+    settings = _settings()
+    settings.synthesis.cfg, settings.synthesis.num_negatives_per_category = [4.0, 5.0], 5
+    settings.generator.types = ["dreambooth"]  # a diffusion config per cfg: one negatives pool each
+    sampler = db.BaseModelSampler(settings, device="cpu")
+    groups = build_rows(settings, {"mug_1": "mug"})  # the pipeline's rows: one group per cfg
+    negatives = {g: rows for g, rows in groups.items() if g.startswith("neg:")}
+    assert sorted(negatives) == ["neg:4:template:mug", "neg:5:template:mug"]
+    rows = [r for g in sorted(negatives) for r in negatives[g]]
+    assert all(IDENTIFIER not in r.prompt and r.role == "negative" and r.generator == "base" for r in rows)
+    assert [r.cfg for r in rows] == [4.0] * 5 + [5.0] * 5 and len({r.seed for r in rows}) == 10
     images = sampler.sample(rows[:2])
     assert [s.row for s in images] == rows[:2] and images[0].image.size == (RES, RES)
     leaking = SampleRow("mug_negatives", "negative", "base", f"a photo of {IDENTIFIER} mug", 5.0, 1)
@@ -299,3 +296,25 @@ def test_prepare_refuses_masked_without_masks(tmp_path):
     with pytest.raises(ValueError, match="use generator type 'dreambooth'"):
         generator.prepare(_instance(masks=False), tmp_path)
     assert not any(Path(tmp_path).iterdir())  # failed before any compute
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_optimizer_state_is_freed_before_the_weights_are_serialised(monkeypatch, use_lora):
+    """Full fine-tuning's AdamW state is twice the trained weights: holding it while serialising
+    made the end of an SD 1.5-size unit its memory peak (bench/paper_dryrun_full.json)."""
+    import gc
+    import weakref
+
+    refs: list[weakref.ref] = []
+    make = db._make_optimizer
+    monkeypatch.setattr(db, "_make_optimizer", lambda *a, **k: refs.append(weakref.ref(opt := make(*a, **k))) or opt)
+    alive_at_save: list[bool] = []
+    serialise = db._to_safetensors
+    monkeypatch.setattr(db, "_to_safetensors",
+                        lambda state: (gc.collect(), alive_at_save.append(refs[0]() is not None))
+                        and serialise(state))
+    instance = _instance()
+    result = db.train_dreambooth(load_components("tiny", "cpu"), instance.train_images, "mug",
+                                 _train_settings(steps=2, use_lora=use_lora, prior_preservation=False))
+    assert refs and alive_at_save and not any(alive_at_save)
+    assert any(name.startswith("unet") for name in result.files)

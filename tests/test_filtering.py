@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from persrep.generation.base import InstanceData, SampledImage, SampleRow, stable_seed
+from persrep.generation.base import InstanceData, SampledImage, SampleRow
+from persrep.hashing import stable_seed
 from persrep.generation.filtering import (ScorerUnavailableError, attempt_seed, filter_until, make_scorer,
                                           mask_box_crop, scorer_names)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from worlds import ONE_INSTANCE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -33,13 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # tests/test_pipeline.py's tiny world, cut down to what this test is about (the job plumbing; the
 # whole pipeline on a cluster is tests/test_multinode.py): one instance, no DreamBooth, no dense tasks
-TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
-        "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6", "data.max_instances=1",
-        "generator.types=[real_only, cut_paste]", "evaluation.tasks=[classification, retrieval]",
-        "synthesis.num_positives=4", "synthesis.resolution=32",
-        "personalization.max_steps=3", "personalization.batch_size=4",
-        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
-        "resources.cpus_per_trial=0.5"]
+TINY = ONE_INSTANCE
 
 
 # -- ports and processes ---------------------------------------------------------------------

@@ -25,8 +25,7 @@ from persrep.models.lora import (
     save_adapter,
 )
 
-TINY_DINO = BackboneSettings(name="vit_base_patch14_dinov2.lvd142m", weights="tiny")
-OFFLINE = BackboneSettings(name="tf_efficientnet_lite0", weights="offline")
+from worlds import OFFLINE, TINY_DINO
 LITE0_TARGETS = [f"blocks.5.{i}.{c}" for i in range(4) for c in ("conv_pw", "conv_pwl")] + [
     "blocks.6.0.conv_pw", "blocks.6.0.conv_pwl", "conv_head"]
 

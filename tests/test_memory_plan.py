@@ -32,8 +32,9 @@ def test_parameter_counts_are_the_real_architectures():
 
 
 def test_estimate_matches_the_measured_sd15_dreambooth_step():
-    # ENVIRONMENT.md: a full SD 1.5-size DreamBooth step (UNet + text encoder, prior preservation,
-    # tiny resolution) peaked at 15.8 GB RSS on CPU. The estimate must cover it, not by much.
+    # ../shared/docs/ENVIRONMENT.md (not in this repository): a full SD 1.5-size DreamBooth step
+    # (UNet + text encoder, prior preservation, tiny resolution) peaked at 15.8 GB RSS on CPU. The
+    # estimate must cover it, not by much.
     s = load_settings("paper", ["generator.dreambooth.resolution=64"])
     est = estimate_stage(s, "generator_prep")
     assert 15.8 <= est.gb <= 15.8 * 1.25, est.describe()

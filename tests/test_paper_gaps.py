@@ -189,7 +189,8 @@ OPERATIONAL = ["personalization.checkpoint_every=7", "evaluation.batch_size=5", 
                "resources.max_retries=1", "resources.cpus_per_trial=2", "resources.data_parallel_workers=0",
                "synthesis.batch_size=2", "synthesis.rows_per_shard=5", "generator.dreambooth.gradient_checkpointing=true",
                "tracking.experiment=other",
-               "synthesis.cut_paste.num_backgrounds=5"]  # backgrounds from a folder here: no generated pool
+               "synthesis.cut_paste.num_backgrounds=5",  # backgrounds from a folder here: no generated pool
+               "evaluation.prefix_cache=false", "personalization.channels_last=true"]  # issue #19: how, not what
 
 
 @pytest.mark.slow

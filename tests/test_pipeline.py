@@ -8,14 +8,7 @@ import pytest
 from persrep.config import load_settings
 from persrep.pipeline import run_pipeline
 from persrep.pipeline.executor import LocalExecutor
-
-TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
-        "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6",
-        "generator.dreambooth.steps=2", "generator.dreambooth.num_class_images=2",
-        "synthesis.num_positives=4", "synthesis.inference_steps=2", "synthesis.resolution=32",
-        "personalization.max_steps=3", "personalization.batch_size=4",
-        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
-        "evaluation.dense_input_size=64"]
+from worlds import TINY
 
 
 def _settings(root, *extra):

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import finish, job_env, run_all_argv, spawn  # noqa: E402
-from test_pipeline import TINY  # noqa: E402
+from helpers import finish, job_env, run_all_argv, spawn  # noqa: E402
+from worlds import TINY  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,8 @@ import pytest
 from persrep.storage import MANIFEST, Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import error_lines, run_all_main  # noqa: E402
-from test_pipeline import TINY  # noqa: E402
+from helpers import error_lines, run_all_main  # noqa: E402
+from worlds import TINY  # noqa: E402
 
 SMALL = [*TINY, "generator.types=[real_only]", "evaluation.tasks=[classification]",
          "tracking.enabled=false"]

@@ -41,8 +41,9 @@ from persrep.pipeline.executor import LocalExecutor
 from persrep.storage import MANIFEST
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import (FAST, RESULT_KEY, job_env, kill_job, run_all_argv, spawn,  # noqa: E402
-                         unit_manifests, verify_all, wait_for)
+from helpers import (RESULT_KEY, job_env, kill_job, run_all_argv, spawn, unit_manifests,  # noqa: E402
+                     verify_all, wait_for)
+from worlds import FAST  # noqa: E402
 
 SEED = 20261125
 ROUNDS = 6

@@ -388,3 +388,29 @@ def test_optuna_search_with_asha(first_sweep, tmp_path):
     assert _units(root, "synthesis") == syn  # the data was there already
     assert any(p.name.startswith("searcher-state") for p in out.iterdir())  # Optuna's state, by Tune
     assert all(math.isfinite(v) for v in trials["retrieval.ndcg"])
+
+
+def test_sweep_trial_names_what_it_was_not_given():
+    """Argument checks are errors that say the fix, not ``assert`` (gone under ``python -O``)."""
+    pytest.importorskip("ray")
+    from persrep.distributed.sweep import sweep_trial
+
+    with pytest.raises(TypeError, match=r"sweep_trial needs ctx, options: bind them with tune.with_parameters"):
+        sweep_trial({"data": "a"}, space=object())
+    with pytest.raises(KeyError, match=r"data='b' is not one of the sweep's data options \['a'\]"):
+        sweep_trial({"data": "b"}, ctx=object(), space=object(), options={"a": object()})
+
+
+def test_the_optuna_hint_names_the_version_the_project_needs(tmp_path, monkeypatch):
+    import importlib.util as ilu
+
+    from persrep.sweep import space as sp
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'"{sp.OPTUNA_REQUIREMENT}"' in pyproject, "OPTUNA_REQUIREMENT differs from pyproject.toml"
+    real = ilu.find_spec
+    monkeypatch.setattr(ilu, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    doc = _toy_doc()
+    doc["search"] = "optuna"
+    with pytest.raises(Exception, match=r"pip install 'optuna>=5.0,<6'"):
+        load_space(_write(tmp_path, doc))

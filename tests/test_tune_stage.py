@@ -22,7 +22,7 @@ from persrep.pipeline.work import ADAPTERS, PersonalizeUnit
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_pipeline import TINY  # noqa: E402
+from worlds import TINY  # noqa: E402
 
 REAL_ONLY = [*TINY, "generator.types=[real_only]"]
 
@@ -297,3 +297,51 @@ def test_stage_runs_a_data_parallel_trial(toy_data, tmp_path, ray_local):
     assert out.status == "done" and out.attempts == 1, out
     assert out.value["data_parallel_workers"] == 2 and out.value["last_reported_step"] == 4
     assert ctx.storage.verify_unit(ADAPTERS, units[0].key).meta["metrics"]["data_parallel_workers"] == 2
+
+
+def test_stage_callback_forwards_every_public_tune_hook():
+    """StageCallback is a public ``tune.Callback`` that forwards each hook to this launch's
+    callbacks (no private CallbackList internals). Fails, naming them, when Ray adds or drops a hook."""
+    import pickle
+
+    from ray import tune
+
+    from persrep.distributed import tune_stage as ts
+
+    hooks = {n for n, v in vars(tune.Callback).items()
+             if callable(v) and (n.startswith("on_") or n == "setup")}
+    assert hooks == set(ts.FORWARDED_HOOKS), (
+        f"ray.tune.Callback's hooks changed ({sorted(hooks ^ set(ts.FORWARDED_HOOKS))}): forward the new "
+        "ones in StageCallback and FORWARDED_HOOKS (persrep/distributed/tune_stage.py)")
+
+    calls = []
+
+    class Recorder:
+        def __getattr__(self, hook):
+            return lambda **info: calls.append((hook, info))
+
+    class Trial:
+        config = {"unit": "not-this-stage's"}  # a unit the stage does not know: only forwarded
+
+    ts._STATES["pin-token"] = ts._StageState({}, lambda _m: None, [Recorder()])
+    try:
+        cb = pickle.loads(pickle.dumps(ts.StageCallback("pin-token")))  # as a restored run config
+        for hook in ts.FORWARDED_HOOKS:
+            getattr(cb, hook)(trial=Trial(), iteration=3)
+    finally:
+        ts._STATES.pop("pin-token")
+    assert [h for h, _ in calls] == list(ts.FORWARDED_HOOKS)
+    assert all(info["iteration"] == 3 for _, info in calls)
+
+
+def test_tuner_restore_still_takes_no_new_callbacks():
+    """Why tune_stage keeps this launch's state in a module dict keyed by the experiment name:
+    Tuner.restore brings back the pickled run config and cannot be given new callbacks."""
+    import inspect
+
+    from ray import tune
+
+    params = set(inspect.signature(tune.Tuner.restore).parameters)
+    assert not params & {"run_config", "callbacks"}, (
+        "ray.tune.Tuner.restore now accepts a run config / callbacks: pass this launch's callbacks "
+        "there and drop tune_stage._STATES and StageCallback's token pickling")

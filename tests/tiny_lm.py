@@ -13,6 +13,13 @@ from pathlib import Path
 
 import torch
 
+# a word chain that writes valid mug captions (the caption tests' chain_lm)
+WORDS = "A <new1> mug sits on wooden desk beside laptop in morning evening light".split()
+CHAIN = {"[UNK]": ["A"], "A": ["<new1>"], "<new1>": ["mug"], "mug": ["sits"], "sits": ["on"],
+         "on": ["wooden"], "wooden": ["desk"], "desk": ["beside"], "beside": ["laptop"],
+         "laptop": ["in"], "in": ["morning", "evening"], "morning": ["light"], "evening": ["light"],
+         "light": ["[EOS]"]}
+
 
 def word_tokenizer(words: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

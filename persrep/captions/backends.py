@@ -8,7 +8,6 @@ never logged: it only goes into the ``Authorization`` header, and error messages
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
@@ -16,9 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
-
-class CaptionError(ValueError):
-    """Captions cannot be produced: one line naming the model/endpoint, the problem and the fix."""
+from persrep.errors import CaptionError  # noqa: F401 (re-exported)
+from persrep.hashing import directory_digest, sha256_hex
 
 
 class Backend(Protocol):
@@ -33,13 +31,13 @@ def model_identity(model: str) -> dict:
     p = Path(model).expanduser()
     if not p.is_dir():
         return {"model": model}
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        rel = f.relative_to(p).as_posix()
-        h.update(f"{rel}:{f.stat().st_size}\n".encode())
-        if f.stat().st_size < 4_000_000:
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-    return {"model_dir_sha256": h.hexdigest()[:24]}
+
+    def entry(rel: str, f: Path) -> bytes:  # name and size; the content's digest for small files
+        size = f.stat().st_size
+        small = bytes.fromhex(sha256_hex(f.read_bytes())) if size < 4_000_000 else b""
+        return f"{rel}:{size}\n".encode() + small
+
+    return {"model_dir_sha256": directory_digest(p, entry, 24)}
 
 
 class TransformersBackend:

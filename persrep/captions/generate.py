@@ -49,7 +49,7 @@ def instruction_of(cfg: Any) -> str:
 
 def generate_for_category(backend: Backend, category: str, cfg: Any,
                           progress: Callable[[str], None] | None = None) -> list[str]:
-    from persrep.generation.base import stable_seed
+    from persrep.hashing import stable_seed
 
     rules = Rules(cfg.min_words, cfg.max_words, cfg.insert_identifier)
     template = instruction_of(cfg)

@@ -27,7 +27,7 @@ from PIL import Image
 from persrep.config import BackboneSettings, PersonalizationSettings, content_key
 from persrep.contrastive.losses import build_loss, triplet_accuracy
 from persrep.contrastive.triplets import sample_triplets
-from persrep.generation.base import stable_seed
+from persrep.hashing import stable_seed
 from persrep.models.backbones import build_backbone, train_transform
 from persrep.models.lora import apply_lora, lora_parameters, lora_state_dict, save_adapter
 
@@ -124,6 +124,8 @@ class TrainingSetup:
         run_key = content_key(pz, backbone_settings, data.key())  # checkpoints carry it
         torch.manual_seed(pz.seed)
         backbone = apply_lora(build_backbone(backbone_settings), pz.lora).to(device)
+        if pz.channels_last and not backbone.is_token_model:  # CNN convs: faster on CPU (measured)
+            backbone = backbone.to(memory_format=torch.channels_last)
         optim = torch.optim.Adam(lora_parameters(backbone), lr=pz.learning_rate,
                                  betas=tuple(pz.betas), weight_decay=pz.weight_decay)
         # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
@@ -204,6 +206,8 @@ def train_one_instance(pz: PersonalizationSettings, backbone_settings: BackboneS
         p = torch.stack([augment(positives[triplets[i][1]]) for i in idx])
         n = torch.stack([augment(negatives[triplets[i][2]]) for i in idx])
         x = torch.cat([a, p, n]).to(dev)
+        if pz.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             emb = backbone.global_features(x, pz.feature).float()
         ea, ep, en = emb.split(len(idx))

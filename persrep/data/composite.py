@@ -69,8 +69,8 @@ from PIL import Image
 
 from persrep.data.layout import (SCENES, DatasetError, InstanceDataset, decode_image,
                                  is_image_name, natural_key, open_dataset)
-from persrep.generation.base import stable_seed
-from persrep.generation.cut_paste import Placement, composite, cut_out, transform_foreground
+from persrep.hashing import stable_seed
+from persrep.compositing import Placement, composite, cut_out, transform_foreground
 
 VERSION = "composite-1"
 INFO_NAME = "composite_info.json"

@@ -1,6 +1,6 @@
 """Instance data sets in the reference layout, from a local directory or ``s3://``.
 
-Layout (REFERENCE.md "Data sets and on-disk layout")::
+Layout (the reference layout; ../shared/docs/REFERENCE.md, not in this repository)::
 
     train/<instance>/*.jpg            exactly 3 in the benchmarks
     test/<instance>/*.jpg
@@ -21,23 +21,36 @@ import json
 import re
 import warnings
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
 from persrep.config import content_key
 from persrep.storage import MANIFEST, Storage, StorageError
+from persrep.errors import DatasetError  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "test", "test_dense")
 SCENES = ("in_distribution", "pose", "distractors", "pose_and_distractors")
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before PIL's own 179 MP error
 MIN_SIDE = 8  # smaller images carry no usable object detail (a 1x1 "photo" is an error)
+DATA_PREFIX = "@data/"  # a settings path relative to the data set root
 
 
-class DatasetError(ValueError):
-    """The data set cannot be used: the message names the path, the problem and the fix."""
+def resolve_data_path(path: str, data_root: str | None, setting: str = "synthesis.cut_paste.backgrounds",
+                      absolute: bool = False) -> str:
+    """``@data/x`` -> ``<data_root>/x`` (local or ``s3://``). Any other path is returned unchanged,
+    or with ``absolute`` (what workers receive) a local one is made absolute against the cwd."""
+    if path.startswith(DATA_PREFIX):
+        if not data_root:
+            raise ValueError(f"{setting}={path!r} is relative to the data set root, but no data root "
+                             "is known: pass data_root (the data set directory or s3:// URI) to the "
+                             "generator, or give a full folder path")
+        return f"{data_root.rstrip('/')}/{path[len(DATA_PREFIX):].lstrip('/')}"
+    if not absolute or "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
 
 
 def natural_key(name: str) -> list[object]:

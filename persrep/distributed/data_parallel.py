@@ -68,7 +68,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
     from torch.nn.parallel import DistributedDataParallel
 
     from persrep.contrastive.train import TrainingSetup, save_checkpoint
-    from persrep.generation.base import stable_seed
+    from persrep.hashing import stable_seed
     from persrep.models.lora import save_adapter
 
     ctx, unit = config["ctx"], config["unit"]

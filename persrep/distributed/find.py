@@ -200,12 +200,9 @@ def print_result(res: Any) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from persrep.cli import _model_errors
-    from persrep.config import ConfigError
-    from persrep.data.layout import DatasetError
+    from persrep.errors import UserError
     from persrep.find.job import LocalRunner, run_find
     from persrep.find.source import FindError
-    from persrep.storage import StorageError
 
     args = parse_args(argv, prog)
     started = False
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             say(describe_cluster(started))
             runner = RayRunner(num_actors=args.actors, max_retries=args.retries)
         res = run_find(opts, runner, say)
-    except (FindError, ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
+    except (FindError, UserError) as exc:
         print(f"{prog or 'find'}: {exc}", file=sys.stderr)
         return 2
     finally:

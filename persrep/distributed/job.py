@@ -66,11 +66,22 @@ def log_path(ctx) -> str:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from persrep.cli import _model_errors
-    from persrep.config import ConfigError, load_settings
+    """The job, stopped cleanly by Ctrl-C / SIGTERM (exit 130 / 143; see :mod:`persrep.interrupt`)."""
+    from persrep.interrupt import exit_code, signal_name, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _main(argv, prog)
+    except KeyboardInterrupt as exc:
+        print(f"{prog or 'run_all'}: stopped by {signal_name(exc)}; finished units are kept, "
+              "unfinished ones have no manifest: run the same command again to resume", file=sys.stderr)
+        return exit_code(exc)
+
+
+def _main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from persrep.config import load_settings
     from persrep.console import Console
-    from persrep.data.layout import DatasetError
-    from persrep.storage import StorageError
+    from persrep.errors import UserError
 
     args = parse_args(argv, prog)
     overrides = settings_overrides(args)
@@ -92,7 +103,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         log = log_path(ctx)
         if not args.verbose:
             console.line(f"log: {log} (Ray, Tune and MLflow output; --verbose shows it here)")
-        with console.capture(log):
+        from persrep.runlock import RunLock
+
+        with RunLock(ctx.storage, ctx.run_id, console.line), console.capture(log):
             if args.no_ray:
                 summary = run_pipeline(settings, console, run_id=ctx.run_id, ctx=ctx)
             else:
@@ -107,7 +120,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 finally:
                     release(started)
             console.summary(summary)
-    except (ConfigError, DatasetError, StorageError, *_model_errors()) as exc:
+    except UserError as exc:
         print(f"{prog or 'run_all'}: {exc}", file=sys.stderr)
         return 2
     if ctx.storage.is_s3 and not args.verbose and Path(log).is_file():

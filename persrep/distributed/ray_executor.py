@@ -30,10 +30,9 @@ class RayExecutor(StageHooks):
     """Units as Ray tasks; synthesis on Ray Data and personalisation on Ray Tune (its StageHooks)."""
 
     def __init__(self, max_retries: int = 2, progress: Callable[[str], None] | None = None,
-                 cpus_when_no_gpu: float | None = None, step_hook: Any = None):
+                 step_hook: Any = None):
         self.max_retries = max_retries
         self.progress = progress or (lambda _m: None)
-        self.cpus_when_no_gpu = cpus_when_no_gpu
         self.step_hook = step_hook  # passed to each personalisation trial (tune_stage.StepHook)
 
     def synthesis_stage(self, ctx: Any, units: list[Any], progress: Callable[[str], None]) -> list[Outcome]:
@@ -49,7 +48,7 @@ class RayExecutor(StageHooks):
         memory = {"memory": int(resources.memory)} if resources.memory > 0 else {}
         if resources.gpus > 0 and cluster_gpus() > 0:
             return {"num_cpus": resources.cpus, "num_gpus": resources.gpus, **memory}
-        return {"num_cpus": self.cpus_when_no_gpu or resources.cpus, "num_gpus": 0, **memory}
+        return {"num_cpus": resources.cpus, "num_gpus": 0, **memory}
 
     def run_personalization(self, ctx: Any, units: list[Any], labels: list[str],
                             tracker: Any = None) -> list[Outcome]:

@@ -37,6 +37,9 @@ def ensure_ray(resources: ResourcesSettings | None = None, **init_kwargs: Any) -
         kwargs["num_gpus"] = resources.num_gpus
     kwargs.update(init_kwargs)
     ray.init(**kwargs)
+    from persrep.interrupt import reinstall
+
+    reinstall()  # a local node sets Ray's own SIGTERM handler; a job's clean stop needs ours
     return True
 
 

@@ -46,7 +46,13 @@ Progress = Callable[[str], None]
 def sweep_trial(config: dict[str, Any], ctx: RunContext | None = None, space: SweepSpace | None = None,
                 options: dict[str, DataOption] | None = None) -> None:
     """The Tune function trainable: one point of the space, every instance."""
-    assert ctx is not None and space is not None and options is not None
+    missing = [n for n, v in (("ctx", ctx), ("space", space), ("options", options)) if v is None]
+    if missing:
+        raise TypeError(f"sweep_trial needs {', '.join(missing)}: bind them with "
+                        "tune.with_parameters(sweep_trial, ctx=..., space=..., options=...)")
+    if config.get("data") not in options:
+        raise KeyError(f"sweep_trial: config data={config.get('data')!r} is not one of the sweep's data "
+                       f"options {sorted(options)}")
     option = options[config["data"]]
     run_trial(ctx, space, option, space.trial_values(config), report=tune.report)
 

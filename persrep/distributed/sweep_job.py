@@ -31,11 +31,21 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from persrep.cli import _model_errors
-    from persrep.config import ConfigError
-    from persrep.data.layout import DatasetError
+    """The sweep, stopped cleanly by Ctrl-C / SIGTERM (exit 130 / 143; see :mod:`persrep.interrupt`)."""
+    from persrep.interrupt import exit_code, signal_name, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _main(argv, prog)
+    except KeyboardInterrupt as exc:
+        print(f"{prog or 'sweep'}: stopped by {signal_name(exc)}; finished units are kept: run the same "
+              "command again to resume", file=sys.stderr)
+        return exit_code(exc)
+
+
+def _main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from persrep.errors import UserError
     from persrep.generation.plan import PlanError
-    from persrep.storage import StorageError
     from persrep.sweep.space import SweepError, load_space
 
     from persrep.distributed.job import say, settings_overrides
@@ -53,12 +63,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from persrep.distributed.sweep import run_sweep
         from persrep.sweep.results import format_trials
 
-        started = ensure_ray(space.base.resources)
-        try:
-            result = run_sweep(space, say, name=args.name)
-        finally:
-            release(started)
-    except (ConfigError, DatasetError, StorageError, PlanError, *_model_errors()) as exc:
+        from persrep.pipeline.paths import resolve_settings_paths
+        from persrep.runlock import RunLock
+        from persrep.storage import Storage
+
+        root = Storage.from_settings(resolve_settings_paths(space.base).storage)
+        with RunLock(root, args.name or "sweep", say, command="sweep"):  # one job per storage root
+            started = ensure_ray(space.base.resources)
+            try:
+                result = run_sweep(space, say, name=args.name)
+            finally:
+                release(started)
+    except (UserError, PlanError) as exc:
         text = str(exc)  # one line per problem; a SweepError's lines already name the space file
         print(text if isinstance(exc, SweepError) else f"sweep: {text}", file=sys.stderr)
         return 2

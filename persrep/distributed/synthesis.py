@@ -70,6 +70,7 @@ Faults
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -101,7 +102,7 @@ INPUT_SCHEMA = pa.schema([
 EXTRA_SCHEMA = pa.schema([
     ("unit_key", pa.string()), ("pos", pa.int32()), ("attempt", pa.int32()), ("last", pa.bool_()),
     ("fallback", pa.bool_()), ("fatal", pa.string()), ("load_id", pa.string()), ("actor", pa.string()),
-    ("node", pa.string()),
+    ("node", pa.string()), ("cold", pa.string()),
 ])
 OUTPUT_SCHEMA = pa.schema(list(shards.SCHEMA) + [f for f in EXTRA_SCHEMA])
 EXTRA_NAMES = set(EXTRA_SCHEMA.names) - set(shards.SCHEMA.names)
@@ -132,8 +133,10 @@ class SynthesisWorker:
 
     def __init__(self, ctx: Any, sampler_factory: SamplerFactory | None = None, cache_size: int = 2,
                  torch_threads: int | None = None):
+        t_init = time.time()
         import ray
 
+        self.cold = cold_start_clock(t_init, needs_diffusion(ctx.settings))
         if torch_threads:
             import torch
 
@@ -149,6 +152,7 @@ class SynthesisWorker:
             self.node = ray.get_runtime_context().get_node_id()
         except Exception:  # noqa: BLE001 - only informative
             self.node = ""
+        self.cold["init_done"] = time.time()
 
     def _loaded(self, unit: SynthesisUnit) -> tuple[Any, Any, str]:
         key = (unit.generator, unit.generator_key or "", unit.instance)
@@ -159,6 +163,7 @@ class SynthesisWorker:
             raise RuntimeError(self.failed[key])
         from persrep.pipeline.work import open_sampler, unit_scorer
 
+        t_load = time.time()
         try:
             sampler = (self.factory or open_sampler)(self.ctx, unit)
             scorer = unit_scorer(self.ctx, unit)
@@ -166,6 +171,8 @@ class SynthesisWorker:
             self.failed[key] = short_error(exc)
             raise
         self.loads += 1
+        if self.cold is not None and "first_load_s" not in self.cold:
+            self.cold["first_load_s"] = round(time.time() - t_load, 3)
         entry = (sampler, scorer, f"{self.incarnation}/{self.loads}")
         self.cache[key] = entry
         while len(self.cache) > self.cache_size:
@@ -195,6 +202,10 @@ class SynthesisWorker:
                                            False, fatal, ""))
                 continue
             out += self._draw(sampler, scorer, unit.key, part, sample_rows, load_id)
+        if self.cold is not None and out:  # the actor's first batch: its cold start rides on one row
+            self.cold["first_batch_done"] = time.time()
+            out[0]["cold"] = json.dumps(self.cold)
+            self.cold = None
         return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
     def _draw(self, sampler, scorer, key: str, part: list[dict[str, Any]], sample_rows: list[SampleRow],
@@ -229,7 +240,58 @@ class SynthesisWorker:
                fatal: str | None, load_id: str) -> dict[str, Any]:
         return {**rec, "unit_key": src["unit_key"], "pos": src["pos"], "attempt": attempt, "last": last,
                 "fallback": fallback, "fatal": fatal, "load_id": load_id, "actor": self.incarnation,
-                "node": self.node}
+                "node": self.node, "cold": None}
+
+
+def needs_diffusion(settings: Any) -> bool:
+    """Whether this stage's samplers import diffusers (DreamBooth variants, the base model for
+    generated negatives or backgrounds); cut-and-paste alone does not."""
+    from persrep.generation.base import any_generator
+
+    return (any_generator(settings.generator.types, lambda c: c.needs_base_model)
+            or settings.personalization.negatives == "generated"
+            or settings.synthesis.cut_paste.backgrounds == "generated")
+
+
+def cold_start_clock(t_init: float, diffusion: bool = True) -> dict[str, Any]:
+    """An actor's cold-start timestamps (wall clock, so the driver can line them up with its own):
+    process start, constructor entry, and after the heavy imports (torch, and diffusers when the
+    stage's samplers need it) that its first generator load would otherwise pay for."""
+    clock: dict[str, Any] = {"pid": os.getpid(), "init_start": t_init}
+    try:
+        import psutil
+
+        clock["process_start"] = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - only informative
+        pass
+    t = time.time()
+    import torch  # noqa: F401 - timed here: the first load would pay for it otherwise
+
+    if diffusion:
+        import diffusers  # noqa: F401
+
+    clock["imports_s"] = round(time.time() - t, 3)
+    return clock
+
+
+def cold_start_summary(clocks: list[dict[str, Any]], t_pass_wall: float) -> dict[str, Any]:
+    """The stage's cold start itemised from its actors' clocks (seconds after the pass began):
+    actor process start, actor ready (imports + constructor), first generator load, first batch."""
+    if not clocks:
+        return {}
+
+    def span(name: str, ref: str | None = None) -> list[float]:
+        return [round(c[name] - (c[ref] if ref else t_pass_wall), 3) for c in clocks if name in c
+                and (ref is None or ref in c)]
+
+    out = {"actors": len(clocks),
+           "process_started_s": span("process_start"),
+           "constructor_entered_s": span("init_start"),
+           "imports_s": [c.get("imports_s") for c in clocks],
+           "actor_ready_s": span("init_done"),
+           "first_generator_load_s": [c.get("first_load_s") for c in clocks],
+           "first_batch_done_s": span("first_batch_done")}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,8 +411,9 @@ class SynthesisStage:
         outcomes: dict[str, Outcome] = {}
         states: dict[str, _UnitState] = {}
         for u in units:
-            if ctx.storage.is_intact(shards.STAGE, u.key):
-                outcomes[u.key] = _checked(ctx, u, "skipped", None, 1, 0.0)
+            man = ctx.storage.intact_manifest(shards.STAGE, u.key)  # its meta: no second manifest read
+            if man is not None:
+                outcomes[u.key] = _checked(ctx, u, "skipped", man.meta, 1, 0.0)
             else:
                 states[u.key] = _UnitState(u)
         stats: dict[str, Any] = {"units": len(units), "skipped": len(units) - len(states), "rows": 0, "kept": 0,
@@ -464,10 +527,15 @@ class SynthesisStage:
                 warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
                 out = self._map(ds, n, per, retries)
             t_pass = time.perf_counter()
+            t_pass_wall = time.time()
+            clocks: list[dict[str, Any]] = []
             for batch in out.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if "first_output_s" not in stats:  # cold start: actors up, generators loaded, first batch drawn
                     stats["first_output_s"] = round(time.perf_counter() - t_pass, 2)
-                _collect(batch.to_pylist(), states, publish, stats, syn.batch_size)
+                rows = batch.to_pylist()
+                clocks += [json.loads(r["cold"]) for r in rows if r.get("cold")]
+                _collect(rows, states, publish, stats, syn.batch_size)
+            stats.setdefault("cold_start", cold_start_summary(clocks, t_pass_wall))
         finally:
             for k, v in saved.items():
                 setattr(dctx, k, v)

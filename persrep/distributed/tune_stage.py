@@ -40,12 +40,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.callback import CallbackList
 
 from persrep.config import content_key
 from persrep.contrastive.train import CHECKPOINT
@@ -58,6 +58,7 @@ from persrep.tracking.store import tracking_env_restored
 
 STAGE = "personalization"
 StepHook = Callable[[PersonalizeUnit, dict[str, Any]], None]
+UnitFn = Callable[[Any, PersonalizeUnit, Callable[[dict[str, Any]], None]], dict[str, Any]]
 
 
 # -- names, storage, resources ------------------------------------------------------------------
@@ -84,9 +85,24 @@ def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
         return {"cpu": 0.01}
     memory = {"memory": float(memory_bytes)} if memory_bytes > 0 else {}
     gpus = cluster_gpus() if gpus_in_cluster is None else gpus_in_cluster
-    if res.gpus_per_trial > 0 and gpus > 0:
-        return {"cpu": res.cpus_per_trial, "gpu": min(res.gpus_per_trial, gpus), **memory}
+    per_trial = res.gpus_per_tune_trial if res.gpus_per_tune_trial is not None else res.gpus_per_trial
+    if per_trial > 0 and gpus > 0:
+        return {"cpu": res.cpus_per_trial, "gpu": min(per_trial, gpus), **memory}
     return {"cpu": res.cpus_per_trial, **memory}
+
+
+def trial_checkpoint_config(settings: Any) -> Any:
+    """How many Tune checkpoints a trial keeps (``resources.tune_checkpoints_to_keep``).
+
+    Default None: Tune never *forces* an experiment-state snapshot. With ``num_to_keep=k`` Tune
+    forces one (an upload of the whole experiment state, which lists every trial) each time a
+    trial has checkpointed k times since the last one; with hundreds of trials that each write a
+    few training checkpoints, snapshots then follow every trial and their total size grows with
+    trials^2 (``bench/scale.py``, docs/SCALING.md). Unforced snapshots stay on Tune's automatic
+    period (at most ~5 % of the driver's time). A trial's checkpoints are its few LoRA training
+    checkpoints (``personalization.checkpoint_every``); the published adapter supersedes them.
+    """
+    return tune.CheckpointConfig(num_to_keep=settings.resources.tune_checkpoints_to_keep)
 
 
 def _dirname(label: str, key: str) -> str:
@@ -94,16 +110,42 @@ def _dirname(label: str, key: str) -> str:
 
 
 class _TrialNamer:
-    """Trial names = unit labels (the MLflow run names); picklable for the experiment state."""
+    """Trial names = unit labels (the MLflow run names).
 
-    def __init__(self, labels: Mapping[str, str], dirs: bool = False):
-        self.labels = dict(labels)
+    Tune pickles the namer into *every* trial's entry of the experiment state, so it holds only
+    the stage's token and finds the labels in this driver's state (as :class:`StageCallback`
+    does): carrying the labels dict made each trial's entry O(trials) and the experiment state
+    O(trials^2) (bench/scale.py: 5.4 KB of labels per trial at 20 trials).
+    """
+
+    def __init__(self, token: str, dirs: bool = False):
+        self.token = token
         self.dirs = dirs
 
     def __call__(self, trial: Any) -> str:
         key = trial.config["unit"]
-        label = self.labels.get(key, key)
+        state = _STATES.get(self.token)
+        label = state.labels.get(key, key) if state is not None else key
         return _dirname(label, key) if self.dirs else label
+
+
+@contextmanager
+def without_trial_loggers():
+    """Tune's default per-trial CSV / JSON / TensorBoard loggers off while the stage runs.
+
+    Nothing reads them (outcomes come from the driver callback and the final report); each is a
+    file per trial written on every result and uploaded with the experiment: on s3 about half of
+    the stage's requests at 20 trials (bench/scale.py). Scoped: sweeps keep theirs.
+    """
+    saved = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved
 
 
 # -- inside a trial ---------------------------------------------------------------------------
@@ -193,8 +235,10 @@ def _final_metrics(value: dict[str, Any]) -> dict[str, Any]:
 
 def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[str, PersonalizeUnit] | None = None,
                       report_every: int = 1, step_hook: StepHook | None = None,
-                      data_parallel_workers: int = 0, use_gpu: bool = False) -> None:
-    """The Tune function trainable: one personalisation unit."""
+                      data_parallel_workers: int = 0, use_gpu: bool = False,
+                      unit_fn: UnitFn | None = None) -> None:
+    """The Tune function trainable: one personalisation unit (``unit_fn`` replaces
+    :func:`call_unit`: the scale simulation's trivial trainer)."""
     unit = (units or {}).get(config["unit"])
     # not this launch's to train (a restored experiment also holds trials of units published
     # since, e.g. before the driver was killed), or published meanwhile (another job)
@@ -213,7 +257,7 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
     restored = restore_into(tune.get_checkpoint(), work)
     reporter = TrialReporter(unit, work / CHECKPOINT, report_every, step_hook)
     try:
-        value = call_unit(ctx, unit, reporter)
+        value = (unit_fn or call_unit)(ctx, unit, reporter)
     except UnitRejected as exc:  # its inputs may not be used: retrying gives the same answer
         tune.report(_final_metrics({"status": "failed", "error": short_error(exc), "details": exc.details}))
         return
@@ -256,7 +300,17 @@ class _StageState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_STATES: dict[str, _StageState] = {}  # experiment name -> this driver's state (never pickled)
+# experiment name -> this driver's state (never pickled). Tuner.restore un-pickles the run config
+# of the earlier launch, callbacks included, and Ray 2.60 has no public way to hand it this
+# launch's callbacks (tests/test_tune_stage.py pins that): the restored StageCallback finds this
+# launch's progress function, labels and callbacks here, by the experiment's name.
+_STATES: dict[str, _StageState] = {}
+
+# Every hook of the public tune.Callback; StageCallback forwards each to this launch's callbacks
+# (tests/test_tune_stage.py fails, naming it, when Ray adds one).
+FORWARDED_HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore",
+                   "on_trial_save", "on_trial_result", "on_trial_complete", "on_trial_recover",
+                   "on_trial_error", "on_checkpoint", "on_experiment_end")
 
 
 def _trial_error(trial: Any) -> str:
@@ -292,26 +346,23 @@ def _trial_trace(trial: Any) -> str | None:
     return None
 
 
-class StageCallback(CallbackList):
+class StageCallback(tune.Callback):
     """Driver-side hook: records each trial's fate and prints progress; runs the user callbacks.
 
     It pickles (into Tune's experiment state) as a bare token: a relaunch that restores the
     experiment finds *this* driver's progress function, labels and callbacks (e.g. an
-    ``MLflowLoggerCallback`` nesting under this job's parent run), never stale copies.
+    ``MLflowLoggerCallback`` nesting under this job's parent run), never stale copies. Every
+    public hook (:data:`FORWARDED_HOOKS`) is passed on to those callbacks; their state is not
+    saved into the experiment (they belong to one launch).
     """
 
     def __init__(self, token: str):
         self.token = token
-        super().__init__([])
 
-    @property
-    def _callbacks(self) -> list[Any]:  # CallbackList forwards every hook to these
+    def _forward(self, hook: str, info: dict[str, Any]) -> None:
         state = _STATES.get(self.token)
-        return state.callbacks if state else []
-
-    @_callbacks.setter
-    def _callbacks(self, _value: list[Any]) -> None:
-        pass
+        for callback in state.callbacks if state else []:
+            getattr(callback, hook)(**info)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"token": self.token}
@@ -338,7 +389,7 @@ class StageCallback(CallbackList):
         rec = self._record(info["trial"])
         if rec is not None:
             rec.status = "running"
-        super().on_trial_start(**info)
+        self._forward("on_trial_start", info)
 
     def on_trial_recover(self, **info: Any) -> None:
         trial = info["trial"]
@@ -348,7 +399,7 @@ class StageCallback(CallbackList):
             err = _trial_error(trial)
             rec.errors.append(err)
             st.progress(f"{STAGE}: retrying {rec.label} (attempt {trial.num_failures + 1}): {err}")
-        super().on_trial_recover(**info)
+        self._forward("on_trial_recover", info)
 
     def on_trial_complete(self, **info: Any) -> None:
         trial = info["trial"]
@@ -358,7 +409,7 @@ class StageCallback(CallbackList):
             rec.num_failures = trial.num_failures
             rec.last_result = dict(trial.last_result or {})
             self._done_line(st, rec, rec.last_result.get("unit_status", "done"))
-        super().on_trial_complete(**info)
+        self._forward("on_trial_complete", info)
 
     def on_trial_error(self, **info: Any) -> None:
         trial = info["trial"]
@@ -370,7 +421,7 @@ class StageCallback(CallbackList):
             rec.trace = _trial_trace(trial)
             rec.last_result = dict(trial.last_result or {})
             self._done_line(st, rec, "failed")
-        super().on_trial_error(**info)
+        self._forward("on_trial_error", info)
 
     @staticmethod
     def _done_line(st: _StageState, rec: _TrialRecord, status: str) -> None:
@@ -379,6 +430,20 @@ class StageCallback(CallbackList):
         st.progress(f"{STAGE}: {n}/{st.total} {rec.label} -> {status}"
                     + (f" after {rec.num_failures + (status != 'failed')} attempts"
                        if rec.num_failures else ""))
+
+
+def _forwarder(hook: str) -> Callable[..., None]:
+    def forward(self: StageCallback, **info: Any) -> None:
+        self._forward(hook, info)
+
+    forward.__name__ = forward.__qualname__ = hook
+    return forward
+
+
+# the hooks StageCallback does not handle itself only pass through
+for _hook in FORWARDED_HOOKS:
+    if _hook not in vars(StageCallback):
+        setattr(StageCallback, _hook, _forwarder(_hook))
 
 
 def _prior_trials(exp_path: str, fs: Any) -> dict[str, str]:
@@ -400,15 +465,16 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
                               name: str | None = None,
                               storage_path: str | None = None,
                               storage_filesystem: Any = None,
-                              report_every: int = 1,
+                              report_every: int | None = None,
                               step_hook: StepHook | None = None,
                               data_parallel_workers: int = 0,
-                              max_concurrent_trials: int | None = None) -> list[Outcome]:
+                              max_concurrent_trials: int | None = None,
+                              unit_fn: UnitFn | None = None) -> list[Outcome]:
     """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit
     (:class:`PersonalizationStage` with these options)."""
     return PersonalizationStage(ctx, progress, max_retries, tracking_tags, callbacks, mlflow, name,
                                 storage_path, storage_filesystem, report_every, step_hook,
-                                data_parallel_workers, max_concurrent_trials).run(units, labels)
+                                data_parallel_workers, max_concurrent_trials, unit_fn).run(units, labels)
 
 
 @dataclass
@@ -433,10 +499,11 @@ class PersonalizationStage:
     name: str | None = None  # the Tune experiment (None: a content key of the units)
     storage_path: str | None = None  # None: tune_common.tune_storage(ctx)
     storage_filesystem: Any = None
-    report_every: int = 1
+    report_every: int | None = None  # None: resources.tune_report_every (default 1: every step)
     step_hook: StepHook | None = None
     data_parallel_workers: int = 0
     max_concurrent_trials: int | None = None
+    unit_fn: UnitFn | None = None
 
     def run(self, units: Sequence[PersonalizeUnit], labels: Sequence[str] | None = None) -> list[Outcome]:
         """One :class:`Outcome` per unit, in order (``labels``: default the units' labels)."""
@@ -477,6 +544,7 @@ class PersonalizationStage:
         ctx, settings = self.ctx, self.ctx.settings
         tracking_tags, callbacks, mlflow = self.tracking_tags, list(self.callbacks or []), self.mlflow
         dp_workers, step_hook = self.data_parallel_workers, self.step_hook
+        report_every = settings.resources.tune_report_every if self.report_every is None else self.report_every
         storage_path, fs = self.storage_path, self.storage_filesystem
         if storage_path is None:
             storage_path, fs = tune_storage(ctx)
@@ -495,8 +563,9 @@ class PersonalizationStage:
             raise ValueError(f"data_parallel_workers={dp_workers} needs {dp_workers} GPUs, the cluster has "
                              f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 to train on CPUs")
         trainable = tune.with_resources(
-            tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=self.report_every,
-                                 step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu),
+            tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=report_every,
+                                 step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu,
+                                 unit_fn=self.unit_fn),
             resources)
 
         keys = sorted(todo)
@@ -531,14 +600,14 @@ class PersonalizationStage:
                     param_space={"unit": tune.grid_search(keys)},
                     tune_config=tune.TuneConfig(
                         max_concurrent_trials=self.max_concurrent_trials or settings.resources.max_concurrent_trials,
-                        reuse_actors=True, trial_name_creator=_TrialNamer(label_of),
-                        trial_dirname_creator=_TrialNamer(label_of, dirs=True)),
+                        reuse_actors=True, trial_name_creator=_TrialNamer(token),
+                        trial_dirname_creator=_TrialNamer(token, dirs=True)),
                     run_config=tune.RunConfig(
                         name=name, storage_path=storage_path, storage_filesystem=fs,
                         failure_config=tune.FailureConfig(max_failures=max_retries),
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                        checkpoint_config=trial_checkpoint_config(settings),
                         callbacks=[StageCallback(token)], verbose=0))
-            with tracking_env_restored():  # Tune's MLflow callback sets it process-wide
+            with tracking_env_restored(), without_trial_loggers():  # MLflow's callback sets env process-wide
                 tuner.fit()
             return dict(state.records)
         finally:

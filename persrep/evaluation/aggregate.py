@@ -22,8 +22,11 @@ import pandas as pd
 
 from persrep.evaluation.records import ROW_COLUMNS
 
-__all__ = ["results_frame", "setting_columns", "summarize", "summarize_by_category",
+__all__ = ["HEADLINE", "results_frame", "setting_columns", "summarize", "summarize_by_category",
            "skipped_summary"]
+
+# The headline metric per task, as in the paper's tables (the summary table, the report, MLflow)
+HEADLINE = {"classification": "ap", "retrieval": "ndcg", "detection": "map", "segmentation": "map"}
 
 
 def results_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:

@@ -22,7 +22,6 @@ embeds batch by batch as the dense task walks the pool and keeps one batch in me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -34,6 +33,7 @@ import torch
 
 from persrep.evaluation.features import (FeatureExtractor, check_dense_output,
                                          check_global_output)
+from persrep.hashing import sha256_hex
 
 __all__ = ["ProgressCallback", "image_list_key", "EmbeddingCache", "StreamedDenseFeatures"]
 
@@ -43,8 +43,8 @@ ProgressCallback = Callable[[str, int, int], None]
 
 def image_list_key(names: Sequence[str]) -> str:
     """A stable key for an ordered list of image names/paths (order matters)."""
-    digest = hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
-    return f"{len(names)}-{digest[:16]}"
+    digest = sha256_hex("\n".join(map(str, names)), 16)
+    return f"{len(names)}-{digest}"
 
 
 def _image_batch(images: Sequence, start: int, stop: int) -> torch.Tensor:
@@ -77,8 +77,8 @@ class EmbeddingCache:
     def _path(self, kind: str, extractor_key: str, list_key: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        digest = hashlib.sha256(f"{kind}\0{extractor_key}\0{list_key}".encode()).hexdigest()
-        return self.cache_dir / kind / f"{digest[:24]}.npy"
+        digest = sha256_hex(f"{kind}\0{extractor_key}\0{list_key}", 24)
+        return self.cache_dir / kind / f"{digest}.npy"
 
     def _load(self, key: tuple[str, str, str], n_images: int) -> np.ndarray | None:
         if key in self._memory:
@@ -168,6 +168,14 @@ class EmbeddingCache:
             return out.cpu().numpy()
 
         return self._compute(key, images, embed, self.dense_dtype)
+
+    def arrays(self, kind: str, extractor_key: str, images: Sequence, list_key: str,
+               embed: Callable[[torch.Tensor], np.ndarray], dtype=np.float32) -> np.ndarray:
+        """Any per-image array (``embed``: batch -> numpy), cached like the embeddings under its
+        own ``kind`` (``persrep.evaluation.prefix_pool``: a frozen prefix's activations)."""
+        key = (kind, extractor_key, list_key)
+        cached = self._load(key, len(images))
+        return cached if cached is not None else self._compute(key, images, embed, np.dtype(dtype))
 
     def forget(self, extractor_key: str) -> None:
         """Drop one extractor's arrays from memory (files on disk stay)."""

@@ -1,9 +1,9 @@
 """One-vs-all classification of one instance against the whole test pool.
 
-Protocol (REFERENCE.md): every test image of every instance is scored by its *maximum* cosine
-similarity to the instance's training embeddings (3 real images); the instance's own test
-images are positives, every other image is a negative. Metrics: average precision (reported
-as PR-AUC in the paper) and ROC-AUC.
+Protocol (the paper's; ../shared/docs/REFERENCE.md, not in this repository): every test image of
+every instance is scored by its *maximum* cosine similarity to the instance's training embeddings (3
+real images); the instance's own test images are positives, every other image is a negative.
+Metrics: average precision (reported as PR-AUC in the paper) and ROC-AUC.
 
 Per-scene breakdown (PODS scenes such as ``pose`` or ``distractors``): AP/ROC-AUC computed on
 the instance's positives *in that scene* against negatives chosen by ``scene_negatives``:

@@ -1,6 +1,6 @@
 """Training-free detection and segmentation of one instance from dense patch features.
 
-Pipeline (REFERENCE.md, released ``downstream/dense_tasks.py``):
+Pipeline (the released ``downstream/dense_tasks.py``; ../shared/docs/REFERENCE.md, not in this repository):
 
 1. Dense features ``[D, h, w]`` are L2-normalised per patch.
 2. Reference feature, from the instance's first training image that has a mask: the patches

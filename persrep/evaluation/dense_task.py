@@ -2,7 +2,8 @@
 
 Wires :mod:`persrep.evaluation.dense` (predictions) to :mod:`persrep.evaluation.coco_eval`
 (scoring). Every image of the pool is predicted on; ground truth exists only on the
-instance's own images, so predictions elsewhere are false positives (REFERENCE.md).
+instance's own images, so predictions elsewhere are false positives (the paper's protocol;
+../shared/docs/REFERENCE.md, not in this repository).
 
 Metrics: ``detection``: map, map50, f1_50 (iouType bbox); ``segmentation``: map, map50, f1_50
 (iouType segm) and ``mean_iou`` = mean IoU of the predicted vs GT mask over the instance's own

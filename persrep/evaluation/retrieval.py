@@ -1,12 +1,12 @@
 """Retrieval: an instance's test photos query the training photos of every instance.
 
-Protocol (REFERENCE.md): queries = the instance's test images; gallery = the training images of
-all instances (PODS: 300); each query ranks the whole gallery by cosine similarity; a gallery
-image is relevant iff it belongs to the instance. Per query: NDCG over the full ranking
-(binary relevance), reciprocal rank, average precision, recall@k and hit@k
-(see :mod:`persrep.evaluation.metrics` for exact definitions and tie handling); each metric is
-averaged over the instance's queries ("mrr", "ndcg", "map", ...). Per scene: the same averages
-over the queries taken in that scene (the gallery does not change).
+Protocol (the paper's; ../shared/docs/REFERENCE.md, not in this repository): queries = the
+instance's test images; gallery = the training images of all instances (PODS: 300); each query ranks
+the whole gallery by cosine similarity; a gallery image is relevant iff it belongs to the instance.
+Per query: NDCG over the full ranking (binary relevance), reciprocal rank, average precision,
+recall@k and hit@k (see :mod:`persrep.evaluation.metrics` for exact definitions and tie handling);
+each metric is averaged over the instance's queries ("mrr", "ndcg", "map", ...). Per scene: the same
+averages over the queries taken in that scene (the gallery does not change).
 
 Deviation from the released code: it reports only top-10 accuracy (our ``hit@10``), MRR and
 NDCG; recall@k and mAP are additions.

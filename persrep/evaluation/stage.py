@@ -1,6 +1,7 @@
 """Evaluate a backbone (pretrained, or one adapter per instance) on a data set: tidy rows.
 
-Joins the data layout, the model registry and the suite. The pools follow REFERENCE.md:
+Joins the data layout, the model registry and the suite. The pools follow the paper's protocol
+(../shared/docs/REFERENCE.md, not in this repository):
 
 - global pool: the test images of *every* instance of the data set (not only the evaluated
   ones); retrieval gallery: the train images of every instance;
@@ -31,6 +32,17 @@ from persrep.evaluation.dense_task import DensePool
 from persrep.evaluation.tasks import dense_tasks
 from persrep.models.backbones import build_backbone, eval_transform
 from persrep.models.lora import load_adapter
+
+
+def default_targets(backbone: Any) -> list[str] | None:
+    """The layers a default adapter would touch (the pretrained model's shareable prefix)."""
+    from persrep.models.errors import AdapterFormatError
+    from persrep.models.lora import default_lora_targets
+
+    try:
+        return default_lora_targets(backbone)
+    except AdapterFormatError:
+        return None
 
 
 class LazyImages(Sequence):
@@ -108,6 +120,7 @@ class Evaluator:
         self._dense_masks: list[np.ndarray | None] | None = None
         self.last_examples: dict[str, Any] = {}  # the last evaluation's examples, by instance
         self._train_masks: list[np.ndarray | None] | None = None
+        self._prefix: tuple[Any, int] | None = None  # (backbone, split) while its pools are embedded
 
     # -- inputs ---------------------------------------------------------------------------------
     def _dense_gt(self) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
@@ -119,13 +132,40 @@ class Evaluator:
     def _image_sizes(self, rels: list[str]) -> np.ndarray:
         return np.asarray([self.ds.read_image(p).size[::-1] for p in rels])
 
+    def _images(self, rels: list[str], tf: Callable, tf_key: str, list_key: str) -> Sequence:
+        """The pool's model inputs: transformed images, or with a frozen prefix (``self._prefix``)
+        its activations, computed once per process (persrep.evaluation.prefix_pool)."""
+        images = LazyImages(self.ds, rels, tf)
+        if self._prefix is None:
+            return images
+        from persrep.evaluation.prefix_pool import prefix_activations
+
+        base, split = self._prefix
+        return prefix_activations(base, split, images, list_key, tf_key, self.ev.batch_size)
+
+    def _extractor(self, backbone: Any, targets: list[str] | None = None) -> Any:
+        """The feature extractor of ``backbone``; sets ``self._prefix`` when the tail-only path
+        applies (``evaluation.prefix_cache``, a CNN whose LoRA leaves a frozen prefix)."""
+        self._prefix = None
+        if self.ev.prefix_cache:
+            from persrep.evaluation.prefix_pool import TailExtractor, usable_split
+
+            split = usable_split(backbone, self.ev.dense_features, targets)
+            if split is not None:
+                self._prefix = (backbone, split)
+                return TailExtractor(backbone, split, self.ev.global_feature, self.ev.dense_features)
+        return WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+
     def _global_pool(self, extractor: Any, key: str, bs: BackboneSettings) -> GlobalPool:
         tf = eval_transform(bs)
         p = self.pools
+        tkey = content_key("global", bs)
+        test_key = image_list_key([self.ds.listing_key, *p.test])
+        train_key = image_list_key([self.ds.listing_key, *p.train])
         return embed_global_pool(
             self.cache, extractor, key,
-            LazyImages(self.ds, p.test, tf), p.test_labels, image_list_key([self.ds.listing_key, *p.test]),
-            LazyImages(self.ds, p.train, tf), p.train_labels, image_list_key([self.ds.listing_key, *p.train]),
+            self._images(p.test, tf, tkey, test_key), p.test_labels, test_key,
+            self._images(p.train, tf, tkey, train_key), p.train_labels, train_key,
             p.test_scenes)
 
     def _dense_inputs(self, extractor: Any, key: str, bs: BackboneSettings, shared: bool):
@@ -136,8 +176,9 @@ class Evaluator:
             return None, None  # the suite records "skipped: no dense pool" with its reason
         tf = eval_transform(bs, size=self.ev.dense_input_size, center_crop=False)
         p = self.pools
-        dense_imgs = LazyImages(self.ds, p.dense, tf)
-        train_imgs = LazyImages(self.ds, p.train, tf)
+        tkey = content_key("dense", bs, self.ev.dense_input_size)
+        dense_imgs = self._images(p.dense, tf, tkey, image_list_key([self.ds.listing_key, "dense", *p.dense]))
+        train_imgs = self._images(p.train, tf, tkey, image_list_key([self.ds.listing_key, "dense", *p.train]))
         if shared:  # pretrained: cache the dense pool once for every instance
             feats = self.cache.dense_features(extractor, key, dense_imgs,
                                               image_list_key([self.ds.listing_key, "dense", *p.dense]))
@@ -166,7 +207,7 @@ class Evaluator:
     def evaluate_pretrained(self, bs: BackboneSettings, instances: list[str],
                             keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = build_backbone(bs).eval()
-        extractor = WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+        extractor = self._extractor(backbone, default_targets(backbone))
         key = content_key("pretrained", bs, self.ev.global_feature, self.ev.dense_features)
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=True)
@@ -175,7 +216,7 @@ class Evaluator:
     def evaluate_adapter(self, bs: BackboneSettings, instance: str, adapter_path: str | Path,
                          keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = load_adapter(build_backbone(bs), adapter_path).eval()
-        extractor = WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
+        extractor = self._extractor(backbone)
         key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)),
                           self.ev.dense_features)
         gpool = self._global_pool(extractor, key, bs)

@@ -14,7 +14,7 @@ The rule (documented in the README and checked in the tests):
   negatives it synthesised), plus the reference photos of every *other* instance of the run's
   data set: what a user who personalised several objects owns anyway. Never the data set's test
   images: those are the evaluation pool, which ``bench/find.py`` scans as the labelled
-  collection, so calibrating on them would leak (REFERENCE.md, last section).
+  collection, so calibrating on them would leak (docs/PROTOCOL.md, leakage).
 - *Threshold*: the value that maximises F1 of positives vs negatives; among all thresholds
   that reach that F1 (an interval between two consecutive calibration scores), the midpoint of
   the widest one. When the scores separate, that is the midpoint between the weakest positive
@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from persrep.data.layout import resolve_data_path
 from persrep.evaluation.classification import instance_scores
 from persrep.evaluation.features import cosine_similarity_matrix
 
@@ -96,9 +97,7 @@ def calibration_images(source) -> tuple[dict[str, list[Image.Image]], list[Image
     blobs: list[bytes] = []
     origin = "none"
     if pz.negatives == "external" and pz.external_negatives:
-        loc = pz.external_negatives
-        if loc.startswith("@data/"):
-            loc = f"{source.data_path.rstrip('/')}/{loc[len('@data/'):]}"
+        loc = resolve_data_path(pz.external_negatives, source.data_path)
         coll = Collection(loc, source.s3_endpoint)
         paths = list(iter_paths(coll))
         step = max(1, len(paths) // MAX_NEGATIVES)

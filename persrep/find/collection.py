@@ -13,7 +13,6 @@ in the outputs and skipped, never fatal (:func:`load_image`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
 from persrep.data.layout import MAX_IMAGE_PIXELS
+from persrep.hashing import sha256_hex
 from persrep.storage import Storage
 
 __all__ = ["PHOTO_EXTS", "is_photo_name", "Collection", "iter_paths", "content_hash", "load_image",
@@ -105,7 +105,7 @@ def iter_paths(collection: Collection, counts: dict[str, int] | None = None) -> 
 
 def content_hash(data: bytes) -> str:
     """The cache key of an image: sha256 of its bytes (renamed or copied photos hit the cache)."""
-    return hashlib.sha256(data).hexdigest()
+    return sha256_hex(data)
 
 
 @dataclass

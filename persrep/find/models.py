@@ -25,13 +25,13 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from persrep.config import content_key
+from persrep.contrastive.train import ADAPTER
 from persrep.models.backbones import Backbone, build_backbone, eval_transform
+from persrep.models.prefix import global_from_map, prefix_split, run_prefix, run_tail
 from persrep.models.lora import (AdapterFormatError, identity_mismatches, load_adapter,
                                  lora_state_dict, read_adapter_metadata)
 
 __all__ = ["ModelSpec", "extractor_key", "Extractors", "device"]
-
-ADAPTER_FILE = "adapter.safetensors"
 
 
 def device() -> torch.device:
@@ -81,7 +81,7 @@ class Extractors:
             metas = {}
             for spec in adapters:
                 path = Path(tmp) / f"{spec.adapter_key}.safetensors"
-                path.write_bytes(st.read_unit_file("adapters", spec.adapter_key, ADAPTER_FILE))
+                path.write_bytes(st.read_unit_file("adapters", spec.adapter_key, ADAPTER))
                 metas[spec.name] = (path, read_adapter_metadata(path))
             first = adapters[0]
             load_adapter(self.backbone, metas[first.name][0])  # checks the base identity, injects LoRA
@@ -108,30 +108,13 @@ class Extractors:
 
     # -- shared trunk -----------------------------------------------------------------------
     def _trunk_split(self) -> int | None:
-        model = self.backbone.model
-        blocks = getattr(model, "blocks", None)
-        if self.backbone.is_token_model or not isinstance(blocks, torch.nn.Sequential):
-            return None
-        if not all(hasattr(model, a) for a in ("conv_stem", "bn1", "conv_head", "bn2")):
-            return None
-        first = len(blocks)
-        for target in self.backbone.lora_settings["target_modules"]:
-            parts = target.split(".")
-            if parts[0] == "blocks" and parts[1].isdigit():
-                first = min(first, int(parts[1]))
-            elif parts[0] != "conv_head":
-                return None  # an adapted layer before the blocks: nothing can be shared
-        return first if first > 0 else None
+        return prefix_split(self.backbone)  # persrep.models.prefix: the first adapted block
 
     def _trunk(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.backbone.model
-        return m.blocks[: self.split](m.bn1(m.conv_stem(x)))
+        return run_prefix(self.backbone, x, self.split)
 
     def _tail(self, h: torch.Tensor) -> torch.Tensor:
-        m = self.backbone.model
-        fmap = m.bn2(m.conv_head(m.blocks[self.split:](h)))
-        avg = fmap.mean(dim=(2, 3))
-        return avg if self.source.global_feature == "cls" else torch.cat([avg, fmap.amax(dim=(2, 3))], 1)
+        return global_from_map(run_tail(self.backbone, h, self.split)[0], self.source.global_feature)
 
     def _sharing_is_exact(self) -> bool:
         x = torch.randn(2, 3, self.source.backbone.image_size, self.source.backbone.image_size,

@@ -34,8 +34,6 @@ its module is imported (``tests/test_registry_extension.py`` does exactly that).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from PIL import Image
 
 from persrep.config import content_key
+from persrep.hashing import image_fingerprint, stable_seed  # noqa: F401 (re-exported)
 from persrep.registry import GENERATORS
 
 Role = Literal["positive", "negative"]
@@ -215,25 +214,9 @@ def get_generator(type_name: str, settings: Any, device: Any = None) -> Personal
     return generator_class(type_name)(settings, device=device)
 
 
-def image_fingerprint(image: Image.Image) -> str:
-    """Content hash of an image's pixels (mode and size included; file format and metadata not)."""
-    digest = hashlib.sha256(f"{image.mode}:{image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()[:16]
-
-
 def instance_data_key(instance: InstanceData) -> str:
     """Identity of an instance's inputs: name, category, and its images' and masks' pixels."""
     masks = [image_fingerprint(m) for m in instance.train_masks] if instance.train_masks else None
     return content_key({"name": instance.name, "category": instance.category,
                         "images": [image_fingerprint(i) for i in instance.train_images], "masks": masks})
 
-
-def stable_seed(*parts: Any) -> int:
-    """A seed in [0, 2**31) derived from ``parts`` (same on every machine and Python run).
-
-    Use it to give every row its own seed, e.g. ``stable_seed("negative", category, seed, i)``,
-    so distinct rows never share noise and any one row can be regenerated alone.
-    """
-    blob = json.dumps(list(parts), sort_keys=True, default=str).encode()
-    return int(hashlib.sha256(blob).hexdigest()[:8], 16) & 0x7FFFFFFF

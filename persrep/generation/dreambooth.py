@@ -1,10 +1,11 @@
 """DreamBooth personalisation of Stable Diffusion (plain and masked), and base-model sampling.
 
-Training follows the reference (docs/REFERENCE.md): instance prompt ``a photo of <new1> {category}``,
-class prompt ``A photo of {category}``, prior preservation on class images drawn from the base
-model, optional text-encoder training, constant learning rate, gradient clipping at 1.0. Either
-the whole UNet (+ text encoder) is fine-tuned, or LoRA adapters on the attention projections
-(UNet ``to_q/to_k/to_v/to_out.0``; text encoder ``q/k/v/out_proj``) through peft.
+Training follows the reference (../shared/docs/REFERENCE.md, not in this repository): instance
+prompt ``a photo of <new1> {category}``, class prompt ``A photo of {category}``, prior preservation
+on class images drawn from the base model, optional text-encoder training, constant learning rate,
+gradient clipping at 1.0. Either the whole UNet (+ text encoder) is fine-tuned, or LoRA adapters on
+the attention projections (UNet ``to_q/to_k/to_v/to_out.0``; text encoder ``q/k/v/out_proj``)
+through peft.
 
 Masked DreamBooth multiplies the noise prediction and the target of the *instance* images by
 ``(mask + floor) / max(mask + floor)`` (mask at latent resolution) before the MSE. With the default
@@ -26,6 +27,7 @@ un-personalised base model with the category prompt and refuses prompts containi
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -42,8 +44,8 @@ from PIL import Image
 from persrep.config import DreamBoothSettings, content_key
 from persrep.keys import result_settings
 from persrep.generation.base import (IDENTIFIER, Capabilities, GeneratorArtifact, InstanceData, PersonalizedGenerator,
-                                     SampledImage, SampleRow, instance_data_key, register_generator,
-                                     stable_seed)
+                                     SampledImage, SampleRow, instance_data_key, register_generator)
+from persrep.hashing import stable_seed
 from persrep.models.diffusion import (TINY, DiffusionComponents, component_identity, generate_grouped,
                                       generate_images, load_components, make_pipeline)
 
@@ -151,6 +153,21 @@ def check_instance_images(instance: InstanceData, masked: bool) -> None:
         warnings.warn(f"instance {instance.name!r} has {n} training images; DreamBooth uses all of "
                       f"them, but the benchmarks use exactly {BENCHMARK_IMAGES_PER_INSTANCE}, so "
                       "results are not comparable to published numbers", stacklevel=3)
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    PyTorch's CPU tensors below glibc's mmap threshold live on the heap; freed, they stay in the
+    process's RSS, which is what Ray's memory monitor and the OOM killer count. No-op elsewhere.
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSettings, on_gpu: bool):
@@ -357,6 +374,12 @@ def train_dreambooth(components: DiffusionComponents, instance_images: list[Imag
         if step % log_every == 0 or step == settings.steps:
             logger.info("dreambooth step %d/%d loss %.4f", step, settings.steps, losses[-1])
     seconds = (time.perf_counter() - started) / settings.steps
+    # Free the optimizer's state before serialising: under AdamW it is twice the trained weights
+    # (7.3 GiB for SD 1.5's UNet + text encoder), and serialising holds another copy of the weights
+    # as bytes. Together they made the end of a full fine-tuning unit its peak, above a 24 GiB node
+    # (bench/paper_dryrun_full.json); the peak is now the training step.
+    del optimizer, scaler
+    _release_freed_memory()
     unet.eval()
     text_encoder.eval()
     suffix = "_lora" if settings.use_lora else ""
@@ -406,16 +429,6 @@ class BaseModelSampler:
 
     def negative_prompt(self, category: str) -> str:
         return self.settings.generator.dreambooth.class_prompt.format(category=category)
-
-    def negative_rows(self, category: str, count: int, cfgs: list[float] | None = None,
-                      instance: str | None = None) -> list[SampleRow]:
-        """``count`` negative rows for ``category``, cycling through the guidance scales."""
-        cfgs = cfgs or list(self.settings.synthesis.cfg)
-        prompt = self.negative_prompt(category)
-        return [SampleRow(instance=instance or f"{category}_negatives", role="negative", generator="base",
-                          prompt=prompt, cfg=cfgs[i % len(cfgs)], caption_source="template", index=i,
-                          seed=stable_seed("negative", category, self.settings.synthesis.seed, i))
-                for i in range(count)]
 
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         leaking = [r.prompt for r in rows if IDENTIFIER in r.prompt]

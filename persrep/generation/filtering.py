@@ -1,10 +1,11 @@
 """Filter generated positives by perceptual similarity to the instance's real photos.
 
-As in the reference (REFERENCE.md "Filtering"): each generated image is cropped to its object's
-mask box (when the generator emits a mask; else the whole image is used), compared with the real
-photos (each cropped to its own mask box when masks exist), and kept if its similarity is
->= the threshold. :func:`filter_until` redraws a rejected image with new seeds until it passes or
-its attempts run out, and records every attempt with its score so the threshold can be studied.
+As in the reference ("Filtering" in ../shared/docs/REFERENCE.md, not in this repository): each
+generated image is cropped to its object's mask box (when the generator emits a mask; else the whole
+image is used), compared with the real photos (each cropped to its own mask box when masks exist),
+and kept if its similarity is >= the threshold. :func:`filter_until` redraws a rejected image with
+new seeds until it passes or its attempts run out, and records every attempt with its score so the
+threshold can be studied.
 
 Scorers (``synthesis.filter.scorer``), higher = more similar:
 
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from persrep.generation.base import InstanceData, SampledImage, SampleRow, stable_seed
+from persrep.generation.base import InstanceData, SampledImage, SampleRow
+from persrep.hashing import stable_seed
 from persrep.models.errors import ModelError
 
 FeatureFn = Callable[[list[Image.Image]], torch.Tensor]  # images -> [N, D] embeddings

@@ -15,8 +15,9 @@ Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a f
 generates them before synthesis; ``build_rows`` gets them as ``llm_captions``).
 
 Captions files (reference format): a JSON object whose keys are instance names (the released
-PODS file) or category names (REFERENCE.md), each a list of captions containing ``<new1>``, e.g.
-``"A <new1> mug on a wooden desk"``. For negatives the identifier is removed.
+PODS file) or category names (../shared/docs/REFERENCE.md, not in this repository), each a list of
+captions containing ``<new1>``, e.g. ``"A <new1> mug on a wooden desk"``. For negatives the
+identifier is removed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import IDENTIFIER, SampleRow, generator_caps, stable_seed
+from persrep.generation.base import IDENTIFIER, SampleRow, generator_caps
+from persrep.hashing import stable_seed
 
 NEGATIVE_GENERATOR = "base"
 POSITIVES, NEGATIVES = "pos", "neg"  # the two kinds of row group
@@ -243,7 +245,3 @@ def build_groups(settings: Settings, instances: dict[str, str],
                                       gcfg, seed, src, i))
             groups[RowGroup(NEGATIVES, cat, cfg=gcfg, caption_source=src)] = rows
     return groups
-
-
-def row_to_dict(row: SampleRow) -> dict[str, Any]:
-    return asdict(row)

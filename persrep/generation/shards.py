@@ -9,7 +9,6 @@ never touches other instances' rows.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
@@ -108,8 +107,3 @@ def read_unit(storage: Storage, key: str, *, kept_only: bool = True,
 
 def images_of(table: pa.Table) -> list[bytes]:
     return [b for b in table.column("image").to_pylist() if b is not None]
-
-
-def iter_records(tables: Iterable[pa.Table]) -> Iterable[dict[str, Any]]:
-    for t in tables:
-        yield from t.to_pylist()

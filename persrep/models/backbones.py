@@ -18,7 +18,6 @@ evaluation code never branches on the architecture. Weights sources (``settings.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from persrep.config import BackboneSettings, GlobalFeature
+from persrep.hashing import file_sha256
 from persrep.models.errors import UnknownBackboneError, WeightsUnavailableError
 
 GLOBAL_FEATURES: tuple[str, ...] = GlobalFeature.__args__
@@ -62,8 +62,8 @@ class PaperBackbone:
     preprocessing: Preprocessing
 
 
-# The paper's three backbones (docs/REFERENCE.md), by timm name. Reference eval geometry:
-# DINOv2/MAE resize 256 -> centre-crop 224; CLIP resize 224 -> crop 224.
+# The paper's three backbones (../shared/docs/REFERENCE.md, not in this repository), by timm name.
+# Reference eval geometry: DINOv2/MAE resize 256 -> centre-crop 224; CLIP resize 224 -> crop 224.
 PAPER_BACKBONES: dict[str, PaperBackbone] = {
     name: PaperBackbone(label, f"timm/{name}", Preprocessing(mean, std, crop_ratio))
     for name, label, (mean, std), crop_ratio in [
@@ -141,10 +141,10 @@ class Backbone(nn.Module):
         if not fine or not hasattr(self.model, "forward_intermediates"):
             raise RuntimeError(f"{self.settings.name}: no stride-16 stage for hypercolumn dense "
                                "features; set evaluation.dense_features=last")
+        from persrep.models.prefix import hypercolumn
+
         last, (mid,) = self.model.forward_intermediates(x, indices=[fine[-1]], intermediates_only=False)
-        up = nn.functional.interpolate(nn.functional.normalize(last, dim=1), size=mid.shape[-2:],
-                                       mode="bilinear", align_corners=False)
-        return torch.cat([nn.functional.normalize(mid, dim=1), nn.functional.normalize(up, dim=1)], 1)
+        return hypercolumn(mid, last)
 
     def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
         fmap = self.model.forward_features(x)
@@ -237,11 +237,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def weights_file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _check_name(name: str) -> None:

@@ -14,8 +14,6 @@ image's starting noise depends only on its own seed, never on what else shares i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import warnings
@@ -25,6 +23,9 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from persrep.errors import ModelUnavailableError  # noqa: F401 (re-exported)
+from persrep.hashing import directory_digest
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ SCHEDULER_NAMES = ("pndm", "ddim", "dpm", "euler")
 _SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                     steps_offset=1, skip_prk_steps=True, prediction_type="epsilon")
-
-
-class ModelUnavailableError(RuntimeError):
-    """A base model that cannot be loaded here; ``str()`` is one line naming the fix."""
 
 
 @dataclass
@@ -236,14 +233,15 @@ def component_identity(base_model: str) -> dict[str, Any]:
         return {"kind": "tiny", "version": TINY_VERSION, "seed": TINY_SEED}
     if _looks_like_path(base_model) and Path(base_model).expanduser().is_dir():
         root = Path(base_model).expanduser().resolve()
-        digest = hashlib.sha256()
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = path.relative_to(root).as_posix()
+
+        def entry(rel: str, path: Path) -> bytes:
             if path.suffix in (".json", ".txt"):
-                digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-            elif path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
-                digest.update(f"{rel}:{path.stat().st_size}\0".encode())
-        return {"kind": "local", "name": root.name, "content": digest.hexdigest()[:16]}
+                return rel.encode() + b"\0" + path.read_bytes() + b"\0"
+            if path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+                return f"{rel}:{path.stat().st_size}\0".encode()
+            return b""
+
+        return {"kind": "local", "name": root.name, "content": directory_digest(root, entry, 16)}
     return {"kind": "hub", "model_id": base_model}
 
 
@@ -346,12 +344,3 @@ def generate_grouped(pipeline, prompts: list[str], seeds: list[int], guidance_sc
             for i, image in zip(chunk, drawn):
                 images[i] = image
     return images  # type: ignore[return-value]
-
-
-def config_summary(components: DiffusionComponents) -> dict[str, Any]:
-    """A human-readable size summary (for logs and run reports)."""
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"base_model": components.base_model, "resolution": components.resolution,
-            "unet_params": count(components.unet), "vae_params": count(components.vae),
-            "text_encoder_params": count(components.text_encoder),
-            "scheduler": json.loads(json.dumps(dict(components.scheduler.config), default=str))}

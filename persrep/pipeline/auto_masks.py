@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from persrep.config import content_key
-from persrep.generation.base import image_fingerprint
+from persrep.hashing import image_fingerprint
 from persrep.generation.shards import png_bytes
 from persrep.pipeline.units import Unit
 from persrep.segmentation.base import get_segmenter

@@ -17,7 +17,7 @@ from typing import Any
 from persrep.config import Settings, content_key
 from persrep.data.check import check_dataset
 from persrep.generation.base import any_generator, generator_caps
-from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset,
+from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset, resolve_data_path,
                                  select_instances)
 from persrep.storage import Storage, StorageError
 
@@ -50,11 +50,7 @@ class RunContext:
 
     def resolve_data_path(self, value: str) -> str:
         """``@data/x`` -> ``<data set root>/x``; relative local paths made absolute for workers."""
-        if value.startswith("@data/"):
-            return f"{self.data_path.rstrip('/')}/{value[len('@data/'):]}"
-        if "://" in value:
-            return value
-        return str(Path(value).expanduser().absolute())
+        return resolve_data_path(value, self.data_path, absolute=True)
 
     def shared_images(self, kind: str, category: str) -> list[Any] | None:
         """The category's published shared images of ``kind`` (``persrep.pipeline.shared_images``),
@@ -161,6 +157,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     from persrep.pipeline.paths import resolve_settings_paths
 
     settings = resolve_settings_paths(settings)  # once, on the driver: workers get absolute paths
+    from persrep.pipeline.path_guard import check_path_overlaps
+
+    check_path_overlaps(settings)  # no input inside the run's output, no storage root inside the data
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
     notes = preflight_models(settings)
@@ -194,7 +193,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     check_external_negatives(ctx)
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
-                         "instances; classification gains are inflated by leakage (REFERENCE.md)")
+                         "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
     return ctx
 
 

@@ -24,8 +24,10 @@ every process      1.2 GB (Python, torch, Ray worker, diffusers / timm imports; 
 
 On GPU nodes the host only stages the weights (fp32 load) before moving them; the GPU-side
 figure is reported in the plan for information (GPU sharing is ``resources.gpus_per_trial``).
-Checked against a measurement: an SD 1.5-size full DreamBooth step on CPU peaked at 15.8 GB RSS;
-the estimate says 17.3 GB (conservative by 10 %). Deliberately simple: when it is wrong for a
+Checked against measurements (``bench/dreambooth_memory.py`` -> ``bench/dreambooth_memory.json``: full
+DreamBooth on CPU at SD 1.5's architecture and at narrower UNets): the estimate is 3-10 % above the
+measured peak, which is the training step since the optimizer state is freed before the weights are
+serialised (holding both made serialisation the peak, ~4 GiB above the step at SD 1.5 size). Deliberately simple: when it is wrong for a
 model, ``resources.memory_gb`` is the fix, and docs/SCALING.md records measured figures.
 """
 
@@ -36,15 +38,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from persrep.errors import InsufficientResourcesError  # noqa: F401 (re-exported)
+
 GIB = 1024 ** 3
 PROCESS_GB = 1.2  # an idle worker process after the heavy imports
 SD15_PARAMS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}  # fallback
 STAGES = ("generator_prep", "synthesis", "personalization", "evaluation")
 OVERCOMMIT = 1.5  # an estimate up to this much above the largest node's Ray memory runs alone there
-
-
-class InsufficientResourcesError(ValueError):
-    """A unit needs more memory than any node has: said before any compute, with the fix."""
 
 
 @dataclass

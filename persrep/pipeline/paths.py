@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from persrep.config import Settings
-
-DATA_PREFIX = "@data/"
+from persrep.data.layout import DATA_PREFIX
 KEYWORDS = {"toy", "generated", "tiny", "offline", "none"}
 # (dotted setting, resolve only when it names an existing path: model ids look like 'org/name')
 PATH_SETTINGS: tuple[tuple[str, bool], ...] = (

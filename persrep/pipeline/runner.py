@@ -25,6 +25,7 @@ from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resource
 from persrep.pipeline.memory import count_units, plan_stages
 from persrep.generation import shards
 from persrep.pipeline.summary import format_summary, headline_table
+from persrep.pipeline.unit_stats import stage_costs, unit_record
 from persrep.pipeline.verdict import synthesis_verdict
 from persrep.pipeline.stages import PlannedStage, StageRun, map_stage, record_stage, run_planned
 from persrep.pipeline.work import (EvaluationUnit, GeneratorUnit, PersonalizeUnit, SynthesisUnit,
@@ -56,7 +57,7 @@ class RunSummary:
         for o in outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
             self.units.append({"stage": stage, "label": o.label, "status": o.status,
-                               "key": (o.value or {}).get("key"), "attempts": o.attempts})
+                               "key": (o.value or {}).get("key"), "attempts": o.attempts, **unit_record(o)})
             counts["retried"] += o.attempts > 1
             if o.attempts > 1:
                 self.retries.append({"stage": stage, "unit": o.label, "attempts": o.attempts, "status": o.status})
@@ -411,6 +412,7 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
            "instances": len(ctx.instances), "stages": summary.stages, "failures": summary.failures,
            "retries": summary.retries, "timings": summary.timings, "notes": summary.notes,
            "fallbacks": summary.fallbacks, "synthesis_units": summary.synthesis_units,
+           "costs": stage_costs(summary.units, summary.timings),  # seconds + peak RSS per stage, unit type
            "leakage_warning": ctx.settings.personalization.negatives == "in_pool",
            "headline": json.loads(table.to_json(orient="records")) if len(table) else []}
     st.write_bytes(f"{base}/summary.json", json.dumps(doc, indent=1, default=str).encode())

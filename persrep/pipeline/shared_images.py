@@ -28,7 +28,8 @@ from typing import Any
 from PIL import Image
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import any_generator, stable_seed
+from persrep.generation.base import any_generator
+from persrep.hashing import stable_seed
 from persrep.pipeline.units import Unit
 
 STAGE = "base_images"

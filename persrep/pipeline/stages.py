@@ -74,9 +74,14 @@ def record_stage(summary: Any, name: str, how: str, n_units: int, say: Progress,
 def map_stage(summary: Any, executor: Executor, name: str, fn: Callable[[Any, Any], dict[str, Any]],
               ctx: Any, units: Sequence[Any], labels: Sequence[str], resources: Resources,
               say: Progress) -> list[Outcome]:
-    """A stage whose units the executor maps over (in-process loop or Ray tasks)."""
-    return record_stage(summary, name, "", len(units), say,
-                        lambda: executor.map(fn, ctx, units, labels, resources, name) if units else [])
+    """A stage whose units the executor maps over (in-process loop or Ray tasks); units already
+    published are skipped here, without a task (pipeline/finished.py); each unit's seconds and
+    peak memory are measured where it runs (pipeline/unit_stats.py)."""
+    from persrep.pipeline.finished import map_unfinished
+    from persrep.pipeline.unit_stats import Measured
+
+    return record_stage(summary, name, "", len(units), say, lambda: map_unfinished(
+        ctx, name, units, labels, lambda us, ls: executor.map(Measured(fn), ctx, us, ls, resources, name), say))
 
 
 def run_planned(stage: PlannedStage, ctx: Any, executor: Executor, summary: Any, say: Progress,

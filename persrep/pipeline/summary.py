@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-HEADLINE = {"classification": "ap", "retrieval": "ndcg", "detection": "map", "segmentation": "map"}
+from persrep.evaluation.aggregate import HEADLINE
 COLUMNS = ["backbone", "data_config", "task", "metric", "pretrained", "personalised", "delta",
            "improved", "n", "fallback"]
 FALLBACK = "real_only_fallback"  # positives_used of an adapter trained on the real photos instead

@@ -23,7 +23,7 @@ from PIL import Image
 from persrep.config import BackboneSettings, content_key
 from persrep.data.layout import is_image_name
 from persrep.generation.base import (GeneratorArtifact, InstanceData, SampleRow, generator_class,
-                                     get_generator, instance_data_key)
+                                     get_generator)
 from persrep.generation.plan import NEGATIVE_GENERATOR, DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
@@ -303,14 +303,18 @@ def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
 
     if ctx.storage.is_intact(ADAPTERS, u.key):
         return {"status": "skipped", "key": u.key}
-    data = training_data(ctx, u)
-    work = scratch_dir(ctx, "train", u.key)
-    res = train_one_instance(ctx.settings.personalization, u.backbone, data, work, progress=progress)
+    from persrep.pipeline.unit_stats import measure
+
+    cost: dict[str, Any] = {}  # seconds + peak RSS in the trial's process (Tune path; summary.json costs)
+    with measure(cost):
+        data = training_data(ctx, u)
+        work = scratch_dir(ctx, "train", u.key)
+        res = train_one_instance(ctx.settings.personalization, u.backbone, data, work, progress=progress)
     metrics = {k: v for k, v in res.metrics.items() if k != "loss_history"}
     publish_adapter(ctx, u, res.adapter_path.read_bytes(), metrics, res.metrics["loss_history"],
                     res.seconds, res.resumed_from)
     shutil.rmtree(work, ignore_errors=True)
-    return {"status": "done", "key": u.key, "seconds": res.seconds, **metrics}
+    return {"status": "done", "key": u.key, "seconds": res.seconds, **metrics, **cost}
 
 
 def publish_adapter(ctx: RunContext, u: PersonalizeUnit, adapter: bytes, metrics: dict[str, Any],
@@ -389,7 +393,3 @@ def run_evaluation_unit(ctx: RunContext, unit: EvaluationUnit) -> dict[str, Any]
                                    "seconds": time.perf_counter() - t0},
                   {"examples.json": json.dumps(ev.last_examples).encode()})  # the report's gallery
     return {"status": "done", "key": key, "rows": len(rows), "seconds": time.perf_counter() - t0}
-
-
-def instance_key(ctx: RunContext, name: str) -> str:
-    return instance_data_key(instance_data(ctx, name))

@@ -155,12 +155,10 @@ class Gallery:
             return figs
         pz = self.settings.get("personalization") or {}
         if pz.get("negatives") == "external" and pz.get("external_negatives"):
-            from persrep.data.layout import is_image_name
+            from persrep.data.layout import is_image_name, resolve_data_path
             from persrep.storage import Storage
 
-            where = str(pz["external_negatives"])
-            if where.startswith("@data/"):
-                where = f"{str(self.data).rstrip('/')}/{where[len('@data/'):]}"
+            where = resolve_data_path(str(pz["external_negatives"]), str(self.data))
             try:
                 st = Storage(where, self.endpoint)
                 files = sorted(f for f, _ in st.list_files() if is_image_name(f.rsplit("/", 1)[-1]))

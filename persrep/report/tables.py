@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-HEADLINE = {"classification": "ap", "retrieval": "ndcg", "detection": "map", "segmentation": "map"}
+from persrep.evaluation.aggregate import HEADLINE
+
 TASKS = ["classification", "retrieval", "detection", "segmentation"]
 METRIC_NAME = {"ap": "AP", "ndcg": "NDCG", "map": "mAP"}
 SCENES = ["in_distribution", "pose", "distractors", "pose_and_distractors"]

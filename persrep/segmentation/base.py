@@ -27,13 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from persrep.errors import SegmenterUnavailableError  # noqa: F401 (re-exported)
 from persrep.registry import SEGMENTERS
 
 # the built-in segmenters are named, by module, in persrep.registry.SEGMENTERS
-
-
-class SegmenterUnavailableError(RuntimeError):
-    """A segmenter's weights or package are missing; the one-line message says what to provide."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +89,8 @@ class Segmenter(ABC):
 
     @classmethod
     def preflight(cls, settings: Any) -> str:
-        """Pre-flight: raise :class:`SegmenterUnavailableError` (one line, the fix) when this
-        segmenter cannot run here; else a note saying what it will use."""
+        """Raise :class:`SegmenterUnavailableError` (one line, the fix) when this segmenter cannot
+        run here; return a note saying what it will use. Implementations with weights override it."""
         return f"segmenter {cls.name}: no weights needed"
 
     @abstractmethod

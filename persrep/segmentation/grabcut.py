@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from persrep.segmentation.base import (Needs, Reference, Segmentation, Segmenter,
-                                       SegmenterUnavailableError, border_fraction, clean_mask,
-                                       register_segmenter)
+from persrep.errors import SegmenterUnavailableError
+from persrep.segmentation.base import (Needs, Reference, Segmentation, Segmenter, border_fraction,
+                                       clean_mask, register_segmenter)
 
 PRIOR_INPUT = 320  # EfficientNet-Lite0 input for the prior: a 10 x 10 feature grid
 PRIOR_FG = 0.1  # normalised prior above this starts as probable foreground (inside the box);

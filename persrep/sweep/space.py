@@ -56,6 +56,7 @@ CATEGORICAL = ("grid", "choice")
 DATA_PREFIXES = ("generator.", "synthesis.")
 DATA_EXTRA = ("personalization.negatives", "personalization.external_negatives")
 TRIAL_PREFIXES = ("personalization.", "evaluation.")
+OPTUNA_REQUIREMENT = "optuna>=5.0,<6"  # as in pyproject.toml (tests/test_sweep.py checks they agree)
 NOT_SWEEPABLE = ("data", "storage", "tracking", "resources", "name")
 MAX_DATA_COMBINATIONS = 1000
 EXAMPLE_DIM = "personalization.lora.rank: {grid: [4, 8]}"
@@ -404,7 +405,7 @@ def load_space(path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepS
                      "or use search: random / optuna")
     if spec.search == "optuna" and importlib.util.find_spec("optuna") is None:
         lines.append(f"sweep space {path}: search: optuna needs the optuna package: "
-                     "pip install 'optuna>=4' (or use search: grid / random)")
+                     f"pip install '{OPTUNA_REQUIREMENT}' (or use search: grid / random)")
     _fail(lines)
 
     space = SweepSpace(path, text, spec, base, dict(spec.space), data_keys, trial_keys)

@@ -5,7 +5,8 @@ A :class:`Tracker` lives on the driver. It resolves the tracking URI (``tracking
 and ONE parent run, and logs children with the ``mlflow.parentRunId`` tag (how the MLflow UI
 nests runs). Ray Tune's ``MLflowLoggerCallback`` gets the same tag from :meth:`parent_run_tags`,
 so its per-trial runs nest under the same parent; workers never open the SQLite store
-themselves (SQLite locks under many writers, see docs/ENVIRONMENT.md).
+themselves (SQLite locks under many writers: ../shared/docs/ENVIRONMENT.md, not in this
+repository).
 
 Nothing secret reaches MLflow: every param, tag and text artifact goes through
 :mod:`persrep.redaction` (keys like ``*secret*``/``*token*``/``*password*``, URL user-info, AWS

@@ -33,9 +33,9 @@ def mlflow_key(key: str) -> str:
     k = re.sub(r"/+", "/", k).strip("/") or "_"
     k = "/".join(p if p not in (".", "..") else "_" for p in k.split("/"))
     if len(k) > MAX_KEY:
-        import hashlib
+        from persrep.hashing import sha256_hex
 
-        k = k[: MAX_KEY - 9] + "-" + hashlib.sha256(str(key).encode()).hexdigest()[:8]
+        k = k[: MAX_KEY - 9] + "-" + sha256_hex(str(key), 8)
     return k
 
 

@@ -19,13 +19,9 @@ from persrep.tracking.safe_copy import _stage_safe_copy
 from persrep.tracking.store import (MAX_TAG_VALUE, METRICS_PER_BATCH, PARAMS_PER_BATCH, PARENT_TAG,
                                     _flatten, _is_locked, _sqlite_path, _truncate, mlflow_key,
                                     mlflow_param_value, resolve_tracking_uri)
+from persrep.errors import TrackingError  # noqa: F401 (re-exported)
 
 log = logging.getLogger("persrep.tracking")
-
-
-class TrackingError(RuntimeError):
-    """Tracking was required (``tracking.required=true``) but is not available."""
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +415,7 @@ class Tracker:
     def log_results(self, frame: Any, run_id: str | None = None) -> dict[str, float]:
         """Headline means over instances as metrics on the parent:
         ``<model>/<backbone>/<data_config>/<task>_<metric>`` (scene "all", status ok)."""
-        from persrep.report import HEADLINE
+        from persrep.evaluation.aggregate import HEADLINE
 
         if frame is None or len(frame) == 0:
             return {}
