@@ -60,6 +60,9 @@ def test_overrides_and_the_plan():
     paper = load_settings("paper", ["generator.dreambooth.resolution=64"])
     [plan] = plan_stages(paper, {"generator_prep": 2}, [NodeShape(2, 0, 14.0)], {"generator_prep": (1.0, 0.0)}, False)
     assert plan.per_node == 1 and plan.estimate.gb == 14.0 and "the whole node" in plan.line()
+    # ... also when Ray's figure for the node is not a round number (rounded up, it fitted nowhere)
+    [plan] = plan_stages(paper, {"generator_prep": 1}, [NodeShape(2, 0, 15.996)], {"generator_prep": (1.0, 0.0)}, False)
+    assert plan.per_node == 1 and plan.estimate.bytes <= 15.996 * 1024 ** 3
 
 
 CLUSTER_SCRIPT = textwrap.dedent('''

@@ -489,6 +489,7 @@ class DreamBoothGenerator(PersonalizedGenerator):
         result = train_dreambooth(load_components(base, self.device), instance.train_images, instance.category,
                                   db, class_images=priors, masks=instance.train_masks if self.masked else None,
                                   masked=self.masked, progress=self.progress)
+        _release_freed_memory()  # the trained components are gone: a reused Ray worker keeps no 16 GiB
         record = {"settings": self.settings_for_key(), "instance": instance.name, "category": instance.category,
                   "inputs": {"instance": instance_data_key(instance)}, "losses": result.losses,
                   "seconds_per_step": result.seconds_per_step}

@@ -272,7 +272,8 @@ def plan_stages(settings: Any, units: dict[str, int], nodes: list[NodeShape],
         if largest < est.gb <= OVERCOMMIT * largest and est.basis == "estimate":
             # Ray offers less than the node has (its object store and a safety margin are kept
             # back): a unit this close to the node's size runs alone on it, and the plan says so
-            est = Estimate(stage, round(largest, 2), est.parts, "whole node", est.gpu_gb)
+            # exactly the node's figure: rounded, 15.996 GiB became 16.0 and then fitted nowhere
+            est = Estimate(stage, largest, est.parts, "whole node", est.gpu_gb)
         best = max(nodes, key=lambda nd: concurrency(nd, cpus, gpus, est.gb))
         per_node = concurrency(best, cpus, gpus, est.gb)
         if per_node < 1:
