@@ -21,12 +21,13 @@ import numpy as np
 import pandas as pd
 
 from persrep.evaluation.records import ROW_COLUMNS
+from persrep.evaluation.tasks import BUILTIN
 
 __all__ = ["HEADLINE", "results_frame", "setting_columns", "summarize", "summarize_by_category",
            "skipped_summary"]
 
 # The headline metric per task, as in the paper's tables (the summary table, the report, MLflow)
-HEADLINE = {"classification": "ap", "retrieval": "ndcg", "detection": "map", "segmentation": "map"}
+HEADLINE = {spec.name: spec.headline for spec in BUILTIN}  # the built-in tasks' (evaluation/tasks.py)
 
 
 def results_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
