@@ -8,7 +8,7 @@ import pytest
 
 from persrep.config import load_settings
 from persrep.pipeline import run_pipeline
-from persrep.pipeline.executor import LocalExecutor
+from persrep.pipeline.executor import LocalExecutor, StageHooks
 from persrep.pipeline.unit_stats import Measured, stage_costs
 
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
@@ -25,8 +25,9 @@ def _settings(root):
     return load_settings("local", [*TINY, f"storage.root={root}"])
 
 
-class Counting:
-    """An executor that records which units reach it (wraps a real one)."""
+class Counting(StageHooks):
+    """An executor that records which units reach it (wraps a real one; declares the inner
+    executor's stage hooks, as executors do: persrep.pipeline.executor.StageHooks)."""
 
     def __init__(self, inner):
         self.inner, self.mapped = inner, []
