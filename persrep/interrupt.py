@@ -84,3 +84,16 @@ def stop_on_signals() -> Iterator[None]:
         _ACTIVE.remove(handler)
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def run_stoppable(body, argv, prog: str | None, default_prog: str, kept: str) -> int:
+    """``body(argv, prog)`` under :func:`stop_on_signals`; a SIGINT / SIGTERM ends it with one line
+    (``<prog>: stopped by <signal>; <kept>``) on stderr and exit 130 / 143. The job and sweep mains."""
+    import sys
+
+    try:
+        with stop_on_signals():
+            return body(argv, prog)
+    except KeyboardInterrupt as exc:
+        print(f"{prog or default_prog}: stopped by {signal_name(exc)}; {kept}", file=sys.stderr)
+        return exit_code(exc)

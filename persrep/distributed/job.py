@@ -67,15 +67,11 @@ def log_path(ctx) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The job, stopped cleanly by Ctrl-C / SIGTERM (exit 130 / 143; see :mod:`persrep.interrupt`)."""
-    from persrep.interrupt import exit_code, signal_name, stop_on_signals
+    from persrep.interrupt import run_stoppable
 
-    try:
-        with stop_on_signals():
-            return _main(argv, prog)
-    except KeyboardInterrupt as exc:
-        print(f"{prog or 'run_all'}: stopped by {signal_name(exc)}; finished units are kept, "
-              "unfinished ones have no manifest: run the same command again to resume", file=sys.stderr)
-        return exit_code(exc)
+    return run_stoppable(_main, argv, prog, "run_all",
+                         "finished units are kept, unfinished ones have no manifest: run the same "
+                         "command again to resume")
 
 
 def _main(argv: list[str] | None = None, prog: str | None = None) -> int:

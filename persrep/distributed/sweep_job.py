@@ -32,15 +32,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The sweep, stopped cleanly by Ctrl-C / SIGTERM (exit 130 / 143; see :mod:`persrep.interrupt`)."""
-    from persrep.interrupt import exit_code, signal_name, stop_on_signals
+    from persrep.interrupt import run_stoppable
 
-    try:
-        with stop_on_signals():
-            return _main(argv, prog)
-    except KeyboardInterrupt as exc:
-        print(f"{prog or 'sweep'}: stopped by {signal_name(exc)}; finished units are kept: run the same "
-              "command again to resume", file=sys.stderr)
-        return exit_code(exc)
+    return run_stoppable(_main, argv, prog, "sweep",
+                         "finished units are kept: run the same command again to resume")
 
 
 def _main(argv: list[str] | None = None, prog: str | None = None) -> int:
