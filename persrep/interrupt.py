@@ -42,13 +42,26 @@ class JobInterrupted(KeyboardInterrupt):
         return EXIT_CODES.get(self.signum, 128 + self.signum)
 
 
+_RECEIVED: list[int] = []  # the signals our handler received in the current stop_on_signals
+
+
+def _signum(exc: KeyboardInterrupt) -> int:
+    """The signal that stopped the job. Ray's core worker turns any ``KeyboardInterrupt`` raised by a
+    signal handler while it waits (``ray.get``, ``ray.wait``) into a *new*, plain
+    ``KeyboardInterrupt``: the :class:`JobInterrupted` is lost, so the handler's record decides."""
+    if isinstance(exc, JobInterrupted):
+        return exc.signum
+    return _RECEIVED[0] if _RECEIVED else signal.SIGINT
+
+
 def exit_code(exc: KeyboardInterrupt) -> int:
-    """130 for a plain KeyboardInterrupt, the signal's code for a :class:`JobInterrupted`."""
-    return exc.exit_code if isinstance(exc, JobInterrupted) else 130
+    """130 for SIGINT (and a plain Ctrl-C outside :func:`stop_on_signals`), 143 for SIGTERM."""
+    s = _signum(exc)
+    return EXIT_CODES.get(s, 128 + s)
 
 
 def signal_name(exc: KeyboardInterrupt) -> str:
-    return exc.name if isinstance(exc, JobInterrupted) else "SIGINT"
+    return signal.Signals(_signum(exc)).name
 
 
 _ACTIVE: list = []  # our handler while inside stop_on_signals
@@ -69,7 +82,10 @@ def stop_on_signals() -> Iterator[None]:
         return
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
+    _RECEIVED.clear()
+
     def handler(signum, _frame):
+        _RECEIVED.append(signum)
         for s in EXIT_CODES:  # a second signal: the default action, no second unwinding
             signal.signal(s, signal.SIG_DFL)
         raise JobInterrupted(signum)
@@ -94,6 +110,6 @@ def run_stoppable(body, argv, prog: str | None, default_prog: str, kept: str) ->
     try:
         with stop_on_signals():
             return body(argv, prog)
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # read before the next stop_on_signals clears the record
         print(f"{prog or default_prog}: stopped by {signal_name(exc)}; {kept}", file=sys.stderr)
         return exit_code(exc)

@@ -98,3 +98,30 @@ def test_signal_stops_run_all_with_its_ray_cluster_trials_and_actors(tmp_path, r
         _interrupt_then_resume(tmp_path, reference, sig, ray=True)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_exit_code_names_the_signal_even_when_a_library_replaces_the_interrupt(sig, capsys):
+    """Ray's core worker, waiting in ``ray.get``, catches the ``JobInterrupted`` our handler raises
+    and raises a new, plain ``KeyboardInterrupt`` (seen in CI: SIGTERM exited 130). The exit code
+    and the line must still name the signal that arrived."""
+    import os
+
+    from persrep.interrupt import run_stoppable
+
+    def body(_argv, _prog):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler runs here
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None  # what ray._raylet.check_status does
+        raise AssertionError("the signal never arrived")
+
+    assert run_stoppable(body, [], "job", "job", "kept") == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"job: stopped by {signal.Signals(sig).name}; kept"]
+
+    def plain(_argv, _prog):  # a KeyboardInterrupt that no signal of ours raised: SIGINT's code
+        raise KeyboardInterrupt()
+
+    assert run_stoppable(plain, [], None, "job", "k") == 130
