@@ -335,6 +335,11 @@ class ResourcesSettings(Section):
                                                  "personalisation trial; None = all (a few), never a forced "
                                                  "experiment snapshot (docs/SCALING.md)")
 
+    @property
+    def tune_trial_gpus(self) -> float:
+        """GPUs one personalisation trial on Tune reserves: ``gpus_per_tune_trial``, else ``gpus_per_trial``."""
+        return self.gpus_per_trial if self.gpus_per_tune_trial is None else self.gpus_per_tune_trial
+
 
 class StorageSettings(Section):
     root: str = Field("runs/local", description="local path or s3://bucket/prefix")

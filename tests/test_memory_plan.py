@@ -65,6 +65,29 @@ def test_overrides_and_the_plan():
     assert plan.per_node == 1 and plan.estimate.bytes <= 15.996 * 1024 ** 3
 
 
+def test_fractional_tune_trial_gpus_are_what_the_plan_counts():
+    """Personalisation units are Tune trials that reserve ``gpus_per_tune_trial`` (several per GPU);
+    the plan must count them that way, not at ``gpus_per_trial`` (one per GPU)."""
+    from persrep.distributed.tune_stage import trial_resources
+    from persrep.pipeline.runner import stage_requests
+
+    s = load_settings("local", ["resources.gpus_per_tune_trial=0.25", "resources.memory_gb.personalization=2",
+                                "resources.memory_gb.generator_prep=2"])
+    req = stage_requests(s, has_gpus=True)
+    assert req["personalization"] == (1.0, 0.25) and req["generator_prep"] == (1.0, 1.0)
+    assert trial_resources(s, gpus_in_cluster=1)["gpu"] == 0.25  # what Tune reserves: the same figure
+    node = NodeShape(cpus=16, gpus=1, memory_gb=64)
+    plans = {p.stage: p for p in plan_stages(s, {"personalization": 8, "generator_prep": 2}, [node], req, True)}
+    assert plans["personalization"].per_node == 4 and plans["generator_prep"].per_node == 1
+    assert "0.25 GPU" in plans["personalization"].line()
+    # without a GPU on any node nothing asks for one; unset, a trial takes gpus_per_trial
+    assert stage_requests(s, has_gpus=False)["personalization"] == (1.0, 0.0)
+    assert stage_requests(load_settings("local", []), has_gpus=True)["personalization"] == (1.0, 1.0)
+    cpu_trials = load_settings("local", ["resources.gpus_per_trial=0"])
+    assert stage_requests(cpu_trials, has_gpus=True)["personalization"] == (1.0, 0.0)
+    assert "gpu" not in trial_resources(cpu_trials, gpus_in_cluster=1)
+
+
 CLUSTER_SCRIPT = textwrap.dedent('''
     import json, sys
     import ray

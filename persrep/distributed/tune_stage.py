@@ -85,7 +85,7 @@ def trial_resources(settings: Any, gpus_in_cluster: float | None = None,
         return {"cpu": 0.01}
     memory = {"memory": float(memory_bytes)} if memory_bytes > 0 else {}
     gpus = cluster_gpus() if gpus_in_cluster is None else gpus_in_cluster
-    per_trial = res.gpus_per_tune_trial if res.gpus_per_tune_trial is not None else res.gpus_per_trial
+    per_trial = res.tune_trial_gpus
     if per_trial > 0 and gpus > 0:
         return {"cpu": res.cpus_per_trial, "gpu": min(per_trial, gpus), **memory}
     return {"cpu": res.cpus_per_trial, **memory}
@@ -557,11 +557,11 @@ class PersonalizationStage:
 
         gpus = cluster_gpus()
         resources = trial_resources(settings, gpus, dp_workers, getattr(ctx, "memory", {}).get("personalization", 0))
-        use_gpu = gpus > 0 and settings.resources.gpus_per_trial > 0
+        use_gpu = gpus > 0 and settings.resources.tune_trial_gpus > 0  # as trial_resources reserves
         if dp_workers > 1 and use_gpu and gpus < dp_workers:
             # Train would wait for the GPUs forever: say so now
             raise ValueError(f"data_parallel_workers={dp_workers} needs {dp_workers} GPUs, the cluster has "
-                             f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 to train on CPUs")
+                             f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 (gpus_per_tune_trial unset) to train on CPUs")
         trainable = tune.with_resources(
             tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=report_every,
                                  step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu,

@@ -23,7 +23,8 @@ every process      1.2 GB (Python, torch, Ray worker, diffusers / timm imports; 
 =================  ==========================================================================
 
 On GPU nodes the host only stages the weights (fp32 load) before moving them; the GPU-side
-figure is reported in the plan for information (GPU sharing is ``resources.gpus_per_trial``).
+figure is reported in the plan for information (GPU sharing is ``resources.gpus_per_trial``, and
+``resources.gpus_per_tune_trial`` for personalisation trials, which the plan counts per GPU).
 Checked against measurements (``bench/dreambooth_memory.py`` -> ``bench/dreambooth_memory.json``: full
 DreamBooth on CPU at SD 1.5's architecture and at narrower UNets): the estimate is 3-10 % above the
 measured peak, which is the training step since the optimizer state is freed before the weights are

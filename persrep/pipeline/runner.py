@@ -139,17 +139,25 @@ def unit_resources(ctx: RunContext, stage: str) -> Resources:
     return Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial, memory=ctx.memory.get(stage, 0))
 
 
+def stage_requests(settings, has_gpus: bool) -> dict[str, tuple[float, float]]:
+    """(CPUs, GPUs) one unit of each heavy stage reserves. A personalisation unit is a Tune trial:
+    ``resources.tune_trial_gpus`` (fractions pack several trials on one GPU, and the plan counts them)."""
+    res = settings.resources
+    on_gpu = has_gpus and res.gpus_per_trial > 0
+    heavy = (res.cpus_per_trial, res.gpus_per_trial if on_gpu else 0.0)
+    return {"generator_prep": heavy, "evaluation": heavy,
+            "personalization": (res.cpus_per_trial, res.tune_trial_gpus if has_gpus else 0.0),
+            "synthesis": (res.cpus_per_actor, 1.0 if has_gpus else 0.0)}
+
+
 def plan_resources(ctx: RunContext, executor: Executor, say: Progress) -> None:
     """Before compute: estimate each heavy unit's memory (persrep.pipeline.memory), check that it
     fits on some node (else one line, exit 2), print the plan, and record the reservations in
     ``ctx.memory`` for every stage to request."""
-    res = ctx.settings.resources
     nodes = executor.node_shapes()
     has_gpus = any(n.gpus > 0 for n in nodes)
-    on_gpu = has_gpus and res.gpus_per_trial > 0
-    heavy = (res.cpus_per_trial, res.gpus_per_trial if on_gpu else 0.0)
-    requests = {"generator_prep": heavy, "personalization": heavy, "evaluation": heavy,
-                "synthesis": (res.cpus_per_actor, 1.0 if has_gpus else 0.0)}
+    on_gpu = has_gpus and ctx.settings.resources.gpus_per_trial > 0
+    requests = stage_requests(ctx.settings, has_gpus)
     counts = count_units(ctx.settings, len(ctx.instances), len(set(ctx.instances.values())))
     plans = plan_stages(ctx.settings, counts, nodes, requests, on_gpu)
     sequential = getattr(executor, "sequential", False)
