@@ -224,6 +224,13 @@ def test_uri_resolution(tmp_path, monkeypatch):
     uri, note = resolve_tracking_uri(None, "s3://bucket/prefix")
     assert uri == f"sqlite:///{tmp_path / 'home' / '.persrep' / 'mlflow.db'}"
     assert note and "s3://bucket/prefix" in note and "tracking.uri" in note
+    # a relative SQLite path is fixed on the driver, against the directory the job started in
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///sub/m.db", None)[0] == f"sqlite:///{tmp_path}/sub/m.db"
+    assert resolve_tracking_uri("sqlite:///m.db?timeout=20", None)[0] == f"sqlite:///{tmp_path}/m.db?timeout=20"
+    assert resolve_tracking_uri("sqlite:////abs/m.db", None)[0] == "sqlite:////abs/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(None, None)[0] == f"sqlite:///{tmp_path}/env.db"
 
 
 def test_retries_while_database_is_locked(monkeypatch):

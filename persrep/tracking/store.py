@@ -64,14 +64,16 @@ def resolve_tracking_uri(uri: str | None, storage_root: str | None) -> tuple[str
     """(tracking URI, a note to show the user or None).
 
     ``uri`` wins, then ``$MLFLOW_TRACKING_URI``, then ``sqlite:///<storage root>/mlflow.db``.
-    An ``s3://`` storage root cannot hold SQLite: then ``~/.persrep/mlflow.db`` (or ./mlflow.db
+    A relative SQLite path (``sqlite:///mlflow.db``) is made absolute here, on the driver, against
+    the directory the job was started in: every process that opens the store (the tracker, Tune's
+    MLflow callback, a worker elsewhere) then agrees on one file. An ``s3://`` storage root cannot hold SQLite: then ``~/.persrep/mlflow.db`` (or ./mlflow.db
     when the home directory is not writable) is used, and the note says so.
     """
     if uri:
-        return uri, None
+        return _absolute_sqlite(uri), None
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env, None
+        return _absolute_sqlite(env), None
     root = storage_root or "runs/local"
     parsed = urlparse(root)
     if parsed.scheme in ("", "file"):
@@ -95,6 +97,15 @@ def _sqlite_path(uri: str) -> Path | None:
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel.db[?q]`` -> ``sqlite:////<cwd>/rel.db[?q]``; every other URI unchanged."""
+    path = _sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    query = uri.split("?", 1)[1] if "?" in uri else None
+    return f"sqlite:///{path.expanduser().absolute()}" + (f"?{query}" if query is not None else "")
 
 
 def _is_locked(exc: BaseException) -> bool:
