@@ -15,7 +15,7 @@ import pytest
 
 from persrep.config import load_settings
 from persrep.pipeline.memory import (GIB, InsufficientResourcesError, NodeShape, backbone_size,
-                                     estimate_stage, plan_stages)
+                                     estimate_stage, plan_stages, stage_requests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,6 @@ def test_fractional_tune_trial_gpus_are_what_the_plan_counts():
     """Personalisation units are Tune trials that reserve ``gpus_per_tune_trial`` (several per GPU);
     the plan must count them that way, not at ``gpus_per_trial`` (one per GPU)."""
     from persrep.distributed.tune_stage import trial_resources
-    from persrep.pipeline.runner import stage_requests
 
     s = load_settings("local", ["resources.gpus_per_tune_trial=0.25", "resources.memory_gb.personalization=2",
                                 "resources.memory_gb.generator_prep=2"])

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -192,6 +193,51 @@ def test_data_configurations_deduplicated_by_key(toy_ctx, tmp_path):
     ps = param_space(space, options)
     assert ps["data"] == {"grid_search": [o.label for o in options]}
     assert ps["personalization.lora.rank"] == {"grid_search": [2, 4, 8]}
+
+
+def test_sweep_memory_plan_reserves_the_largest_point(toy_ctx, tmp_path, monkeypatch):
+    """A sweep's data units reserve their stage's estimate, its trials the largest personalisation
+    or evaluation estimate over the space (here: a swept backbone and batch size); a trial that
+    fits on no node is refused before compute."""
+    from persrep.pipeline.memory import InsufficientResourcesError, NodeShape, estimate_stage
+    from persrep.sweep.data import resolve_data
+    from persrep.sweep.resources import plan_sweep_resources
+
+    small = {"name": "tf_efficientnet_lite0", "weights": "offline", "image_size": 64}
+    big = {"name": "vit_base_patch16_224", "weights": "random", "image_size": 224}
+    doc = _toy_doc()
+    doc["overrides"]["data.path"] = toy_ctx.data_path
+    doc["overrides"]["generator.dreambooth.steps"] = 2
+    for key in ("personalization.backbones", "personalization.batch_size"):
+        del doc["overrides"][key]
+    doc["space"] = {"generator.types": {"grid": ["cut_paste", "dreambooth"]},
+                    "personalization.backbones": {"grid": [[small], [big]]},
+                    "personalization.batch_size": {"grid": [4, 16]}}
+    space = load_space(_write(tmp_path, doc), [f"storage.root={toy_ctx.storage.root}"])
+    options = resolve_data(space, toy_ctx)
+    ctx = replace(toy_ctx, memory={})
+    said: list[str] = []
+    node = NodeShape(cpus=8, gpus=0, memory_gb=64)
+    trial = plan_sweep_resources(ctx, space, options, 8, [node], said.append)
+    heaviest = space.settings_for({"generator.types": ["dreambooth"], "personalization.backbones": [big],
+                                   "personalization.batch_size": 16})
+    expect = max(estimate_stage(heaviest, t).bytes for t in ("personalization", "evaluation"))
+    lightest = space.settings_for({"generator.types": ["cut_paste"], "personalization.backbones": [small],
+                                   "personalization.batch_size": 4})
+    assert trial == expect > estimate_stage(lightest, "personalization").bytes
+    # the data phase: DreamBooth's prep is the largest generator unit (cut-and-paste has none)
+    assert ctx.memory["generator_prep"] == estimate_stage(heaviest, "generator_prep").bytes > 0
+    assert ctx.memory["synthesis"] > 0
+    assert any(line.startswith("plan sweep trials: 8 trial(s)") for line in said), said
+    assert any(line.startswith("plan generator_prep:") for line in said), said
+    # a large space: each dimension's heaviest corner, combined, finds the same point
+    import persrep.sweep.resources as sweep_resources
+
+    monkeypatch.setattr(sweep_resources, "FULL_PRODUCT", 1)
+    assert plan_sweep_resources(replace(toy_ctx, memory={}), space, options, 8, [node], said.append) == expect
+    with pytest.raises(InsufficientResourcesError, match="personalization|evaluation"):
+        plan_sweep_resources(replace(toy_ctx, memory={}), space, options, 8,
+                             [NodeShape(cpus=8, gpus=0, memory_gb=expect / 1024 ** 3 * 0.5)], said.append)
 
 
 def test_param_space_for_random_and_optuna(tmp_path):
@@ -388,6 +434,17 @@ def test_optuna_search_with_asha(first_sweep, tmp_path):
     assert _units(root, "synthesis") == syn  # the data was there already
     assert any(p.name.startswith("searcher-state") for p in out.iterdir())  # Optuna's state, by Tune
     assert all(math.isfinite(v) for v in trials["retrieval.ndcg"])
+
+
+@pytest.mark.ray
+def test_sweep_whose_trial_fits_no_node_is_refused_before_compute(tmp_path, ray_local, capsys):
+    root = tmp_path / "root"
+    rc = sweep_job.main(["--space", str(TOY), "--storage", str(root), "--name", "huge", *RUN,
+                         "resources.memory_gb.personalization=4000"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "personalization: one unit needs 4000.0 GiB" in err and "resources.memory_gb.personalization" in err
+    assert not (root / "synthesis").exists() and not (root / "sweeps").exists()  # nothing computed
 
 
 def test_sweep_trial_names_what_it_was_not_given():

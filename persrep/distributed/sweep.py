@@ -35,6 +35,7 @@ from persrep.pipeline.context import RunContext, prepare_run
 from persrep.sweep.data import DataOption, generate_data, resolve_data
 from persrep.sweep.results import (SweepResult, TrialRecord, best_trial, format_trials,
                                    trials_frame, write_outputs)
+from persrep.sweep.resources import plan_sweep_resources
 from persrep.sweep.space import SweepError, SweepSpace
 from persrep.sweep.trial import OBJECTIVE, run_trial
 from persrep.tracking.store import tracking_env_restored
@@ -195,6 +196,8 @@ def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: 
         from persrep.distributed.ray_executor import RayExecutor
 
         executor = RayExecutor(base.resources.max_retries, say)
+    # before compute: what data units and trials reserve; one that fits nowhere is refused here
+    trial_memory = plan_sweep_resources(ctx, space, options, n_trials, executor.node_shapes(), say)
     exp_name = _free_name(ctx, f"{space.name}-{ctx.run_id}")
     parent = tracker.start_parent(f"sweep-{exp_name}", base, tags={
         "persrep.kind": "sweep", "persrep.sweep": exp_name, "persrep.space": space.path,
@@ -207,7 +210,7 @@ def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: 
                                                         for k, d in space.dims.items()})})
     tracker.log_text(space.text, "space.yaml")
     try:
-        result = _run(space, ctx, options, executor, tracker, exp_name, n_trials, say)
+        result = _run(space, ctx, options, executor, tracker, exp_name, n_trials, trial_memory, say)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -218,7 +221,7 @@ def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: 
 
 
 def _run(space: SweepSpace, ctx: RunContext, options: list[DataOption], executor: Any, tracker: Any,
-         exp_name: str, n_trials: int, say: Progress) -> SweepResult:
+         exp_name: str, n_trials: int, trial_memory: int, say: Progress) -> SweepResult:
     import pandas as pd
 
     from persrep.distributed.session import cluster_gpus
@@ -246,7 +249,7 @@ def _run(space: SweepSpace, ctx: RunContext, options: list[DataOption], executor
     by_label = {o.label: o for o in options}
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, ctx=ctx, space=space, options=by_label),
-        trial_resources(settings, cluster_gpus()))
+        trial_resources(settings, cluster_gpus(), memory_bytes=trial_memory))
     search_alg: Any
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch

@@ -247,6 +247,17 @@ class StagePlan:
                 f"{self.estimate.describe()}{extra}; up to {self.per_node} at once on the largest node")
 
 
+def stage_requests(settings: Any, has_gpus: bool) -> dict[str, tuple[float, float]]:
+    """(CPUs, GPUs) one unit of each heavy stage reserves. A personalisation unit is a Tune trial:
+    ``resources.tune_trial_gpus`` (fractions pack several trials on one GPU, and the plan counts them)."""
+    res = settings.resources
+    on_gpu = has_gpus and res.gpus_per_trial > 0
+    heavy = (res.cpus_per_trial, res.gpus_per_trial if on_gpu else 0.0)
+    return {"generator_prep": heavy, "evaluation": heavy,
+            "personalization": (res.cpus_per_trial, res.tune_trial_gpus if has_gpus else 0.0),
+            "synthesis": (res.cpus_per_actor, 1.0 if has_gpus else 0.0)}
+
+
 def concurrency(node: NodeShape, cpus: float, gpus: float, memory_gb: float) -> int:
     fits = [node.memory_gb / memory_gb if memory_gb > 0 else math.inf,
             node.cpus / cpus if cpus > 0 else math.inf]

@@ -22,7 +22,7 @@ from persrep.pipeline.captions_stage import llm_captions, plan_caption_units, ru
 from persrep.pipeline.context import RunContext, prepare_run
 from persrep.keys import result_settings
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
-from persrep.pipeline.memory import count_units, plan_stages
+from persrep.pipeline.memory import count_units, plan_stages, stage_requests
 from persrep.generation import shards
 from persrep.pipeline.summary import format_summary, headline_table
 from persrep.pipeline.unit_stats import stage_costs, unit_record
@@ -137,17 +137,6 @@ def unit_resources(ctx: RunContext, stage: str) -> Resources:
     """What one unit of ``stage`` reserves: CPUs / GPUs from settings, memory from the plan."""
     res = ctx.settings.resources
     return Resources(cpus=res.cpus_per_trial, gpus=res.gpus_per_trial, memory=ctx.memory.get(stage, 0))
-
-
-def stage_requests(settings, has_gpus: bool) -> dict[str, tuple[float, float]]:
-    """(CPUs, GPUs) one unit of each heavy stage reserves. A personalisation unit is a Tune trial:
-    ``resources.tune_trial_gpus`` (fractions pack several trials on one GPU, and the plan counts them)."""
-    res = settings.resources
-    on_gpu = has_gpus and res.gpus_per_trial > 0
-    heavy = (res.cpus_per_trial, res.gpus_per_trial if on_gpu else 0.0)
-    return {"generator_prep": heavy, "evaluation": heavy,
-            "personalization": (res.cpus_per_trial, res.tune_trial_gpus if has_gpus else 0.0),
-            "synthesis": (res.cpus_per_actor, 1.0 if has_gpus else 0.0)}
 
 
 def plan_resources(ctx: RunContext, executor: Executor, say: Progress) -> None:
