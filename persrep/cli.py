@@ -21,6 +21,14 @@ def _progress(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
 
 
+def _add_auto_mask_args(p: argparse.ArgumentParser) -> None:
+    """--auto-masks for a command that writes a data set: predict its missing train masks after."""
+    p.add_argument("--auto-masks", action="store_true",
+                   help="predict the missing train masks after writing the data set (persrep data masks)")
+    p.add_argument("--segmenter", default="grabcut", help="with --auto-masks: grabcut (default) or sam")
+    p.add_argument("--model", default=None, help="with --auto-masks: SAM model id or local directory")
+
+
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="local",
                    help=f"named configuration ({', '.join(available_configs())}) or a YAML path")
@@ -118,6 +126,10 @@ def cmd_data_dogs(args: argparse.Namespace) -> int:
     res = convert_dogs(args.src, args.dest, masks=args.masks, min_images=args.min_images,
                        max_dogs=args.max_dogs, train_count=args.train_count, progress=_progress)
     print(res.line("dogs"))
+    if args.auto_masks:
+        from persrep.segmentation.cli import auto_masks_after_import
+
+        return auto_masks_after_import(args, res.dest, _progress)
     return 0
 
 
@@ -193,10 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="category mapping: prompts_and_classes.txt, CSV instance,category, or JSON")
     p.add_argument("--category", default=None, help="one category for every instance")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of stopping")
-    p.add_argument("--auto-masks", action="store_true",
-                   help="predict the missing train masks after the import (persrep data masks)")
-    p.add_argument("--segmenter", default="grabcut", help="with --auto-masks: grabcut (default) or sam")
-    p.add_argument("--model", default=None, help="with --auto-masks: SAM model id or local directory")
+    _add_auto_mask_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_data_import)
 
@@ -258,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-images", type=int, default=5, help="images a dog needs (3 train + test)")
     p.add_argument("--max-dogs", type=int, default=80, help="keep at most N dogs (most images first; the paper: 80)")
     p.add_argument("--train-count", type=int, default=3)
+    _add_auto_mask_args(p)
+    p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_data_dogs)
 
     cap = sub.add_parser("captions", help="LLM-written captions").add_subparsers(dest="sub", required=True)
