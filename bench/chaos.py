@@ -2,6 +2,7 @@
 
     python bench/chaos.py --seeds 1 2 3          # one soak per seed, each a fresh cluster
     python bench/chaos.py --seeds 1 2 --faults 7 # more faults per soak (kinds cycle)
+    python bench/chaos.py --sweep-faults 3       # faults reserved for the sweep phase (default 2)
 
 First one soak **without faults** (the baseline: the same job and sweep on the same kind of
 cluster, uninterrupted), then one per seed. Per seed: the faults injected by kind, whether the job
@@ -27,10 +28,11 @@ REPO = HERE.parent
 SOAK = REPO / "tests" / "chaos" / "soak.py"
 
 
-def run_soak(seed: int, faults: int, work: Path, ref: Path) -> dict:
+def run_soak(seed: int, faults: int, work: Path, ref: Path, sweep_faults: int = 0) -> dict:
     out = work / f"soak-{seed}-{faults}.json"
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, str(SOAK), "--seed", str(seed), "--faults", str(faults),
+                        "--sweep-faults", str(sweep_faults),
                         "--workdir", str(work / f"w{seed}-{faults}"), "--reference", str(ref), "--out", str(out)],
                        env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                        text=True, timeout=3600, start_new_session=True)
@@ -59,7 +61,8 @@ def survived(res: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--faults", type=int, default=5)
+    p.add_argument("--faults", type=int, default=5, help="faults during the job")
+    p.add_argument("--sweep-faults", type=int, default=2, help="faults during the sweep")
     p.add_argument("--out", default=str(HERE / "chaos.json"))
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
@@ -71,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     base_s = base["seconds"]["attempts"]
     seeds, by_kind, survived_kind = [], {}, {}
     for seed in args.seeds:
-        res = run_soak(seed, args.faults, work, ref)
+        res = run_soak(seed, args.faults, work, ref, args.sweep_faults)
         ok = survived(res)
         row = {"seed": seed, "survived": ok, "error": res.get("error")}
         if "error" not in res:
-            row.update(injected=res["injected"], not_injected=res["faults_not_injected"],
+            row.update(injected=res["injected"], injected_by_phase=res["injected_by_phase"],
+                       not_injected=res["faults_not_injected"],
                        units_lost=res["units_lost"], attempts=[(a["phase"], a["rc"], a["seconds"]) for a in res["attempts"]],
                        retried=res["job_summary"]["retries"], seconds=res["seconds"]["attempts"],
                        extra_seconds=round(res["seconds"]["attempts"] - base_s, 1),
@@ -92,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                 "2-node ray.cluster_utils.Cluster, storage on a moto S3 server, under a seeded killer",
         "machine": "shared 2-core box, other engineers' tests running (wall-clock seconds are noisy)",
         "faults_per_soak": args.faults,
+        "sweep_faults_per_soak": args.sweep_faults,
         "baseline": {"seconds": base_s, "attempts": [(a["phase"], a["rc"], a["seconds"]) for a in base["attempts"]],
                      "survived": survived(base)},
         "figures": {"seeds": len(seeds), "soaks_survived": sum(s["survived"] for s in seeds),
                     "faults_injected_by_kind": by_kind, "faults_survived_by_kind": survived_kind,
                     "faults_injected": sum(by_kind.values()), "faults_survived": sum(survived_kind.values()),
+                    "faults_injected_during_sweep": sum(s.get("injected_by_phase", {}).get("sweep", 0) for s in done),
                     "units_lost": sum(s.get("units_lost", 0) for s in done),
                     "extra_seconds_mean": round(sum(s["extra_seconds"] for s in done) / len(done), 1) if done else None,
                     "extra_seconds_max": max((s["extra_seconds"] for s in done), default=None)},

@@ -8,7 +8,8 @@ intervals while a Data / Train / Tune workload runs, and requires the workload t
 2. **cluster**: a head (1 CPU) and one worker node (1 CPU), started by this process (never attached
    to anything else on the machine), storage on this process's own moto S3 server;
 3. **chaos**: ``ray_jobs/run_all.py`` (all stages) then ``ray_jobs/sweep.py`` (two
-   configurations) attached to that cluster, while a seeded killer, at random moments, does one of
+   configurations) attached to that cluster, while a seeded killer (``--faults`` during the job,
+   then ``--sweep-faults`` of its own during the sweep), at random moments, does one of
    * ``synthesis_actor``: SIGKILL a Ray Data synthesis actor (``SynthesisWorker``),
    * ``trial_worker``: SIGKILL a personalisation trial's worker (Tune's function trainable),
    * ``worker_node``: SIGKILL a whole worker node (raylet and every process of it), then add one,
@@ -213,7 +214,7 @@ class Killer(threading.Thread):
     STAGE_BOUND = {"synthesis_actor": ("SynthesisWorker",), "trial_worker": ("ImplicitFunc", "personalize_trial")}
 
     def __init__(self, rng: random.Random, cluster: ChaosCluster, s3: S3, kinds: list[str],
-                 min_gap: float, max_gap: float, outage_s: float):
+                 min_gap: float, max_gap: float, outage_s: float, t0: float | None = None):
         super().__init__(daemon=True)
         self.rng, self.cluster, self.s3 = rng, cluster, s3
         self.todo = list(kinds)
@@ -223,7 +224,7 @@ class Killer(threading.Thread):
         self.log: list[dict] = []
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if t0 is None else t0
         self.main_thread_todo: list = []  # callables the main thread runs (adding a node back)
         self.main_thread_done = threading.Event()
 
@@ -465,7 +466,19 @@ def _compare(got, want, key) -> dict:
             "max_abs_diff": float(np.nanmax(diff)) if len(diff) else 0.0}
 
 
-def soak(seed: int, work: Path, faults: int, max_attempts: int, ref_dir: Path | None) -> dict:
+def _stop(killer: Killer) -> None:
+    """Stop a killer thread (finishing a node it is adding back); idempotent, also if never started."""
+    killer.stopped.set()
+    if not killer.is_alive():
+        return
+    deadline = time.monotonic() + 120
+    while killer.is_alive() and time.monotonic() < deadline:
+        killer.run_main_thread_actions()
+        killer.join(timeout=0.1)
+
+
+def soak(seed: int, work: Path, faults: int, max_attempts: int, ref_dir: Path | None,
+         sweep_faults: int = 2) -> dict:
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
     env = job_env()
@@ -490,7 +503,14 @@ def soak(seed: int, work: Path, faults: int, max_attempts: int, ref_dir: Path | 
     kinds = list(KINDS)
     rng.shuffle(kinds)
     kinds = (kinds * (faults // len(KINDS) + 1))[:faults]
-    killer = Killer(rng, cluster, s3, kinds, min_gap=4.0, max_gap=20.0, outage_s=3.0)
+    # the sweep's own faults: its data is already published by the job (no synthesis actor), so
+    # its trials, its driver, a worker node and the S3 server
+    sweep_pool = [k for k in KINDS if k != "synthesis_actor"]
+    rng.shuffle(sweep_pool)
+    sweep_kinds = (sweep_pool * (sweep_faults // len(sweep_pool) + 1))[:sweep_faults]
+    t_chaos = time.monotonic()
+    killer = Killer(rng, cluster, s3, kinds, min_gap=4.0, max_gap=20.0, outage_s=3.0, t0=t_chaos)
+    sweep_killer = Killer(rng, cluster, s3, sweep_kinds, min_gap=4.0, max_gap=15.0, outage_s=3.0, t0=t_chaos)
     jenv = job_env(RAY_ADDRESS=cluster.address, **creds)
     drivers: list[int] = []
     attempts: list[dict] = []
@@ -501,15 +521,14 @@ def soak(seed: int, work: Path, faults: int, max_attempts: int, ref_dir: Path | 
         attempts += run_phase("run_all", lambda k: [sys.executable, str(RUN_ALL), "--storage", root,
                                                      "--run-id", f"attempt{k}", *SETTINGS],
                               killer, jenv, work, max_attempts, 900, drivers)
+        _stop(killer)  # the job's faults not spent by now are not injected (reported)
+        sweep_killer.start()
         attempts += run_phase("sweep", lambda k: [sys.executable, str(SWEEP), "--space", str(SPACE),
                                                    "--storage", root, "--name", f"{sweep_name}-{k}"],
-                              killer, jenv, work, max_attempts, 900, drivers)
+                              sweep_killer, jenv, work, max_attempts, 900, drivers)
     finally:
-        killer.stopped.set()
-        deadline = time.monotonic() + 120
-        while killer.is_alive() and time.monotonic() < deadline:
-            killer.run_main_thread_actions()
-            killer.join(timeout=0.1)
+        _stop(killer)
+        _stop(sweep_killer)
         chaos_s = round(time.monotonic() - t0, 1)
         cluster.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -523,13 +542,17 @@ def soak(seed: int, work: Path, faults: int, max_attempts: int, ref_dir: Path | 
     result = check(root, ref_dir / "root", sweep_name)
     s3.stop()
     injected: dict[str, int] = {}
-    for rec in killer.log:
+    kills = killer.log + sweep_killer.log
+    for rec in kills:
         if "missed" not in rec:
             injected[rec["kind"]] = injected.get(rec["kind"], 0) + 1
     ok = [a for a in attempts if a["rc"] == 0]
     lost = sum(len(v["lost"]) for v in result["stages"].values())
-    return {"seed": seed, "faults_planned": kinds, "faults_not_injected": killer.todo,
-            "injected": injected, "kills": killer.log, "attempts": attempts,
+    return {"seed": seed, "faults_planned": kinds, "sweep_faults_planned": sweep_kinds,
+            "faults_not_injected": killer.todo + sweep_killer.todo,
+            "injected_by_phase": {ph: sum(1 for r in kills if r["phase"] == ph and "missed" not in r)
+                                  for ph in ("run_all", "sweep")},
+            "injected": injected, "kills": kills, "attempts": attempts,
             "phases_finished": sorted({a["phase"] for a in ok}),
             "survived": len({a["phase"] for a in ok}) == 2 and lost == 0,
             "units_lost": lost, "orphans": sorted(left), "drivers_left": left_drivers,
@@ -542,14 +565,16 @@ def soak(seed: int, work: Path, faults: int, max_attempts: int, ref_dir: Path | 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--faults", type=int, default=len(KINDS), help="faults to inject (kinds cycle)")
+    p.add_argument("--faults", type=int, default=len(KINDS), help="faults to inject during the job (kinds cycle)")
+    p.add_argument("--sweep-faults", type=int, default=2, help="faults to inject during the sweep")
     p.add_argument("--max-attempts", type=int, default=8, help="job starts per phase")
     p.add_argument("--workdir", default=None)
     p.add_argument("--reference", default=None, help="reuse an uninterrupted reference directory")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-"))
-    res = soak(args.seed, work, args.faults, args.max_attempts, Path(args.reference) if args.reference else None)
+    res = soak(args.seed, work, args.faults, args.max_attempts, Path(args.reference) if args.reference else None,
+               args.sweep_faults)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     print("SOAK " + json.dumps({k: res[k] for k in ("seed", "injected", "survived", "units_lost", "seconds")}))
     return 0

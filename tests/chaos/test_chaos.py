@@ -2,7 +2,8 @@
 ``ray.cluster_utils.Cluster`` under a killer (a synthesis actor, a trial's worker, a worker node,
 the driver, the S3 server for 3 s): same units and results as uninterrupted runs, nothing lost,
 doubled or half-published, no process left. The soak itself is tests/chaos/soak.py (also run for
-many seeds by bench/chaos.py -> bench/chaos.json); this test runs one seed and asserts."""
+many seeds by bench/chaos.py -> bench/chaos.json); this test runs one seed and asserts. The
+sweep has faults of its own (``--sweep-faults``, default 2): at least one must land in it."""
 
 from __future__ import annotations
 
@@ -68,3 +69,4 @@ def test_seeded_chaos_soak_loses_nothing(tmp_path):
           f"attempts {[(a['phase'], a['rc']) for a in res['attempts']]}, {time.monotonic() - t0:.0f} s")
     check_soak(res)
     assert sum(res["injected"].values()) >= MIN_KINDS, res["kills"]
+    assert res["injected_by_phase"]["sweep"] >= 1, res["kills"]  # the sweep ran under faults too
