@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Synthesis throughput: the Ray Data stage vs a plain single-process loop over the same rows.
 
-All phases draw the same rows (4 personalised tiny DreamBooth generators x 150 positives = 600
+All phases draw the same rows (4 personalised tiny DreamBooth generators x 600 positives = 2400
 rows, tiny diffusion at 32 px, 4 steps, batch 8; why this size: ``WORKLOAD`` below) into the same storage root; ``synthesis/`` is
 cleared in between. Measured in one run, on one machine, in this order:
 
@@ -17,8 +17,8 @@ the Ray stage's time to its first output (cold start) and steady-state rate, gen
 and driver RSS peak (psutil, polled) per phase, and how many images equal the Ray stage's
 bit for bit (A must be all of them: same thread count; C may differ by a rounding step).
 
-    .venv/bin/python bench/synthesis.py            # ~2 min on 2 free cores; writes bench/synthesis.json
-    .venv/bin/python bench/synthesis.py synthesis.num_positives=100   # more rows
+    .venv/bin/python bench/synthesis.py            # ~4 min on 2 free cores; writes bench/synthesis.json
+    .venv/bin/python bench/synthesis.py synthesis.num_positives=150   # fewer rows (cold start weighs more)
 """
 
 from __future__ import annotations
@@ -43,17 +43,20 @@ OVERRIDES = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data
              "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6",
              "generator.types=[dreambooth]", "generator.dreambooth.steps=2",
              "generator.dreambooth.num_class_images=2",
-             "synthesis.num_positives=150", "synthesis.inference_steps=4", "synthesis.resolution=32",
+             "synthesis.num_positives=600", "synthesis.inference_steps=4", "synthesis.resolution=32",
              "synthesis.batch_size=8", "synthesis.rows_per_shard=32"]
 
-WORKLOAD = ("600 rows = 4 generators x 150 rows, ~30-40 s of sampling on 2 cores. A stage's cold start "
-            "(actor processes, imports, first generator load) is paid once per stage and actor, the "
-            "generator load once per (actor, generator): at paper scale a synthesis stage is 100 "
-            "instances x ~450 rows of 50-step SD 1.5 (hours of GPU time) against ~10-30 s of cold start, so "
-            "a bench dominated by cold start measures start-up, not the stage. The earlier 208-row bench "
-            "(16.5 s, 9 s of it cold start) was such a case. 150 rows per generator keeps the "
-            "load : sampling ratio per generator near the paper's (one SD load of ~5-10 s per 450 "
-            "images) while the whole bench stays ~2 min.")
+WORKLOAD = ("2400 rows = 4 generators x 600 rows, ~55 s of steady sampling for the Ray stage on 2 quiet "
+            "cores (each phase 60-90 s). A stage's cold start (actor processes, imports, first generator "
+            "load: ~8 s to the first output here) is paid once per stage and actor, the generator load "
+            "once per (actor, generator). At paper scale a synthesis stage is 100 instances x ~450 rows "
+            "of 50-step SD 1.5: hours of GPU time, and per generator ~10 min of sampling per 5-10 s "
+            "load (about 1:100), against ~10-30 s of cold start, so a bench dominated by cold start "
+            "measures start-up, not the stage. The previous size, 150 rows per generator (600 rows), "
+            "took 21.7 s for the whole Ray pass on the quiet machine, 7.9 s of it cold start (ratio "
+            "0.76 against the 2-thread loop, /tmp run of 2026-12-05); 600 rows per generator brings the "
+            "per-generator load : sampling ratio to ~1:10, still ten times more load-heavy than the "
+            "paper's, while the bench stays ~4 min.")
 
 
 class Sampler(threading.Thread):
@@ -125,6 +128,7 @@ def main() -> int:
     from persrep.generation.shards import read_unit
     from persrep.pipeline.context import prepare_run
     from persrep.pipeline.runner import plan_generator_units, plan_synthesis_units
+    from persrep.pipeline.shared_images import plan_shared_units, run_shared_unit
     from persrep.pipeline.work import run_generator_unit, run_synthesis_unit
 
     overrides = [*OVERRIDES, *args.overrides, f"storage.root={args.work}"]
@@ -133,6 +137,8 @@ def main() -> int:
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     ctx = prepare_run(settings, None, run_id="bench")
+    for su in plan_shared_units(ctx.settings, ctx.instances):  # class images DreamBooth reads
+        run_shared_unit(ctx, su)
     gen_units = plan_generator_units(ctx)  # the pipeline's own planners
     for u in gen_units:
         run_generator_unit(ctx, u)
