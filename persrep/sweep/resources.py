@@ -6,8 +6,8 @@ estimate says (persrep.pipeline.memory), as a job's units do. Each **trial** the
 evaluates every instance in one process (persrep.sweep.trial): it reserves the larger of the
 personalisation and evaluation estimates, taken over the points of the space whose settings can
 change them (each data option with the trial dimensions' corners: a swept backbone, batch size
-or resolution; see :func:`_trial_points`). Without these reservations Ray schedules trials by CPU count alone and the OOM
-killer picks what runs.
+or resolution; see :func:`_trial_points`). Without these reservations Ray schedules trials by CPU
+count alone and the OOM killer picks what runs.
 
 A unit or trial that fits on no node is refused here, in one line, before any compute; the plan
 lines are printed. The data phase's reservations go into ``ctx.memory``; the trial's figure is
@@ -27,8 +27,6 @@ from persrep.sweep.space import SweepSpace
 
 DATA_STAGES = ("generator_prep", "synthesis")
 TRIAL_STAGES = ("personalization", "evaluation")
-
-
 FULL_PRODUCT = 64  # trial-corner combinations estimated exhaustively; above, per dimension
 
 
