@@ -123,8 +123,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stop_head(proc: subprocess.Popen, temp_dir: str, grace_s: float = 5.0) -> list[int]:
-    """Stop our head by PID: SIGTERM its group and everything it started, then SIGKILL stragglers."""
+def stop_head(proc: subprocess.Popen, temp_dir: str, grace_s: float = 5.0, kill_wait_s: float = 20.0) -> list[int]:
+    """Stop our head by PID: SIGTERM its group and everything it started, then SIGKILL stragglers.
+    Returns the PIDs still alive ``kill_wait_s`` after the first SIGKILL (none, normally)."""
     pids = (descendants(proc.pid) | mentioning(temp_dir) | {proc.pid}) - {os.getpid()}
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -138,12 +139,21 @@ def stop_head(proc: subprocess.Popen, temp_dir: str, grace_s: float = 5.0) -> li
     deadline = time.time() + grace_s
     while time.time() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
-    left = [p for p in pids | mentioning(temp_dir) if _alive(p) and p != os.getpid()]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # SIGKILL is not instant: a process being torn down (large memory, a write in progress) stays
+    # visible for a moment, and the raylet may have forked one more worker meanwhile. Kill again
+    # whatever is still there until none is, for up to ``kill_wait_s``; return what outlived it.
+    left: list[int] = []
+    deadline = time.time() + kill_wait_s
+    while True:
+        left = [p for p in pids | descendants(proc.pid) | mentioning(temp_dir) if _alive(p) and p != os.getpid()]
+        if not left or time.time() > deadline:
+            break
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -193,7 +203,7 @@ def head():
     finally:
         left = stop_head(proc, temp_dir)
         log.close()
-        assert not [p for p in left if _alive(p)], f"processes of our head survived SIGKILL: {left}"
+        assert not left, f"processes of our head survived SIGKILL for 20 s: {left}"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
