@@ -77,8 +77,12 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster for the whole test run (2 CPUs, one fake GPU), ours alone."""
+def ray_local(s3_server):
+    """One local Ray cluster for the whole test run (2 CPUs, one fake GPU), ours alone.
+
+    After ``s3_server``: Ray's workers take the driver's environment at ``ray.init``, so the moto
+    endpoint and its credentials must be set by then, or a Ray test on an ``s3://`` root would
+    reach for real AWS whenever no earlier test happened to start the server."""
     ray = pytest.importorskip("ray")
     started = False
     if not ray.is_initialized():

@@ -195,3 +195,36 @@ def fast_reference(tmp_path_factory) -> dict:
     assert summary.exit_code == 0, summary.failures
     return {"root": root, "units": set(unit_manifests(root)), "results": results(root, "ref"),
             "stages": summary.stages}
+
+
+# -- a moto server restarted on its port (test_services, chaos/soak) --------------------------------
+def start_moto(port: int, timeout: float = 60.0):
+    """A ``ThreadedMotoServer`` on 127.0.0.1:``port``, started again on the same port after a stop.
+
+    While the server was down an outgoing connection may have taken the port for a moment, and
+    moto's ``start()`` then waits forever (its bind fails in a thread it never hears from). So
+    wait until the port can be bound (as the server binds it: ``SO_REUSEADDR``), then start it
+    and wait for it to answer, for up to ``timeout`` seconds in all."""
+    import socket
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.2)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    starter = threading.Thread(target=server.start, daemon=True)
+    starter.start()
+    starter.join(max(1.0, deadline - time.monotonic()))
+    if starter.is_alive():
+        raise RuntimeError(f"moto did not start on 127.0.0.1:{port} within {timeout:.0f} s")
+    return server

@@ -252,7 +252,10 @@ def test_ray_job_submit_runs_the_pipeline_on_our_head_then_ray_address_attaches(
     assert attached.search(logs), logs[-3000:]
     assert "started a local Ray cluster" not in logs
     for word in ("backbone", "data config", "pretrained", "classification", "retrieval", "cut_paste"):
-        assert word in logs and word in sub.stdout, word  # `ray job submit` streams the driver's output
+        assert word in logs, word
+    # `ray job submit` streams the driver's output (its stream may drop the very last lines,
+    # ray-project/ray#48701: the final table is checked in the job's logs above)
+    assert attached.search(sub.stdout), sub.stdout[-3000:]
     run_dir = root / "runs" / "submitted"
     doc = json.loads((run_dir / "summary.json").read_text())
     assert doc["failures"] == [] and doc["stages"]["personalization"]["done"] == 2, doc["stages"]

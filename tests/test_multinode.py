@@ -195,7 +195,7 @@ def check_storage(storage, reference: dict) -> None:
         assert len(idx) == len(set(idx)) == storage.manifest("synthesis", key).meta["rows"], key
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # the module reference run + a 3-node cluster subprocess (up to 420 s)
 def test_cluster_run_on_s3_equals_single_node(reference, s3_bucket, tmp_path):
     from persrep.storage import Storage
 
@@ -214,7 +214,7 @@ def test_cluster_run_on_s3_equals_single_node(reference, s3_bucket, tmp_path):
           f"(cluster up {res['cluster_up_s']} s, stages {res['timings']})")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # the module reference run + a 3-node cluster subprocess (up to 420 s)
 def test_worker_node_removed_mid_personalisation_loses_nothing(reference, s3_bucket, tmp_path):
     from persrep.storage import Storage
 

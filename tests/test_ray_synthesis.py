@@ -358,7 +358,7 @@ def test_three_node_cluster_rows_equal_single_node(fresh):
     ctx, units = fresh["ctx"], fresh["units"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(Path(__file__).parent), fresh["root"]],
-                          env=env, capture_output=True, text=True, timeout=180, check=False)
+                          env=env, capture_output=True, text=True, timeout=420, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(lines[-1][len("RESULT "):])

@@ -74,16 +74,18 @@ def test_stale_locks_are_taken_over_with_a_message(backend, tmp_path, request):
         RunLock(st, "new").acquire()
 
 
-def _race(root: str, barrier, results, i: int) -> None:
+def _race(root: str, barrier, done, results, i: int) -> None:
     lock = RunLock(Storage(root), f"r{i}")
     barrier.wait()
     try:
         lock.acquire()
-        results.put(i)
-        time.sleep(1.0)
-        lock.release()
     except RunLockError:
         results.put(-1)
+        done.wait(120)
+        return
+    results.put(i)
+    done.wait(120)  # the winner holds the lock until every racer has had its answer, however slow
+    lock.release()
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
@@ -91,13 +93,13 @@ def test_jobs_starting_at_the_same_moment_exactly_one_wins(backend, tmp_path, re
     root = _root(backend, tmp_path, request)
     ctx = mp.get_context("fork")
     for _ in range(3):
-        barrier, results = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_race, args=(root, barrier, results, i)) for i in range(4)]
+        barrier, done, results = ctx.Barrier(4), ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(root, barrier, done, results, i)) for i in range(4)]
         for p in procs:
             p.start()
+        got = sorted(results.get(timeout=120) for _ in procs)
         for p in procs:
-            p.join(30)
-        got = sorted(results.get(timeout=5) for _ in procs)
+            p.join(120)
         assert got.count(-1) == 3 and got[-1] >= 0, got
     assert not Storage(root).exists(LOCK)
 

@@ -44,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers.start_moto
+
 REPO = Path(__file__).resolve().parents[2]
 RUN_ALL = REPO / "ray_jobs" / "run_all.py"
 SWEEP = REPO / "ray_jobs" / "sweep.py"
@@ -187,18 +189,9 @@ class S3:
         self.start()
 
     def start(self) -> None:
-        from moto.server import ThreadedMotoServer
+        from helpers import start_moto
 
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-                self.server.start()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        self.server = start_moto(self.port)
 
     def stop(self) -> None:
         if self.server is not None:

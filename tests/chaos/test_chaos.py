@@ -18,7 +18,7 @@ import pytest
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from helpers import session_pids  # noqa: E402
+from helpers import kill_job, session_pids  # noqa: E402
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.ray]
 SEED = 20261205
@@ -55,13 +55,16 @@ def test_seeded_chaos_soak_loses_nothing(tmp_path):
                              str(tmp_path / "work"), "--out", str(out)], env=env,
                             stdout=open(tmp_path / "soak.log", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    rc = proc.wait(timeout=1400)
-    # nothing of the soak's session (its cluster's raylets, GCS, workers) outlives it
-    deadline = time.monotonic() + 20
-    left = session_pids(proc.pid)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
+    try:
+        rc = proc.wait(timeout=1400)
+        # nothing of the soak's session (its cluster's raylets, GCS, workers) outlives it
+        deadline = time.monotonic() + 30
         left = session_pids(proc.pid)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = session_pids(proc.pid)
+    finally:  # a soak that overran is stopped with its whole session, not left to load later tests
+        kill_job(proc, grace_s=10)
     assert rc == 0 and out.exists(), (tmp_path / "soak.log").read_text(errors="replace")[-4000:]
     assert left == [], f"processes of the soak's cluster outlived it: {left}"
     res = json.loads(out.read_text())
