@@ -44,7 +44,9 @@ UNIT_DONE = re.compile(r"^(?P<stage>\w+): (?P<i>\d+)/(?P<n>\d+) (?P<label>\S+) -
                        r"(?: after (?P<attempts>\d+) attempts)?$")
 UNIT_RETRY = re.compile(r"^(?P<stage>\w+): retrying (?P<label>\S+) \(attempt (?P<attempt>\d+)\): "
                         r"(?P<reason>.*)$")
-IMPORTANT = re.compile(r"(?i:warning)|ERROR|Error:|RETRIED|FAILED")  # said inside a stage: shown
+# said inside a stage: shown (the cluster's start and the memory plan come at the first unit to
+# compute, so inside that unit's stage)
+IMPORTANT = re.compile(r"(?i:warning)|ERROR|Error:|RETRIED|FAILED|^plan \w+:|^ray: ")
 
 
 def failure_file(label: str) -> str:

@@ -146,7 +146,7 @@ def test_units_that_do_not_fit_together_run_one_after_the_other(tmp_path):
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path / "root"), json.dumps(overrides)],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
@@ -157,3 +157,26 @@ def test_units_that_do_not_fit_together_run_one_after_the_other(tmp_path):
                p.endswith("up to 1 at once on the largest node") for p in out["plan"]), out["plan"]
     spans = sorted((g["started_at"], g["finished_at"]) for g in out["generators"])
     assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans  # one after the other
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_run_all_refuses_a_unit_that_fits_nowhere_before_the_first_unit_computes(tmp_path):
+    """The job's executor plans when the first unit is left to compute (a finished re-run starts
+    no cluster); a unit that fits on no node is still refused before any unit computes: exit 2,
+    one line naming the setting, nothing published."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import UNIT_STAGES, error_lines, job_env, n_published, run_all_argv
+    from worlds import FAST
+
+    root = tmp_path / "root"
+    argv = run_all_argv(root, "big", *FAST, "resources.num_cpus=2", "resources.memory_gb.evaluation=4000", ray=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=job_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "resources.memory_gb.evaluation" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "ray: started a local Ray cluster" in proc.stderr  # refused by the plan made at the start
+    assert sum(n_published(root, s) for s in UNIT_STAGES) == 0
+    assert not (root / "runs" / "big" / "summary.json").exists()
+    assert not (root / ".lock" / "job.json").exists()  # the lock released on the way out

@@ -3,6 +3,7 @@ a re-run of a finished job launches no unit: published units are skipped on the 
 
 import json
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -124,3 +125,30 @@ def test_costs_on_ray_and_rerun_launches_no_task(tmp_path, ray_local):
     again = run_pipeline(_settings(root), executor=ex2, run_id="second")
     assert all(c["done"] == 0 for c in again.stages.values()), again.stages
     assert ex2.mapped == []  # no Ray task launched for a finished unit
+
+    # the job's executor is lazy (``start``: the cluster's start, at the first unit to compute):
+    # with every unit published it neither starts a cluster nor makes the memory plan
+    calls, said = [], []
+    lazy = RayExecutor(max_retries=1, progress=said.append, start=lambda: calls.append("start"))
+    third = run_pipeline(_settings(root), said.append, executor=lazy, run_id="third")
+    assert calls == [] and not lazy.started, said
+    assert not [m for m in said if m.startswith("plan ")], said
+    assert any(m.startswith("nothing to compute") for m in said), said
+    assert all(c["done"] == 0 and c["failed"] == 0 for c in third.stages.values()), third.stages
+    # one unit left to compute: the cluster starts once, the plan is made before that unit runs
+    ev = sorted((root / "evaluations").glob("*/MANIFEST.json"))
+    assert ev, "no published evaluation"
+    ev[0].unlink()
+    log = []  # progress lines and the cluster's start, in order
+    lazy = RayExecutor(max_retries=1, progress=log.append, start=lambda: log.append("START"))
+    fourth = run_pipeline(_settings(root), log.append, executor=lazy, run_id="fourth")
+    assert fourth.exit_code == 0 and fourth.stages["evaluation"]["done"] == 1, fourth.stages
+    assert log.count("START") == 1 and lazy.started, log
+    first_plan = next(i for i, m in enumerate(log) if m.startswith("plan "))
+    first_unit = next(i for i, m in enumerate(log) if m.startswith("evaluation: ") and m.endswith("-> done"))
+    assert log.index("START") < first_plan < first_unit, log
+    assert not any(m.startswith("nothing to compute") for m in log), log
+    for run in ("third", "fourth"):  # the same results as the run that computed everything
+        a = pd.read_parquet(root / "runs" / "first" / "results.parquet")
+        b = pd.read_parquet(root / "runs" / run / "results.parquet")
+        assert a.drop(columns=["run_id"], errors="ignore").equals(b.drop(columns=["run_id"], errors="ignore")), run

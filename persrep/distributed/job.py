@@ -108,13 +108,17 @@ def _main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 from persrep.distributed.ray_executor import RayExecutor
                 from persrep.distributed.session import ensure_ray, release
 
-                started = ensure_ray(settings.resources)
-                console(describe_cluster(started))
+                started: list[bool] = []
+
+                def start() -> None:  # at the first unit to compute: a finished job starts no cluster
+                    started.append(ensure_ray(settings.resources))
+                    console(describe_cluster(started[0]))
+
                 try:
-                    executor = RayExecutor(settings.resources.max_retries, console)
+                    executor = RayExecutor(settings.resources.max_retries, console, start=start)
                     summary = run_pipeline(settings, console, executor, run_id=ctx.run_id, ctx=ctx)
                 finally:
-                    release(started)
+                    release(bool(started and started[0]))
             console.summary(summary)
     except UserError as exc:
         print(f"{prog or 'run_all'}: {exc}", file=sys.stderr)

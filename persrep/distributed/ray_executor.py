@@ -30,18 +30,41 @@ class RayExecutor(StageHooks):
     """Units as Ray tasks; synthesis on Ray Data and personalisation on Ray Tune (its StageHooks)."""
 
     def __init__(self, max_retries: int = 2, progress: Callable[[str], None] | None = None,
-                 step_hook: Any = None):
+                 step_hook: Any = None, start: Callable[[], Any] | None = None):
+        """``start``: connects to / starts the cluster, called at the first unit there is to
+        compute (``lazy``; the job passes it, so a re-run with every unit published starts no
+        cluster). Without it Ray must be initialised already."""
         self.max_retries = max_retries
         self.progress = progress or (lambda _m: None)
         self.step_hook = step_hook  # passed to each personalisation trial (tune_stage.StepHook)
+        self._start = start
+        self.lazy = start is not None
+        # what must happen before the first unit computes; the runner sets it to its memory plan
+        # (which asks node_shapes, so starts the cluster); by default it starts the cluster
+        self.before_compute: Callable[[], None] = self._ensure_started
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` was called (always True for an executor made without one)."""
+        return self._start is None
+
+    def _ensure_started(self) -> None:
+        start, self._start = self._start, None
+        if start is not None:
+            start()
 
     def synthesis_stage(self, ctx: Any, units: list[Any], progress: Callable[[str], None]) -> list[Outcome]:
         """Stage 2 on a Ray Data actor pool (generators stay loaded across batches)."""
         from persrep.distributed.synthesis import run_synthesis_stage
 
-        return run_synthesis_stage(ctx, units, progress, self.max_retries)
+        return run_synthesis_stage(ctx, units, progress, self.max_retries, before_work=self._before_work)
+
+    def _before_work(self) -> None:
+        self.before_compute()
+        self._ensure_started()
 
     def node_shapes(self) -> list[NodeShape]:
+        self._ensure_started()
         return node_shapes()
 
     def _options(self, resources: Resources) -> dict[str, Any]:
@@ -58,11 +81,13 @@ class RayExecutor(StageHooks):
         return run_personalization_stage(
             ctx, units, self.progress, self.max_retries, labels=labels,
             tracking_tags=tracker.parent_run_tags() if tracker is not None else None,
-            data_parallel_workers=ctx.settings.resources.data_parallel_workers, step_hook=self.step_hook)
+            data_parallel_workers=ctx.settings.resources.data_parallel_workers, step_hook=self.step_hook,
+            before_work=self._before_work)
 
     def map(self, fn, ctx, units, labels, resources, stage) -> list[Outcome]:
         if not units:
             return []
+        self._ensure_started()
         opts = {**self._options(resources), "max_retries": 0, "name": f"persrep:{stage}"}
         task = _run_unit.options(**opts)
         ctx_ref = ray.put(ctx)

@@ -367,11 +367,12 @@ def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress
                         use_gpus: bool | None = None, cache_size: int = 2,
                         sampler_factory: SamplerFactory | None = None,
                         no_progress_timeout_s: float = 1800.0,
-                        torch_threads: int | None = None) -> StageOutcomes:
+                        torch_threads: int | None = None,
+                        before_work: Callable[[], None] | None = None) -> StageOutcomes:
     """Draw every unpublished unit's rows on a Ray Data actor pool; publish each unit when complete
     (:class:`SynthesisStage` with these options)."""
     return SynthesisStage(ctx, progress, max_retries, num_actors, use_gpus, cache_size, sampler_factory,
-                          no_progress_timeout_s, torch_threads).run(units)
+                          no_progress_timeout_s, torch_threads, before_work).run(units)
 
 
 @dataclass
@@ -385,6 +386,8 @@ class SynthesisStage:
     ``num_actors`` / ``use_gpus`` override the pool sizing; ``sampler_factory(ctx, unit)``
     replaces :func:`persrep.pipeline.work.open_sampler` (tests inject faults through it).
     ``torch_threads``: intra-op threads per actor (default: the actor's whole CPUs, at least 1).
+    ``before_work()`` runs once there is a unit to draw, before Ray is used (the job's memory plan
+    and cluster start: a stage with every unit published needs neither).
     """
 
     ctx: Any
@@ -396,6 +399,7 @@ class SynthesisStage:
     sampler_factory: SamplerFactory | None = None
     no_progress_timeout_s: float = 1800.0
     torch_threads: int | None = None
+    before_work: Callable[[], None] | None = None
 
     def run(self, units: list[SynthesisUnit]) -> StageOutcomes:
         from persrep.distributed.session import ensure_ray
@@ -422,6 +426,8 @@ class SynthesisStage:
         if not states:
             say(f"synthesis: all {len(units)} units already published; nothing to generate")
             return _finish(units, outcomes, stats, t_stage, say)
+        if self.before_work is not None:
+            self.before_work()
 
         load_ids: dict[str, set[str]] = defaultdict(set)  # "generator:instance" -> load ids
         actors: set[str] = set()

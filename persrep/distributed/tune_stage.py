@@ -469,12 +469,14 @@ def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
                               step_hook: StepHook | None = None,
                               data_parallel_workers: int = 0,
                               max_concurrent_trials: int | None = None,
-                              unit_fn: UnitFn | None = None) -> list[Outcome]:
+                              unit_fn: UnitFn | None = None,
+                              before_work: Callable[[], None] | None = None) -> list[Outcome]:
     """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit
     (:class:`PersonalizationStage` with these options)."""
     return PersonalizationStage(ctx, progress, max_retries, tracking_tags, callbacks, mlflow, name,
                                 storage_path, storage_filesystem, report_every, step_hook,
-                                data_parallel_workers, max_concurrent_trials, unit_fn).run(units, labels)
+                                data_parallel_workers, max_concurrent_trials, unit_fn,
+                                before_work).run(units, labels)
 
 
 @dataclass
@@ -487,7 +489,9 @@ class PersonalizationStage:
     trial's run nests under the job's parent run. ``step_hook(unit, info)`` runs inside the trial
     after each step is reported (fault injection in tests, custom stopping). With
     ``data_parallel_workers > 1`` each trial fits a ``TorchTrainer`` over that many workers
-    (:mod:`persrep.distributed.data_parallel`). Ray must be initialised.
+    (:mod:`persrep.distributed.data_parallel`). Ray must be initialised, or be started by
+    ``before_work()``, which runs once there is a trial to start (the job's memory plan and
+    cluster start: a stage with every adapter published needs neither).
     """
 
     ctx: Any
@@ -504,6 +508,7 @@ class PersonalizationStage:
     data_parallel_workers: int = 0
     max_concurrent_trials: int | None = None
     unit_fn: UnitFn | None = None
+    before_work: Callable[[], None] | None = None
 
     def run(self, units: Sequence[PersonalizeUnit], labels: Sequence[str] | None = None) -> list[Outcome]:
         """One :class:`Outcome` per unit, in order (``labels``: default the units' labels)."""
@@ -530,6 +535,8 @@ class PersonalizationStage:
             f"{len(todo)} to train as Tune trials")
 
         if todo:
+            if self.before_work is not None:
+                self.before_work()
             records = self._trials(todo, label_of, say, max_retries, self.name or experiment_name(units))
             by_key = {k: _outcome(ctx, k, label_of[k], records.get(k)) for k in todo}
             for i, u in enumerate(units):

@@ -113,7 +113,10 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     for note in ctx.notes:
         say(note)
     executor = executor or LocalExecutor(settings.resources.max_retries, say)
-    plan_resources(ctx, executor, say)
+    if getattr(executor, "lazy", False):  # the plan (and the cluster) when a unit is left to compute
+        executor.before_compute = _once(lambda: plan_resources(ctx, executor, say))
+    else:
+        plan_resources(ctx, executor, say)
     summary = RunSummary(ctx.run_id, notes=list(ctx.notes))
     if tracker.degraded and tracker.warning:
         summary.notes.append(f"tracking degraded: {tracker.warning}")
@@ -123,6 +126,9 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     except BaseException:
         tracker.end("FAILED")
         raise
+    if getattr(executor, "lazy", False) and not executor.started:
+        say("nothing to compute: every unit was published earlier (no cluster started, no memory plan)")
+        summary.notes.append("nothing to compute: every unit was published earlier; no Ray cluster started")
     summary.timings["total"] = round(time.perf_counter() - t_start, 2)
     _write_results(ctx, summary, tracker)
     tracker.end("FINISHED" if not summary.failures else "FAILED")
@@ -131,6 +137,17 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     for f in summary.failures:
         say(f"FAILED {f['stage']} {f['unit']} after {f['attempts']} attempt(s): {f['error']}")
     return summary
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` the first time, nothing after (a failed call is not retried: its error stops the job)."""
+    done = []
+
+    def call() -> None:
+        if not done:
+            done.append(True)
+            fn()
+    return call
 
 
 def unit_resources(ctx: RunContext, stage: str) -> Resources:
@@ -353,7 +370,7 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
                               lambda: stage3(ctx, pz_units, pz_labels, tracker))
     else:
         outs = _stage(summary, executor, "personalization", run_personalize_unit, ctx, pz_units,
-                      pz_labels, unit_resources(ctx, "personalization"), say)
+                      pz_labels, lambda: unit_resources(ctx, "personalization"), say)
     adapters = [u for u, o in zip(pz_units, outs) if o.status != "failed"]
     for u, o in zip(pz_units, outs):  # one nested MLflow run per trained adapter
         if o.status == "done":
@@ -367,7 +384,7 @@ def _run_stages(ctx: RunContext, executor: Executor, summary: RunSummary, tracke
     # 4. evaluation: pretrained once per backbone (all instances), then each adapter
     ev_units = pretrained_eval_units(ctx) + [adapter_eval_unit(ctx, u) for u in adapters]
     outs = _stage(summary, executor, "evaluation", run_evaluation_unit, ctx, ev_units,
-                  [u.label for u in ev_units], unit_resources(ctx, "evaluation"), say)
+                  [u.label for u in ev_units], lambda: unit_resources(ctx, "evaluation"), say)
 
     summary.rows = [r for u, o in zip(ev_units, outs) if o.status != "failed"
                     for r in read_rows(ctx.storage, u.key)]

@@ -72,16 +72,32 @@ def record_stage(summary: Any, name: str, how: str, n_units: int, say: Progress,
 
 
 def map_stage(summary: Any, executor: Executor, name: str, fn: Callable[[Any, Any], dict[str, Any]],
-              ctx: Any, units: Sequence[Any], labels: Sequence[str], resources: Resources,
-              say: Progress) -> list[Outcome]:
+              ctx: Any, units: Sequence[Any], labels: Sequence[str],
+              resources: Resources | Callable[[], Resources], say: Progress) -> list[Outcome]:
     """A stage whose units the executor maps over (in-process loop or Ray tasks); units already
     published are skipped here, without a task (pipeline/finished.py); each unit's seconds and
-    peak memory are measured where it runs (pipeline/unit_stats.py)."""
+    peak memory are measured where it runs (pipeline/unit_stats.py).
+
+    When some unit is left to compute, the executor's ``before_compute()`` runs first (a lazy
+    executor's memory plan and cluster start), then ``resources`` is read (a callable: read then,
+    so it sees that plan)."""
     from persrep.pipeline.finished import map_unfinished
     from persrep.pipeline.unit_stats import Measured
 
-    return record_stage(summary, name, "", len(units), say, lambda: map_unfinished(
-        ctx, name, units, labels, lambda us, ls: executor.map(Measured(fn), ctx, us, ls, resources, name), say))
+    def run(us: list[Any], ls: list[str]) -> list[Outcome]:
+        before_compute(executor)
+        res = resources() if callable(resources) else resources
+        return executor.map(Measured(fn), ctx, us, ls, res, name)
+
+    return record_stage(summary, name, "", len(units), say, lambda: map_unfinished(ctx, name, units, labels, run, say))
+
+
+def before_compute(executor: Any) -> None:
+    """The executor's ``before_compute()``, when it has one: what must happen once before the
+    first unit computes (RayExecutor made lazy: the run's memory plan, the cluster's start)."""
+    hook = getattr(executor, "before_compute", None)
+    if hook is not None:
+        hook()
 
 
 def run_planned(stage: PlannedStage, ctx: Any, executor: Executor, summary: Any, say: Progress,
@@ -101,7 +117,7 @@ def run_planned(stage: PlannedStage, ctx: Any, executor: Executor, summary: Any,
         outs = record_stage(summary, stage.name, stage.how, len(units), say, lambda: hook(ctx, units, say))
     else:
         outs = map_stage(summary, executor, stage.name, stage.compute, ctx, units,
-                         [stage.label(u) for u in units], resources(ctx, stage.resources or stage.name), say)
+                         [stage.label(u) for u in units], lambda: resources(ctx, stage.resources or stage.name), say)
     if stage.report is not None:
         stage.report(units, outs)
     return StageRun(planned, units, outs)
