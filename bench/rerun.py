@@ -8,6 +8,9 @@ Run the job once to completion first (``python ray_jobs/run_all.py --config loca
     python bench/rerun.py --storage ROOT --label before --tree /path/to/main/checkout
     python bench/rerun.py --storage ROOT --label after            # this checkout
 
+Labels pair by the words ``before`` / ``after`` (``before-no-ray`` / ``after-no-ray``,
+``lazy-before`` / ``lazy-after``); each pair's ratio is recorded.
+
 Each call runs the job ``--repeat`` times from ``--tree`` (its code, its ``ray_jobs/run_all.py``)
 in a subprocess and records, per repeat: wall seconds of the whole command (Python start, imports,
 Ray start, MLflow, report), the pipeline's own seconds (``summary.json`` ``timings.total``), the
@@ -70,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         "tree": str(tree), "extra_args": args.extra, "loadavg": os.getloadavg(), "runs": runs,
         "wall_s_min": min(r["wall_s"] for r in runs), "pipeline_s_min": min(r["pipeline_s"] for r in runs)}
     res = result["results"]
-    for before in [k for k in res if k.startswith("before")]:  # before / after, before-no-ray / after-no-ray
-        after = "after" + before[len("before"):]
+    for before in [k for k in res if "before" in k]:  # before / after, before-no-ray / after-no-ray, lazy-before / ...
+        after = before.replace("before", "after")
         if after in res:
-            result.setdefault("ratio_before_over_after", {})[before[len("before"):] or "ray"] = {
+            result.setdefault("ratio_before_over_after", {})[before.replace("before", "").strip("-") or "ray"] = {
                 "wall": round(res[before]["wall_s_min"] / res[after]["wall_s_min"], 2),
                 "pipeline": round(res[before]["pipeline_s_min"] / res[after]["pipeline_s_min"], 2)}
     tmp = out.with_suffix(".json.partial")
