@@ -91,6 +91,10 @@ def _main(argv: list[str] | None = None, prog: str | None = None) -> int:
             from persrep.tracking import Tracker
 
             Tracker.from_settings(settings, say=lambda _m: None).connect()
+        if not args.no_ray:  # a wrong RAY_ADDRESS is refused now, not when the first unit computes
+            from persrep.distributed.session import cluster_address
+
+            cluster_address()
         # data, storage and model weights are checked here, before Ray and MLflow start
         ctx = prepare_run(settings, console, args.run_id)
         from persrep.generation.plan import data_configs

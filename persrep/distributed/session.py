@@ -16,17 +16,25 @@ import ray
 from persrep.config import ConfigError, ResourcesSettings
 
 
+def cluster_address() -> str | None:
+    """``$RAY_ADDRESS`` when set (the cluster to attach to), checked: a dashboard URL is refused
+    in one line. The job calls this before any work, since it starts Ray only when a unit is left
+    to compute."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):  # what the `ray job` CLI wants, not ray.init
+        raise ConfigError(f"RAY_ADDRESS={address} is a dashboard (job submission) address, not a "
+                          "cluster address: submit with `ray job submit --address "
+                          f"{address} -- python ray_jobs/run_all.py ...`, or set RAY_ADDRESS to "
+                          "the head's GCS address host:port (e.g. 127.0.0.1:6379) to attach")
+    return address or None
+
+
 def ensure_ray(resources: ResourcesSettings | None = None, **init_kwargs: Any) -> bool:
     """Initialise Ray if needed. Returns True when this call started a local cluster."""
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
+    address = cluster_address()
     if address:
-        if address.startswith(("http://", "https://")):  # what the `ray job` CLI wants, not ray.init
-            raise ConfigError(f"RAY_ADDRESS={address} is a dashboard (job submission) address, not a "
-                              "cluster address: submit with `ray job submit --address "
-                              f"{address} -- python ray_jobs/run_all.py ...`, or set RAY_ADDRESS to "
-                              "the head's GCS address host:port (e.g. 127.0.0.1:6379) to attach")
         ray.init(address=address, log_to_driver=True, **init_kwargs)
         return False
     # address="local": always a new cluster of our own, never one another user started here
