@@ -32,13 +32,12 @@ class RayExecutor(StageHooks):
     def __init__(self, max_retries: int = 2, progress: Callable[[str], None] | None = None,
                  step_hook: Any = None, start: Callable[[], Any] | None = None):
         """``start``: connects to / starts the cluster, called at the first unit there is to
-        compute (``lazy``; the job passes it, so a re-run with every unit published starts no
-        cluster). Without it Ray must be initialised already."""
+        compute (the job passes it, so a re-run with every unit published starts no cluster;
+        ``started`` says whether it was called). Without it Ray must be initialised already."""
         self.max_retries = max_retries
         self.progress = progress or (lambda _m: None)
         self.step_hook = step_hook  # passed to each personalisation trial (tune_stage.StepHook)
         self._start = start
-        self.lazy = start is not None
         # what must happen before the first unit computes; the runner sets it to its memory plan
         # (which asks node_shapes, so starts the cluster); by default it starts the cluster
         self.before_compute: Callable[[], None] = self._ensure_started

@@ -113,7 +113,8 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     for note in ctx.notes:
         say(note)
     executor = executor or LocalExecutor(settings.resources.max_retries, say)
-    if getattr(executor, "lazy", False):  # the plan (and the cluster) when a unit is left to compute
+    lazy = not getattr(executor, "started", True)  # RayExecutor(start=...): its cluster not started yet
+    if lazy:  # the plan (and so the cluster) when a unit is left to compute
         executor.before_compute = _once(lambda: plan_resources(ctx, executor, say))
     else:
         plan_resources(ctx, executor, say)
@@ -126,7 +127,7 @@ def run_pipeline(settings: Settings, progress: Progress | None = None,
     except BaseException:
         tracker.end("FAILED")
         raise
-    if getattr(executor, "lazy", False) and not executor.started:
+    if lazy and not executor.started:
         say("nothing to compute: every unit was published earlier (no cluster started, no memory plan)")
         summary.notes.append("nothing to compute: every unit was published earlier; no Ray cluster started")
     summary.timings["total"] = round(time.perf_counter() - t_start, 2)
