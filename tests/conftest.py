@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -33,23 +32,16 @@ def shared_data() -> Path:
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol HTTP server (moto) on loopback for the whole session.
 
     Yields the endpoint URL; sets fake credentials in the environment (moto accepts any).
     """
-    from moto.server import ThreadedMotoServer
+    from helpers import free_port, start_moto  # tests/ is on sys.path (this file's folder)
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    port = free_port()
+    server = start_moto(port)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}

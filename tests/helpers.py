@@ -197,7 +197,16 @@ def fast_reference(tmp_path_factory) -> dict:
             "stages": summary.stages}
 
 
-# -- a moto server restarted on its port (test_services, chaos/soak) --------------------------------
+# -- loopback ports and a moto server on one (conftest, test_services, chaos/soak) -------------------
+def free_port() -> int:
+    """A port free on loopback right now (not reserved: bind it soon)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_moto(port: int, timeout: float = 60.0):
     """A ``ThreadedMotoServer`` on 127.0.0.1:``port``, started again on the same port after a stop.
 

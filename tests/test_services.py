@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,12 @@ import pytest
 from persrep.storage import MANIFEST, Storage
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import error_lines, run_all_main, start_moto  # noqa: E402
+from helpers import error_lines, free_port, run_all_main, start_moto  # noqa: E402
 from worlds import TINY  # noqa: E402
 
 SMALL = [*TINY, "generator.types=[real_only]", "evaluation.tasks=[classification]",
          "tracking.enabled=false"]
 PLANTED_SECRET = "wrong-Secret-0f9e8d7c6b5a"  # must never be printed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _boto(endpoint: str, key: str = "AKIAIOSFODNN7EXAMPLE", secret: str = "x", service: str = "s3"):
@@ -50,7 +43,7 @@ def s3_with_auth(tmp_path_factory):
     its access key and policy, a bucket) are free, every later one needs valid credentials."""
     import requests
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
@@ -113,7 +106,7 @@ class OwnS3:
     start() serves the same in-process state on the same port again."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
 
@@ -186,7 +179,7 @@ def test_s3_endpoint_down_mid_run_stops_clearly_then_rerun_resumes(tmp_path, mon
 
 # -- MLflow tracking server down ---------------------------------------------------------------
 def test_tracking_server_down_the_job_goes_on_degraded(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     root = tmp_path / "root"
     rc = run_all_main(["--no-ray", "--storage", str(root), "--run-id", "r", *SMALL,
                        "tracking.enabled=true", f"tracking.uri={uri}"])
@@ -201,7 +194,7 @@ def test_tracking_server_down_the_job_goes_on_degraded(tmp_path, capsys):
 
 
 def test_tracking_required_and_down_stops_before_compute(tmp_path, capsys):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     root = tmp_path / "root"
     rc = run_all_main(["--no-ray", "--storage", str(root), *SMALL, "tracking.enabled=true",
                        f"tracking.uri={uri}", "tracking.required=true"])

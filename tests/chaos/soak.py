@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers.start_moto
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+
+from helpers import free_port, start_moto  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ALL = REPO / "ray_jobs" / "run_all.py"
@@ -75,12 +76,6 @@ def job_env(**extra: str) -> dict[str, str]:
                 "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)})
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- processes, found through the cluster only ----------------------------------------------------
@@ -183,14 +178,12 @@ class S3:
     """This soak's own moto server on a fixed port (restartable: moto's state lives in-process)."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.server = None
         self.start()
 
     def start(self) -> None:
-        from helpers import start_moto
-
         self.server = start_moto(self.port)
 
     def stop(self) -> None:
