@@ -122,7 +122,7 @@ def _main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     executor = RayExecutor(settings.resources.max_retries, console, start=start)
                     summary = run_pipeline(settings, console, executor, run_id=ctx.run_id, ctx=ctx)
                 finally:
-                    release(bool(started and started[0]))
+                    release(any(started))
             console.summary(summary)
     except UserError as exc:
         print(f"{prog or 'run_all'}: {exc}", file=sys.stderr)
