@@ -248,6 +248,17 @@ class LoraSettings(Section):
                                              "blocks' pointwise convs for CNNs")
 
 
+class HardNegativeSettings(Section):
+    """Negatives made from the instance's own images (no other object needed, never in-pool)."""
+
+    recolour: int = Field(0, ge=0, le=100_000, description="identity-destroying edits added to the "
+                          "negatives: copies of the instance's photos and positives with the hue turned "
+                          "by at least min_hue_shift degrees (a differently coloured object is another "
+                          "object: a red vs a green pepper, two cartons of one brand); 0 = none")
+    min_hue_shift: float = Field(60.0, gt=0, le=180, description="smallest hue turn of a recoloured "
+                                 "negative, in degrees (lighting moves hue far less)")
+
+
 class PersonalizationSettings(Section):
     backbones: list[BackboneSettings] = Field(
         [BackboneSettings(name="tf_efficientnet_lite0", weights="offline")], min_length=1)
@@ -268,9 +279,23 @@ class PersonalizationSettings(Section):
     external_negatives: str | None = None
     checkpoint_every: int = Field(100, ge=1)
     seed: int = 1234
+    hard_negatives: HardNegativeSettings = HardNegativeSettings()
+    real_positive_share: float = Field(0.0, ge=0, le=1, description="share of triplets whose positive "
+                                       "is one of the real photos (augmented) instead of a synthetic "
+                                       "positive; real-only training ignores it")
+    crop_scale: tuple[float, float] = Field((0.8, 1.0), description="training augmentation: "
+                                            "RandomResizedCrop area range (the reference: 0.8-1.0)")
     channels_last: bool = Field(False, description="train CNNs in channels_last memory format: "
                                 "~1.7x faster steps on CPU (bench/per_instance.json); same maths, "
                                 "float rounding differs (not bit-identical), so off by default")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0 < lo <= hi <= 1):
+            raise ValueError(f"need 0 < min <= max <= 1 (a share of the image's area), got {list(v)}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +311,9 @@ class EvaluationSettings(Section):
         "patch tokens either way (docs/DESIGN.md, dense head)")
     batch_size: int = Field(32, ge=1, le=4096)
     evaluate_pretrained: bool = True
+    adapter_scale: float = Field(1.0, ge=0, le=1, description="weight of the adapter at inference "
+                                 "(WiSE-FT style interpolation between the pretrained weights, 0, and "
+                                 "the trained adapter, 1): the LoRA update is scaled by it")
     prefix_cache: bool = Field(True, description="CNN adapters leave the stem and first blocks "
                                "frozen: embed the pools through them once per process, run only the "
                                "adapted tail per adapter (same features; false = the full forward)")

@@ -27,9 +27,23 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
 }
 
 
+# section -> {field: value at which the field changes nothing}: settings added after results were
+# stored (the real-photo levers of issue #26). At that value the field is left out of the key, so
+# every unit stored before it existed keeps its key; any other value enters the key as usual.
+NEUTRAL: dict[str, dict[str, Any]] = {
+    "personalization": {"hard_negatives": {"recolour": 0, "min_hue_shift": 60.0},
+                        "real_positive_share": 0.0, "crop_scale": [0.8, 1.0]},
+    "evaluation": {"adapter_scale": 1.0},
+}
+
+
 def result_settings(section: BaseModel | dict[str, Any], name: str) -> dict[str, Any]:
-    """``section`` as a JSON-able dict without the operational fields of ``name`` (a key above)."""
+    """``section`` as a JSON-able dict without the operational fields of ``name`` (a key above)
+    and without the fields that sit at their :data:`NEUTRAL` value."""
     data = section.model_dump(mode="json") if isinstance(section, BaseModel) else dict(section)
     for field in OPERATIONAL.get(name, ()):
         data.pop(field, None)
+    for field, neutral in NEUTRAL.get(name, {}).items():
+        if field in data and data[field] == neutral:
+            data.pop(field)
     return data

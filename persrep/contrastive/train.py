@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from persrep.config import BackboneSettings, PersonalizationSettings, content_key
+from persrep.contrastive.hard_negatives import recoloured
 from persrep.contrastive.losses import build_loss, triplet_accuracy
 from persrep.contrastive.triplets import sample_triplets
 from persrep.hashing import stable_seed
@@ -128,15 +129,25 @@ class TrainingSetup:
             backbone = backbone.to(memory_format=torch.channels_last)
         optim = torch.optim.Adam(lora_parameters(backbone), lr=pz.learning_rate,
                                  betas=tuple(pz.betas), weight_decay=pz.weight_decay)
-        # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
-        n_pos = len(data.positives) if data.positives_source != "synthetic" else pz.num_positives
-        triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
-                                   list(range(len(data.negatives))), pz.num_triplets, n_pos, pz.seed)
         anchors = [_to_pil(x) for x in data.anchors]
+        positives = [_to_pil(x) for x in data.positives] if data.positives else anchors
+        # identity-destroying edits of the instance's own images (contrastive/hard_negatives.py)
+        hn = pz.hard_negatives
+        edits = recoloured(anchors + (positives if positives is not anchors else []), hn.recolour,
+                           hn.min_hue_shift, pz.seed)
+        negatives = [_to_pil(x) for x in data.negatives] + edits
+        # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
+        synthetic = data.positives_source == "synthetic"
+        n_pos = len(data.positives) if not synthetic else pz.num_positives
+        triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
+                                   list(range(len(negatives))), pz.num_triplets, n_pos, pz.seed)
+        if synthetic and pz.real_positive_share > 0:  # some positives are the real photos themselves
+            triplets = _mix_real_positives(triplets, len(positives), len(anchors),
+                                           pz.real_positive_share, pz.seed)
+            positives = positives + anchors
         return cls(run_key, backbone, optim, build_loss(pz.loss, pz.temperature),
-                   train_transform(backbone_settings), triplets, anchors,
-                   [_to_pil(x) for x in data.positives] if data.positives else anchors,
-                   [_to_pil(x) for x in data.negatives])
+                   train_transform(backbone_settings, scale=tuple(pz.crop_scale)), triplets, anchors,
+                   positives, negatives)
 
     def restore(self, state: dict[str, Any] | None) -> tuple[int, dict[str, list[float]]]:
         """Load a checkpoint's state when it belongs to this run (same run key): the step to start
@@ -165,8 +176,21 @@ class TrainingSetup:
                 "final_triplet_accuracy": float(np.mean(history["accuracy"][-k:])) if losses else float("nan"),
                 "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
                 "finished": finished, "num_anchors": len(self.anchors), "num_positives": len(data.positives),
-                "num_negatives": len(self.negatives), "positives_source": data.positives_source,
+                "num_negatives": len(self.negatives),
+                "num_recoloured_negatives": len(self.negatives) - len(data.negatives),
+                "positives_source": data.positives_source,
                 "negatives_source": data.negatives_source}
+
+
+def _mix_real_positives(triplets: list[tuple[int, int, int]], n_synthetic: int, n_real: int,
+                        share: float, seed: int) -> list[tuple[int, int, int]]:
+    """Replace the positive of a seeded ``share`` of the triplets by a real photo (index
+    ``n_synthetic + i`` in the positives list extended by the anchors)."""
+    rng = np.random.default_rng([seed, 0x2EA1])
+    real = rng.random(len(triplets)) < share
+    picks = rng.integers(0, n_real, len(triplets))
+    return [(a, n_synthetic + int(r) if use else p, n)
+            for (a, p, n), use, r in zip(triplets, real, picks)]
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:

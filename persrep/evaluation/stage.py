@@ -215,10 +215,11 @@ class Evaluator:
 
     def evaluate_adapter(self, bs: BackboneSettings, instance: str, adapter_path: str | Path,
                          keys: dict[str, Any]) -> list[dict[str, Any]]:
-        backbone = load_adapter(build_backbone(bs), adapter_path).eval()
+        scale = self.ev.adapter_scale
+        backbone = load_adapter(build_backbone(bs), adapter_path, scale).eval()
         extractor = self._extractor(backbone)
         key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)),
-                          self.ev.dense_features)
+                          self.ev.dense_features, *([scale] if scale != 1.0 else []))
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
         rows = self._rows([instance], gpool, dpool, dtrain, {**keys, "model": "personalised"})

@@ -194,16 +194,17 @@ class CutPasteGenerator(RealPhotosGenerator):
             raise ValueError(f"cut_paste needs the object's masks, but instance {instance.name!r} has "
                              "no train masks: add train_masks/<instance>/ (one binary mask per photo), "
                              "or use generator type real_only or dreambooth, which need no masks")
-        for i, mask in enumerate(instance.train_masks):
-            if mask.convert("L").getbbox() is None:
-                raise ValueError(f"instance {instance.name!r} train mask {i} is empty (no foreground "
-                                 "pixel): cut_paste has nothing to paste; fix the train_masks/ file")
+        if not pasteable(instance.train_masks):
+            raise ValueError(f"instance {instance.name!r}: every train mask is empty (no foreground "
+                             "pixel): cut_paste has nothing to paste; fix the train_masks/ files, or "
+                             "delete them and set generator.auto_masks=true")
 
     def load(self, artifact: Any) -> None:
         super().load(artifact)
         inst = self.instance
-        self._cutouts = [cut_out(image, mask, f"instance {inst.name!r} train mask {i}")
-                         for i, (image, mask) in enumerate(zip(inst.train_images, inst.train_masks))]
+        # a photo whose mask is empty is left out; the others serve (check_instance: one at least)
+        self._cutouts = [cut_out(inst.train_images[i], inst.train_masks[i], f"instance {inst.name!r} train mask {i}")
+                         for i in pasteable(inst.train_masks)]
 
     def backgrounds_setting(self) -> str:
         """The background folder this run reads (``@data/`` resolved), or ``generated``."""
@@ -257,6 +258,11 @@ class CutPasteGenerator(RealPhotosGenerator):
                                     placement.y_fraction, cut_paste.edge_blur)
             out.append(SampledImage(image, mask, row))
         return out
+
+
+def pasteable(masks: list[Image.Image]) -> list[int]:
+    """Indices of the masks with at least one foreground pixel."""
+    return [i for i, m in enumerate(masks) if m.convert("L").getbbox() is not None]
 
 
 class PublishedBackgrounds:

@@ -149,9 +149,13 @@ def identity_mismatches(expected: dict[str, Any], actual: dict[str, Any]) -> lis
     return problems
 
 
-def load_adapter(backbone: Backbone, path: str | os.PathLike) -> Backbone:
+def load_adapter(backbone: Backbone, path: str | os.PathLike, scale: float = 1.0) -> Backbone:
     """Apply the adapter in ``path`` to a freshly built base; fail if it was made for another
-    base (checked before anything is changed)."""
+    base (checked before anything is changed). ``scale`` < 1 weakens the adapter: every LoRA
+    update ``B @ A`` is multiplied by it (``evaluation.adapter_scale``, WiSE-FT-style
+    interpolation between the pretrained weights at 0 and the trained adapter at 1)."""
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"adapter scale {scale}: need 0 <= scale <= 1")
     meta = read_adapter_metadata(path)
     problems = identity_mismatches(meta["base_identity"], backbone.identity)
     if problems:
@@ -169,6 +173,8 @@ def load_adapter(backbone: Backbone, path: str | os.PathLike) -> Backbone:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise AdapterFormatError(f"adapter {path}: tensors do not fit the LoRA layers "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    if scale != 1.0:
+        tensors = {k: v * scale if ".lora_B." in k else v for k, v in tensors.items()}
     try:
         set_peft_model_state_dict(backbone.model, tensors)
     except RuntimeError as exc:  # shape mismatches

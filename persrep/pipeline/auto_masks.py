@@ -1,7 +1,8 @@
 """``generator.auto_masks``: predicted train masks as keyed units, before generator prep.
 
 One unit per instance that lacks train masks, keyed by the segmenter's identity (its settings that
-change masks) and the instance's train pixels, published at ``<root>/masks/<key>/`` (one PNG per
+change masks), the robust procedure (:mod:`persrep.segmentation.instance_masks`: a failed photo is
+re-segmented from the others, then boxed, never left empty) and the instance's train pixels, published at ``<root>/masks/<key>/`` (one PNG per
 train image + ``confidence.json``), manifest last. :func:`auto_masks_for` is what
 :func:`persrep.pipeline.work.instance_data` reads for such instances; it computes and publishes a
 missing unit itself, so a planner that needs an instance's masks before the stage ran (a sweep's
@@ -23,6 +24,7 @@ from persrep.hashing import image_fingerprint
 from persrep.generation.shards import png_bytes
 from persrep.pipeline.units import Unit
 from persrep.segmentation.base import get_segmenter
+from persrep.segmentation.instance_masks import PROCEDURE, predict_instance_masks
 
 STAGE = "masks"
 
@@ -34,7 +36,8 @@ def needs_auto_masks(ctx: Any, name: str) -> bool:
 
 def mask_unit_key(ctx: Any, images: list[Image.Image]) -> str:
     seg = get_segmenter(ctx.settings.segmentation.segmenter, ctx.settings.segmentation)
-    return content_key("auto-masks", seg.identity(), [image_fingerprint(i) for i in images])
+    return content_key("auto-masks", seg.identity(), [image_fingerprint(i) for i in images],
+                       {"procedure": PROCEDURE, "min_confidence": ctx.settings.segmentation.min_confidence})
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,12 +74,13 @@ def _compute(ctx: Any, name: str, images: list[Image.Image], key: str) -> dict[s
     t0 = time.perf_counter()
     s = ctx.settings.segmentation
     seg = get_segmenter(s.segmenter, s)
-    outs = seg.segment(images)
+    outs = predict_instance_masks(seg, images, s.min_confidence)  # never an empty mask
     conf = [round(float(o.confidence), 4) for o in outs]
+    sources = [o.source for o in outs]
     files = {f"{i}.png": png_bytes(o.image()) for i, o in enumerate(outs)}
     files["confidence.json"] = json.dumps(conf).encode()
-    meta = {"instance": name, "segmenter": seg.identity(), "confidence": conf, "predicted": True,
-            "seconds": time.perf_counter() - t0}
+    meta = {"instance": name, "segmenter": seg.identity(), "confidence": conf, "sources": sources,
+            "predicted": True, "seconds": time.perf_counter() - t0}
     ctx.storage.publish(STAGE, key, files, meta)
     return {"status": "done", "key": key, "min_confidence": min(conf) if conf else None,
             "seconds": meta["seconds"]}
@@ -98,8 +102,14 @@ def low_confidence_notes(ctx: Any, units: list[dict[str, Any]]) -> list[str]:
     for u in units:
         if not ctx.storage.is_finished(STAGE, u.key):
             continue
-        conf = ctx.storage.manifest(STAGE, u.key).meta.get("confidence", [])
+        meta = ctx.storage.manifest(STAGE, u.key).meta
+        conf, sources = meta.get("confidence", []), meta.get("sources", [])
         low = [i for i, c in enumerate(conf) if c < ctx.settings.segmentation.min_confidence]
+        boxes = [i for i, src in enumerate(sources) if src == "box_fallback"]
+        if boxes:
+            notes.append(f"auto masks of {u.instance}: no object found in train image(s) {boxes}, a "
+                         f"centred box stands in (masks/{u.key}/); give train_masks/ for a better cut-out")
+        low = [i for i in low if i not in boxes]
         if low:
             notes.append(f"auto masks of {u.instance}: train image(s) {low} have confidence < "
                          f"{ctx.settings.segmentation.min_confidence} (masks/{u.key}/); check them "

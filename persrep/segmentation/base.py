@@ -97,6 +97,12 @@ class Segmenter(ABC):
     def segment(self, images: list[Image.Image], reference: Reference | None = None) -> list[Segmentation]:
         """One :class:`Segmentation` per image, at the image's size, in order."""
 
+    def refine(self, images: list[Image.Image], reference: Reference) -> list[Segmentation]:
+        """Segment ``images`` again, started from ``reference`` (the same object's confident masks
+        in its other photos): what :mod:`persrep.segmentation.instance_masks` asks for a photo whose
+        first mask failed. Default: :meth:`segment` with the reference."""
+        return self.segment(images, reference)
+
 
 def register_segmenter(cls: type[Segmenter]) -> type[Segmenter]:
     if not isinstance(getattr(cls, "name", None), str) or not isinstance(getattr(cls, "needs", None), Needs):

@@ -74,6 +74,16 @@ class GrabCutSegmenter(Segmenter):
         return [max(self._one(img, prior), self._one(img, None), key=lambda s: s.confidence)
                 for img, prior in zip(images, priors)]
 
+    def refine(self, images: list[Image.Image], reference: Reference) -> list[Segmentation]:
+        """Started from the reference's feature prior (the object's own foreground features minus
+        its backgrounds), whatever ``init`` says; the centred box when that finds nothing."""
+        images = [i.convert("RGB") for i in images]
+        out = []
+        for img, prior in zip(images, feature_priors(images, reference)):
+            seg = self._one(img, prior)
+            out.append(seg if seg.mask.any() else self._one(img, None))
+        return out
+
     def _one(self, image: Image.Image, prior: np.ndarray | None) -> Segmentation:
         import cv2
 

@@ -1,0 +1,185 @@
+"""Real phone photos without masks: pretrained vs personalised, today's main vs each lever -> bench/realphoto.json.
+
+The data set is a folder of real photos in the reference layout with NO masks (by default
+``../shared/data/grocery_produce``: 39 store-shot produce varieties, 3 train photos each). Every
+variant is the product's own job (``ray_jobs/run_all.py``, local Ray) with the issue's command
+line plus the variant's overrides; the figures are read back from the run's ``results.parquet``
+and ``summary.json``, so what is measured is what a user gets.
+
+- ``main``: the baseline, run from another source tree (``--baseline-tree``, a checkout of the
+  main that this work started from) with that tree's command: ``--config offline-real
+  generator.auto_masks=true 'generator.types=[cut_paste]'``.
+- levers: this tree, each variant one override set on top of the shipped ``offline-real``
+  defaults (``generator.types=[cut_paste]`` and the external negatives / backgrounds folders are
+  given on the command line, as a user would). Lever variants share one storage root, so units
+  that do not depend on the lever (masks, synthesis, the pretrained evaluation) are computed once.
+- ``--final NAME``: the variant that is the new default, also run on its own storage root so its
+  seconds per instance are a whole run's.
+
+Per instance: classification AP and retrieval NDCG of the pretrained backbone and of the
+personalised one (the ``cut_paste`` adapter); an instance whose adapter failed counts as its
+pretrained score in the all-instance means (delta 0) and is listed. Top level: ``delta_ap`` /
+``delta_ndcg`` of the final variant (mean over all instances, x100), share of instances improved,
+worst drop, seconds per instance.
+
+    python bench/realphoto.py --work /tmp/rp --baseline-tree /path/to/main_checkout
+    python bench/realphoto.py --work /tmp/rp --subset 3 --variants base,recolour   # every 3rd instance
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PERSREP_SHARED_DATA", REPO.parent / "shared" / "data"))
+HEADLINE = {"classification": "ap", "retrieval": "ndcg"}
+
+# variant -> overrides on top of the shipped offline-real defaults (this tree)
+VARIANTS: dict[str, list[str]] = {
+    # the levers off: today's main settings on this tree (robust masks are not a setting)
+    "masks_only": ["personalization.max_steps=40"],
+    "recolour": ["personalization.max_steps=40", "personalization.hard_negatives.recolour=64"],
+    "real_share": ["personalization.max_steps=40", "personalization.real_positive_share=0.5"],
+    "crops": ["personalization.max_steps=40", "personalization.crop_scale=[0.35,1.0]"],
+    "wise": ["personalization.max_steps=40", "evaluation.adapter_scale=0.5"],
+    "steps80": ["personalization.max_steps=80"],
+}
+
+
+def base_command(tree: Path, data: Path) -> list[str]:
+    return [sys.executable, str(tree / "ray_jobs" / "run_all.py"), "--config", "offline-real",
+            "--data", str(data), "generator.types=[cut_paste]",
+            f"personalization.external_negatives={SHARED / 'dreambooth'}",
+            f"synthesis.cut_paste.backgrounds={SHARED / 'backgrounds'}"]
+
+
+def run_variant(name: str, tree: Path, root: Path, data: Path, overrides: list[str],
+                instances: list[str] | None) -> dict:
+    run_dir = root / "runs" / name
+    cmd = [*base_command(tree, data), "--storage", str(root), "--run-id", name, *overrides]
+    if instances:
+        cmd.append("data.instances=[" + ",".join(instances) + "]")
+    t0 = time.time()
+    if not (run_dir / "results.parquet").exists():
+        env = {**os.environ, "PYTHONPATH": str(tree), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        log = root / f"{name}.log"
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
+        with open(log, "w") as fh:
+            rc = subprocess.call(cmd, cwd=tree, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if rc not in (0, 1) or not (run_dir / "results.parquet").exists():
+            raise SystemExit(f"{name}: the job exited {rc}; see {log}")
+    wall = time.time() - t0
+    return {"command": " ".join(cmd[2:]), "tree": str(tree), "run_dir": str(run_dir),
+            **read_run(run_dir), "wall_s_this_call": round(wall, 1)}
+
+
+def read_run(run_dir: Path) -> dict:
+    df = pd.read_parquet(run_dir / "results.parquet")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    df = df[df["task"].isin(list(HEADLINE)) & df["metric"].isin(list(HEADLINE.values()))]
+    pre = df[df["model"] == "pretrained"]
+    pers = df[(df["model"] == "personalised") & (df["data_config"] == "cut_paste")]
+    names = sorted(pre["instance"].unique())
+    per: dict[str, dict] = {}
+    for inst in names:
+        row: dict = {"adapter": bool((pers["instance"] == inst).any())}
+        for task, metric in HEADLINE.items():
+            p = pre[(pre["instance"] == inst) & (pre["task"] == task)]["value"]
+            q = pers[(pers["instance"] == inst) & (pers["task"] == task)]["value"]
+            row[f"pretrained_{metric}"] = round(float(p.iloc[0]) * 100, 2)
+            row[f"personalised_{metric}"] = round(float(q.iloc[0]) * 100, 2) if len(q) else row[f"pretrained_{metric}"]
+            row[f"delta_{metric}"] = round(row[f"personalised_{metric}"] - row[f"pretrained_{metric}"], 2)
+        for col in ("model_used", "model_reason"):
+            if col in pers.columns and (pers["instance"] == inst).any():
+                row[col] = str(pers[pers["instance"] == inst][col].iloc[0])
+        per[inst] = row
+    costs = summary.get("costs", {})
+    return {"instances": len(names), "failed": [n for n in names if not per[n]["adapter"]],
+            "per_instance": per, "mean": means(per), "summary_costs": costs,
+            "s_per_instance": seconds_per_instance(summary, len(names))}
+
+
+def seconds_per_instance(summary: dict, n: int) -> float | None:
+    wall = summary.get("wall_seconds") or summary.get("seconds")
+    return round(float(wall) / n, 1) if wall and n else None
+
+
+def means(per: dict[str, dict]) -> dict:
+    rows = list(per.values())
+    out: dict = {}
+    for metric in HEADLINE.values():
+        d = np.array([r[f"delta_{metric}"] for r in rows])
+        out[f"pretrained_{metric}"] = round(float(np.mean([r[f"pretrained_{metric}"] for r in rows])), 2)
+        out[f"personalised_{metric}"] = round(float(np.mean([r[f"personalised_{metric}"] for r in rows])), 2)
+        out[f"delta_{metric}"] = round(float(d.mean()), 2)
+        out[f"improved_{metric}"] = f"{int((d > 0).sum())}/{len(d)}"
+        out[f"worst_{metric}"] = round(float(d.min()), 2)
+    out["improved_both"] = f"{sum(r['delta_ap'] > 0 and r['delta_ndcg'] > 0 for r in rows)}/{len(rows)}"
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", required=True, help="scratch directory for the storage roots")
+    ap.add_argument("--data", default=str(SHARED / "grocery_produce"))
+    ap.add_argument("--baseline-tree", help="checkout of the main to compare with (variant 'main')")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="lever variants to run (comma-separated)")
+    ap.add_argument("--subset", type=int, default=1, help="levers on every n-th instance (sorted names)")
+    ap.add_argument("--final", help="the variant that is the new default: also run on all instances, own root")
+    ap.add_argument("--final-overrides", default="", help="extra overrides of the final variant (space-separated)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "realphoto.json"))
+    args = ap.parse_args()
+    work, data = Path(args.work).resolve(), Path(args.data).resolve()
+    names = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    subset = names[::args.subset] if args.subset > 1 else None
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    result.update({"data": str(data.name), "instances": len(names), "subset_rule": f"every {args.subset}-th of the sorted instance names",
+                   "subset": subset or names, "cpus": os.cpu_count()})
+    variants = result.setdefault("variants", {})
+    if args.baseline_tree:
+        tree = Path(args.baseline_tree).resolve()
+        variants["main"] = run_variant("main", tree, work / "main", data, ["generator.auto_masks=true"], None)
+        variants["main"]["commit"] = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                                                    capture_output=True, text=True).stdout.strip()
+        _save(out_path, result)
+    for name in [v for v in args.variants.split(",") if v]:
+        variants[name] = run_variant(name, REPO, work / "levers", data, VARIANTS[name], subset)
+        variants[name]["lever"] = VARIANTS[name]
+        _save(out_path, result)
+    if args.final:
+        extra = args.final_overrides.split() if args.final_overrides else []
+        variants["final"] = run_variant("final", REPO, work / "final", data, extra, None)
+        variants["final"]["overrides"] = extra
+        fin = variants["final"]["mean"]
+        result.update({"delta_ap": fin["delta_ap"], "delta_ndcg": fin["delta_ndcg"],
+                       "improved_both": fin["improved_both"], "worst_ap": fin["worst_ap"],
+                       "s_per_instance": variants["final"]["s_per_instance"]})
+    # lever deltas on the subset: each lever vs 'masks_only' (its reference), same instances
+    ref = variants.get("masks_only")
+    if ref:
+        result["lever_deltas_vs_masks_only"] = {
+            n: {m: round(v["mean"][f"personalised_{m}"] - ref["mean"][f"personalised_{m}"], 2) for m in HEADLINE.values()}
+            for n, v in variants.items() if n in VARIANTS and v["instances"] == ref["instances"]}
+    _save(out_path, result)
+    print(json.dumps({k: v for k, v in result.items() if k != "variants"}, indent=1))
+    for n, v in variants.items():
+        print(f"{n:12s} n={v['instances']:3d} failed={len(v['failed'])} {v['mean']} s/inst={v['s_per_instance']}")
+    return 0
+
+
+def _save(path: Path, result: dict) -> None:
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
