@@ -55,9 +55,9 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def base_command(tree: Path, data: Path) -> list[str]:
+def base_command(tree: Path, data: Path, root: Path, name: str) -> list[str]:
     return [sys.executable, str(tree / "ray_jobs" / "run_all.py"), "--config", "offline-real",
-            "--data", str(data), "generator.types=[cut_paste]",
+            "--data", str(data), "--storage", str(root), "--run-id", name, "generator.types=[cut_paste]",
             f"personalization.external_negatives={SHARED / 'dreambooth'}",
             f"synthesis.cut_paste.backgrounds={SHARED / 'backgrounds'}"]
 
@@ -65,12 +65,13 @@ def base_command(tree: Path, data: Path) -> list[str]:
 def run_variant(name: str, tree: Path, root: Path, data: Path, overrides: list[str],
                 instances: list[str] | None) -> dict:
     run_dir = root / "runs" / name
-    cmd = [*base_command(tree, data), "--storage", str(root), "--run-id", name, *overrides]
+    cmd = [*base_command(tree, data, root, name), *overrides]
     if instances:
         cmd.append("data.instances=[" + ",".join(instances) + "]")
     t0 = time.time()
     if not (run_dir / "results.parquet").exists():
         env = {**os.environ, "PYTHONPATH": str(tree), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+        root.mkdir(parents=True, exist_ok=True)
         log = root / f"{name}.log"
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
         with open(log, "w") as fh:
