@@ -52,8 +52,14 @@ class ModelSpec:
 
 def extractor_key(source, spec: ModelSpec) -> str:
     """Names everything that determines an embedding except the image: backbone, adapter, feature."""
+    scale = adapter_scale(source)
     return content_key("find-embedding", source.backbone, source.global_feature,
-                       spec.adapter_key or "pretrained")
+                       spec.adapter_key or "pretrained", *([scale] if spec.adapter_key and scale != 1.0 else []))
+
+
+def adapter_scale(source) -> float:
+    """The run's ``evaluation.adapter_scale``: find embeds with the adapters as the run evaluated them."""
+    return float(source.settings.evaluation.adapter_scale)
 
 
 class Extractors:
@@ -93,7 +99,9 @@ class Extractors:
                     raise AdapterFormatError(
                         f"adapter {spec.adapter_key} ({spec.name}) does not share the LoRA layout or "
                         f"base of adapter {first.adapter_key}: {'; '.join(problems) or 'lora differs'}")
-                self.states[spec.name] = load_file(str(path))
+                scale = adapter_scale(self.source)  # as the run evaluated them (models/lora.load_adapter)
+                self.states[spec.name] = {k: v * scale if ".lora_B." in k and scale != 1.0 else v
+                                          for k, v in load_file(str(path)).items()}
         zero = {k: (torch.zeros_like(v) if "lora_B" in k else v.clone())
                 for k, v in lora_state_dict(self.backbone).items()}
         self.states["pretrained"] = zero
