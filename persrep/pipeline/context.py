@@ -160,6 +160,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     from persrep.pipeline.path_guard import check_path_overlaps
 
     check_path_overlaps(settings)  # no input inside the run's output, no storage root inside the data
+    from persrep.pipeline.inputs import check_settings_inputs
+
+    check_settings_inputs(settings)  # counts that fail every unit, captions file and model: no data needed
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
     notes = preflight_models(settings)
@@ -191,6 +194,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},
                      ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, _ds=ds)
     check_external_negatives(ctx)
+    from persrep.pipeline.inputs import check_run_inputs
+
+    check_run_inputs(settings, ctx.instances, ctx.resolve_data_path)  # captions, backgrounds, counts
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
                          "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
