@@ -129,3 +129,30 @@ def test_a_transient_failure_in_the_same_place_is_still_retried(reference, tmp_p
     summary = run_pipeline(settings, executor=LocalExecutor(2), run_id="transient")
     assert hook.calls == 3 and summary.failures[0]["attempts"] == 3
     assert summary.failures[0]["error"] == "RuntimeError: simulated worker failure"
+
+
+def test_summary_leaves_out_a_backbone_without_adapters_and_says_why(reference, tmp_path, monkeypatch):
+    """Every adapter of the run's backbone rejected: no ``nan / +nan / 0/n`` rows, one line why."""
+    import persrep.pipeline.runner as runner
+
+    root = tmp_path / "root"
+    shutil.copytree(reference["root"], root)
+    for man in (root / "adapters").glob(f"*/{MANIFEST}"):
+        man.unlink()
+    calls: list[str] = []
+
+    def no_positives(ctx, unit):
+        calls.append(unit.key)
+        raise _no_positives()
+
+    monkeypatch.setattr(runner, "run_personalize_unit", no_positives)
+    summary = run_pipeline(load_settings("local", [*FAST, f"storage.root={root}"]),
+                           executor=LocalExecutor(2), run_id="no-adapters")
+    n = reference["stages"]["personalization"]["done"]
+    assert len(calls) == n and summary.stages["personalization"]["failed"] == n  # once each
+    assert "nan" not in summary.table
+    assert summary.table.splitlines() == [
+        "no personalised results",
+        f"no adapter results for backbone(s) tf_efficientnet_lite0 ({n} personalisation unit(s) failed, "
+        "first: TripletError: no positives (not retried: the same inputs raise it again))"]
+    assert (root / "runs" / "no-adapters" / "summary.md").read_text() == summary.table

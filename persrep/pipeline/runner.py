@@ -24,7 +24,7 @@ from persrep.keys import result_settings
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
 from persrep.pipeline.memory import count_units, plan_stages, stage_requests
 from persrep.generation import shards
-from persrep.pipeline.summary import format_summary, headline_table
+from persrep.pipeline.summary import adapterless_line, format_summary, headline_table
 from persrep.pipeline.unit_stats import stage_costs, unit_record
 from persrep.pipeline.verdict import synthesis_verdict
 from persrep.pipeline.stages import PlannedStage, StageRun, map_stage, record_stage, run_planned
@@ -409,7 +409,10 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
 
     frame = results_frame(summary.rows)
     table = headline_table(frame)
-    summary.table = format_summary(table)
+    missing = adapterless_line([b.name for b in ctx.settings.personalization.backbones], table, summary.failures)
+    if missing:
+        summary.notes.append(missing)
+    summary.table = format_summary(table, missing)
     base = f"runs/{ctx.run_id}"
     st = ctx.storage
     st.write_bytes(f"{base}/results.parquet", table_bytes(pa.Table.from_pandas(frame, preserve_index=False)))
