@@ -88,13 +88,17 @@ def materialise_data(settings: Settings, storage: Storage, progress: Progress | 
     path = settings.data.path
     if path == "toy":
         return _toy_dataset(settings, storage, progress)
+    fix = "give a directory in the reference layout, a PODS parquet export, an s3:// URI, or 'toy'"
+    if not path.strip():
+        raise DatasetError(f"data.path is empty: {fix}")
+    if "://" in path and not path.startswith(("s3://", "file://")):
+        raise DatasetError(f"data.path {path}: unsupported scheme {path.split('://', 1)[0]!r}: {fix}")
     if "://" not in path:
         from persrep.data.pods import is_pods_export, materialize_pods
 
         local = Path(path).expanduser().absolute()
         if not local.exists():
-            raise DatasetError(f"data.path {path}: not found (give a directory in the reference "
-                               "layout, a PODS parquet export, an s3:// URI, or 'toy')")
+            raise DatasetError(f"data.path {path}: not found ({fix})")
         if is_pods_export(local):
             if storage.is_s3:
                 raise DatasetError("data.path is a PODS parquet export but storage.root is s3://: "
@@ -121,7 +125,9 @@ def preflight_models(settings: Settings) -> list[str]:
                         and any_generator(types, lambda c: "backgrounds" in c.shared_inputs))
     if diffusion_needed:
         from persrep.models.diffusion import component_identity, require_available
+        from persrep.pipeline.inputs import check_model_source
 
+        check_model_source(settings.generator.base_model, "generator.base_model")
         component_identity(settings.generator.base_model)
         require_available(settings.generator.base_model)  # raises ModelUnavailableError
         notes.append(f"diffusion base model: {settings.generator.base_model}")
@@ -216,6 +222,6 @@ def check_external_negatives(ctx: RunContext) -> None:
         resolved = ctx.resolve_data_path(where)
         files = Storage(resolved, ctx.settings.storage.s3_endpoint).list_files()
     except (StorageError, ValueError) as exc:
-        raise DatasetError(f"personalization.external_negatives={where}: {exc} ({fix})") from None
+        raise DatasetError(f"personalization.external_negatives={where}: {str(exc)[:240]} ({fix})") from None
     if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
         raise DatasetError(f"personalization.external_negatives={where}: no images in {resolved}: {fix}")

@@ -36,10 +36,35 @@ ENDPOINT_TIMEOUT_S = 3.0
 
 def check_settings_inputs(settings: Any) -> None:
     """What needs no data set: the counts, the captions file's content, the captions model or
-    endpoint. Runs first in ``prepare_run`` (before the data set is generated or checked)."""
+    endpoint, the backbones' local weight files. Runs first in ``prepare_run`` (before the data
+    set is generated or checked)."""
     check_counts(settings)
     load_captions_file(settings)
     check_captions_model(settings)
+    check_backbone_weight_files(settings)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def check_model_source(value: str, setting: str) -> None:
+    """A model named by a setting is a hub id (``org/name``), a local path or a keyword: not blank,
+    not a URL (nothing loads a model from ``http://`` or ``s3://``)."""
+    if not value.strip():
+        raise ConfigError(f"{setting} is empty: give a model id (org/name) or a local directory")
+    if "://" in value:
+        raise ConfigError(f"{setting}={value}: a URL, but models load from a hub id (org/name) or a "
+                          "local directory: download it once and give the directory")
+
+
+def check_backbone_weight_files(settings: Any) -> None:
+    """A backbone's ``weights`` that is a local file must be a weights file, not any file."""
+    for bs in settings.personalization.backbones:
+        p = Path(bs.weights).expanduser()
+        if bs.weights not in ("offline", "tiny", "none") and p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
+            raise ConfigError(f"personalization.backbones {bs.name}: weights={bs.weights} is a {p.suffix or 'suffix-less'} "
+                              f"file, not weights ({', '.join(WEIGHT_SUFFIXES)}): give a weights file, a "
+                              "directory with model.safetensors, a hub id, or 'offline'")
 
 
 def check_run_inputs(settings: Any, instances: dict[str, str], resolve: Any) -> None:
@@ -129,7 +154,7 @@ def check_backgrounds(settings: Any, resolve: Any) -> None:
     except (StorageError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {exc} ({fix})") from None
+        raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {str(exc)[:240]} ({fix})") from None
     if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
         raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: no images in {location}: {fix}")
 
@@ -146,6 +171,7 @@ def check_captions_model(settings: Any) -> None:
         check_endpoint(cfg.endpoint, "synthesis.captions.endpoint")
         return
     model = cfg.model or ""
+    check_model_source(model, "synthesis.captions.model")
     if _looks_like_path(model):
         p = Path(model).expanduser()
         if not p.is_dir() or not (p / "config.json").is_file():

@@ -165,9 +165,12 @@ def plan_resources(ctx: RunContext, executor: Executor, say: Progress) -> None:
     has_gpus = any(n.gpus > 0 for n in nodes)
     on_gpu = has_gpus and ctx.settings.resources.gpus_per_trial > 0
     requests = stage_requests(ctx.settings, has_gpus)
+    sequential = getattr(executor, "sequential", False)
+    if sequential and nodes:  # one unit at a time in this process: CPU and GPU requests reserve nothing
+        most_cpus, most_gpus = max(n.cpus for n in nodes), max(n.gpus for n in nodes)
+        requests = {s: (min(c, most_cpus), min(g, most_gpus)) for s, (c, g) in requests.items()}
     counts = count_units(ctx.settings, len(ctx.instances), len(set(ctx.instances.values())))
     plans = plan_stages(ctx.settings, counts, nodes, requests, on_gpu)
-    sequential = getattr(executor, "sequential", False)
     for p in plans:
         say(p.line() if not sequential else p.line().rsplit(";", 1)[0] + "; one at a time (in this process)")
     ctx.memory = {p.stage: p.estimate.bytes for p in plans}
