@@ -244,7 +244,7 @@ class LoraSettings(Section):
     rank: int = Field(16, ge=1, le=512)
     alpha: float = Field(0.5, gt=0)
     dropout: float = Field(0.3, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="None = qkv for ViTs, the last "
+    target_modules: list[str] | None = Field(None, min_length=1, description="None = qkv for ViTs, the last "
                                              "blocks' pointwise convs for CNNs")
 
 

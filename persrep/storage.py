@@ -2,9 +2,10 @@
 
 A *unit* is the output of one piece of work (a generator for an instance, a shard set, an
 adapter, an evaluation), stored under ``<root>/<stage>/<key>/``. Its files are written first;
-``MANIFEST.json`` (sizes + sha256 of every file, plus metadata) is written last. A unit exists for
+``MANIFEST.json`` (size, modification time and sha256 of every file, plus metadata) is written last. A unit exists for
 readers only once its manifest does, so a crash never leaves a half-written unit that looks
-finished, and a re-run simply rewrites the files of an unfinished unit. Reads verify checksums.
+finished, and a re-run simply rewrites the files of an unfinished unit. Reads verify checksums;
+a re-run's skip check (:meth:`Storage.is_intact`) compares sizes and times and reads no data.
 
 One API for both backends: :mod:`pyarrow.fs` (local rename is atomic; an S3 PUT is atomic per
 object). S3 credentials come from the usual ``AWS_*`` environment variables; the endpoint from the
@@ -38,7 +39,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-=+]+$")
 
 
 class CorruptUnitError(StorageError):
-    """A published file whose bytes do not match its manifest checksum."""
+    """A published file whose bytes do not match its manifest checksum. Not retried: the unit is
+    unpublished when found, and only a re-run (which recomputes it) can mend it."""
+
+    retryable = False
 
 
 class StorageUnavailableError(StorageError):
@@ -64,6 +68,14 @@ def validate_root_uri(root: str) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return sha256_hex(data)
+
+
+def _mtime_ns(info: pafs.FileInfo) -> int | None:
+    """A file's modification time in integer nanoseconds (None when the filesystem has none)."""
+    ns = getattr(info, "mtime_ns", None)
+    if ns is not None:
+        return int(ns)
+    return None if info.mtime is None else int(info.mtime.timestamp() * 1e9)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -262,7 +274,8 @@ class Storage:
         return self.exists(f"{self.unit_rel(stage, key)}/{MANIFEST}")
 
     def is_intact(self, stage: str, key: str) -> bool:
-        """Finished *and* every file matches its manifest checksum: what a re-run may skip.
+        """Finished *and* every file present with its manifest's size and time (else its
+        checksum verified): what a re-run may skip, found without reading the unit's data.
 
         A finished unit that fails verification (a file corrupted, truncated or deleted since it
         was published) is unpublished here: its manifest is removed, so it counts as unfinished
@@ -271,11 +284,17 @@ class Storage:
         return self.intact_manifest(stage, key) is not None
 
     def intact_manifest(self, stage: str, key: str) -> Manifest | None:
-        """:meth:`is_intact` that returns the verified manifest (None when the unit is not
-        intact), so a caller that needs the unit's meta does not read the manifest again.
+        """:meth:`is_intact` that returns the manifest (None when the unit is not intact), so a
+        caller that needs the unit's meta does not read the manifest again.
 
-        On s3 this is one HEAD + GET of the manifest and one per file (no existence probe
-        first: a missing manifest is the read's own not-found); ``bench/scale.py`` counts it.
+        The check reads no unit data: the manifest records each file's size and modification time
+        (``mtime_ns``, taken when the unit was published); one stat per file (on s3 a HEAD) must
+        find every file with that size and time. A file missing or of another size: the unit is
+        not intact. A file with the same size but another time (rewritten, copied without its
+        times): its checksum is verified, as for manifests written before sizes and times were
+        recorded. The checksum of every file is verified whenever its data is read
+        (:meth:`read_unit_file`), so a file altered without changing its size or time is still
+        refused before its data is used. On s3: a HEAD + GET of the manifest and a HEAD per file.
         """
         rel = f"{self.unit_rel(stage, key)}/{MANIFEST}"
         try:
@@ -290,14 +309,49 @@ class Storage:
                 man = Manifest.from_json(data)
             except (ValueError, KeyError, TypeError):
                 raise CorruptUnitError(f"{self.uri(rel)}: not a valid manifest: delete the unit") from None
-            for name in man.files:
+            for name in self._files_to_checksum(stage, key, man):
                 self.read_unit_file(stage, key, name, man)
             return man
         except CorruptUnitError as exc:
-            reason = str(exc).split(": delete the unit", 1)[0]
-        self.fs.delete_file(self.path(rel))
+            reason = str(exc).split(": delete the unit", 1)[0].split(": unpublished", 1)[0]
+        self._unpublish(stage, key)
         log.warning("%s: unpublished unit %s; it is recomputed now", reason, self.uri(stage, key))
         return None
+
+    def _files_to_checksum(self, stage: str, key: str, man: Manifest) -> list[str]:
+        """The files of a published unit whose bytes the skip check must read: none when every
+        file has its recorded size and time; every file of a manifest without them (older
+        manifests). Raises :class:`CorruptUnitError` for a file missing or of another size."""
+        names = sorted(man.files)
+        if not all(isinstance(man.files[n], dict) and "size" in man.files[n] and "mtime_ns" in man.files[n]
+                   for n in names):
+            return names  # a manifest from before sizes and times were recorded: today's full check
+        rel = self.unit_rel(stage, key)
+        try:
+            infos = self.fs.get_file_info([self.path(rel, n) for n in names]) if names else []
+        except Exception as exc:  # noqa: BLE001 - connection errors propagate as one line
+            raise self._error(exc, f"cannot stat the files of {self.uri(stage, key)}") from None
+        stale = []
+        for name, info in zip(names, infos):
+            want = man.files[name]
+            if info.type != pafs.FileType.File:
+                raise CorruptUnitError(f"{self.uri(stage, key, name)}: missing although its manifest lists it")
+            if info.size != want["size"]:
+                raise CorruptUnitError(f"{self.uri(stage, key, name)}: {info.size} bytes, its manifest "
+                                       f"says {want['size']} (truncated or overwritten)")
+            if _mtime_ns(info) != want["mtime_ns"]:
+                stale.append(name)  # rewritten or copied since it was published: read it
+        return stale
+
+    def _unpublish(self, stage: str, key: str) -> None:
+        """Remove a unit's manifest (it then counts as unfinished and is recomputed); idempotent."""
+        try:
+            self.fs.delete_file(self.path(self.unit_rel(stage, key), MANIFEST))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if "not exist" not in str(exc).lower() and "not found" not in str(exc).lower():
+                raise self._error(exc, f"cannot unpublish {self.uri(stage, key)}") from None
 
     def list_finished(self, stage: str) -> list[str]:
         return [k for k in self.list_dir(stage) if ".tmp-" not in k and self.is_finished(stage, k)]
@@ -339,13 +393,16 @@ class Storage:
         except StorageError:
             if self.exists(rel):
                 raise
+            self._unpublish(stage, key)
             raise CorruptUnitError(f"{self.uri(stage, key, name)}: missing although its manifest "
-                                   f"lists it: delete the unit ({self.uri(stage, key)}) and re-run "
-                                   "to regenerate it") from None
+                                   f"lists it: unpublished {self.uri(stage, key)}; re-run to "
+                                   "recompute it") from None
         if sha256_bytes(data) != man.files[name]["sha256"]:
+            # its data is never used: the unit is unpublished, so a re-run recomputes it
+            self._unpublish(stage, key)
             raise CorruptUnitError(f"{self.uri(stage, key, name)}: checksum mismatch with its "
-                                   "manifest (corrupted or overwritten): delete the unit "
-                                   f"({self.uri(stage, key)}) and re-run to regenerate it")
+                                   f"manifest (corrupted or overwritten): unpublished "
+                                   f"{self.uri(stage, key)}; re-run to recompute it")
         return data
 
     def verify_unit(self, stage: str, key: str) -> Manifest:
@@ -372,10 +429,27 @@ class UnitWriter:
         self.storage.write_bytes(f"{self.rel}/{name}", data)
         self.files[name] = {"sha256": sha256_bytes(data), "size": len(data)}
 
+    def _record_times(self) -> None:
+        """Each written file's modification time as storage reports it (one stat per file; on s3
+        a HEAD): with the size, what a re-run's skip check compares instead of reading the bytes.
+        A file whose time cannot be read gets none (its unit is then checked by checksum)."""
+        names = sorted(self.files)
+        if not names:
+            return
+        try:
+            infos = self.storage.fs.get_file_info([self.storage.path(self.rel, n) for n in names])
+        except Exception:  # noqa: BLE001 - optional: the full checksum check still works without it
+            return
+        for name, info in zip(names, infos):
+            mtime = _mtime_ns(info)
+            if info.type == pafs.FileType.File and info.size == self.files[name]["size"] and mtime is not None:
+                self.files[name]["mtime_ns"] = mtime
+
     def write_file(self, name: str, local_path: str | Path) -> None:
         self.write(name, Path(local_path).read_bytes())
 
     def publish(self) -> Manifest:
+        self._record_times()
         self.manifest = Manifest(self.stage, self.key, self.files, self.meta, time.time())
         self.storage.write_bytes(f"{self.rel}/{MANIFEST}", self.manifest.to_json())
         return self.manifest

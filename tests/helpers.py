@@ -183,9 +183,15 @@ def assert_same_up_to_float_rounding(a, b) -> None:
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
+_FAST_REFERENCE: dict = {}
+
+
 def fast_reference(tmp_path_factory) -> dict:
     """An uninterrupted in-process run of worlds.FAST: its units and results (test_faults,
-    test_interrupt wrap it in a module-scoped ``reference`` fixture)."""
+    test_interrupt, test_retry_policy wrap it in a module-scoped ``reference`` fixture). Run once
+    per session and shared: its root is only ever read or copied (``shutil.copytree``)."""
+    if _FAST_REFERENCE.get("root") is not None and Path(_FAST_REFERENCE["root"]).is_dir():
+        return _FAST_REFERENCE
     from persrep.config import load_settings
     from persrep.pipeline import run_pipeline
     from worlds import FAST
@@ -193,8 +199,9 @@ def fast_reference(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ref") / "root"
     summary = run_pipeline(load_settings("local", [*FAST, f"storage.root={root}"]), run_id="ref")
     assert summary.exit_code == 0, summary.failures
-    return {"root": root, "units": set(unit_manifests(root)), "results": results(root, "ref"),
-            "stages": summary.stages}
+    _FAST_REFERENCE.update({"root": root, "units": set(unit_manifests(root)), "results": results(root, "ref"),
+                            "stages": summary.stages})
+    return _FAST_REFERENCE
 
 
 # -- loopback ports and a moto server on one (conftest, test_services, chaos/soak) -------------------

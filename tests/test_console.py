@@ -141,7 +141,10 @@ def test_job_terminal_is_short_and_complete(tmp_path):
     assert "Traceback" not in both and 'File "' not in both
     print(both)  # what a user sees (pytest -s)
     # the summary table and the log's location
-    assert "classification" in out and "retrieval" in out and f"results: {run_dir}" in out
+    # no adapter was evaluated: no nan rows, one line naming the backbone and why (issue #29)
+    assert "nan" not in out and f"results: {run_dir}" in out
+    assert re.search(r"^no adapter results for backbone\(s\) tf_efficientnet_lite0 \(2 personalisation unit\(s\) "
+                     r"failed, first: UnidentifiedImageError", out, re.M), out
     assert f"log: {log}" in err
     # nobody else's output on the terminal; it is in the log
     for noise in ("INFO worker.py", "Started a local Ray instance", "mlflow.store", "Trial status",

@@ -84,6 +84,8 @@ class FaultySampler:
 def faulty_factory(ctx, unit, *, seed: int, mode: str, marker: str):
     if mode == "load" and unit.instance == marker:  # this instance's generators cannot be loaded
         raise OSError(f"cannot load generator for {unit.instance}")
+    if mode == "reject" and unit.instance == marker:  # deterministic: the same inputs fail again
+        raise ValueError(f"cut_paste {unit.instance}: train mask 2 is empty")
     return FaultySampler(ORIGINAL_SAMPLER(ctx, unit), seed, mode, marker)
 
 
@@ -293,6 +295,24 @@ def test_a_generator_that_cannot_load_fails_its_unit_only_after_retries(fresh):
     ok = [u for u in units if u.instance != "mug_1"]
     assert all(by_key[u.key].status == "done" and by_key[u.key].attempts == 1 for u in ok)
     _assert_rows_equal(unit_rows(ctx.storage, ok), {u.key: fresh["baseline"][u.key] for u in ok})
+
+
+def test_a_generator_that_fails_deterministically_fails_its_unit_once(fresh):
+    """Issue #29: a load failure the retry policy rejects (an empty train mask) is not tried again
+    in a later pass: its units fail after one attempt, in one line; the others are done."""
+    from persrep.distributed.synthesis import run_synthesis_stage
+
+    ctx, units = fresh["ctx"], fresh["units"]
+    factory = functools.partial(faulty_factory, seed=-1, mode="reject", marker="mug_1")
+    said: list[str] = []
+    outs = run_synthesis_stage(ctx, units, said.append, max_retries=2, use_gpus=False, num_actors=2,
+                               sampler_factory=factory, no_progress_timeout_s=120)
+    failed = [o for o in outs if o.status == "failed"]
+    assert {o.label for o in failed} == {u.group for u in units if u.instance == "mug_1"}
+    assert all(o.attempts == 1 and "\n" not in o.error for o in failed)
+    assert failed[0].error.startswith("ValueError: cut_paste mug_1: train mask 2 is empty")
+    assert outs.stats["passes"] == 1 and not any("retrying" in m for m in said)
+    assert all(o.status == "done" for u, o in zip(units, outs) if u.instance != "mug_1")
 
 
 def test_filtered_units_keep_every_attempt_in_the_in_process_order(fresh):

@@ -103,3 +103,96 @@ def test_storage_pickles_without_filesystem(tmp_path):
     st.publish("s", "k", {"f": b"1"})
     st2 = pickle.loads(pickle.dumps(st))
     assert st2._fs is None and st2.list_finished("s") == ["k"]
+
+
+# -- a re-run's skip check reads manifests, not data (issue #29) -------------------------------------
+def _bytes_read() -> int:
+    """Bytes this process has read through system calls so far (Linux /proc/self/io ``rchar``)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_skip_check_reads_no_unit_data_and_records_size_and_time(tmp_path):
+    import os
+
+    st = Storage(str(tmp_path / "root"))
+    big = os.urandom(1024) * (32 * 1024)  # 32 MiB
+    man = st.publish("generators", "k", {"unet.safetensors": big, "meta.json": b"{}"})
+    assert man.files["unet.safetensors"]["size"] == len(big) and man.files["unet.safetensors"]["mtime_ns"] > 0
+    before = _bytes_read()
+    assert st.is_intact("generators", "k")
+    assert _bytes_read() - before < 64 * 1024  # the manifest only, not 32 MiB
+    before = _bytes_read()
+    assert st.read_unit_file("generators", "k", "unet.safetensors") == big  # reading verifies the checksum
+    assert _bytes_read() - before >= len(big)
+
+
+def test_skip_check_catches_truncated_rewritten_and_missing_files(tmp_path):
+    import os
+
+    st = Storage(str(tmp_path / "root"))
+    unit = tmp_path / "root" / "adapters" / "k"
+    for damage in ("truncate", "same_size_rewrite", "delete"):
+        st.publish("adapters", "k", {"adapter.safetensors": b"weights" * 100})
+        f = unit / "adapter.safetensors"
+        if damage == "truncate":
+            f.write_bytes(f.read_bytes()[:10])
+        elif damage == "same_size_rewrite":  # same size, a new modification time: its checksum is read
+            t = f.stat().st_mtime_ns
+            f.write_bytes(b"WEIGHTS" * 100)
+            os.utime(f, ns=(t + 10**9, t + 10**9))
+        else:
+            f.unlink()
+        assert not st.is_intact("adapters", "k"), damage
+        assert not st.is_finished("adapters", "k"), damage  # unpublished: the stage recomputes it
+
+
+def test_altered_file_with_its_time_kept_is_refused_when_read_and_unpublished(tmp_path):
+    """Size and time unchanged (bit rot, a deliberate edit that restored the time): the skip check
+    trusts it, but its data is never used: reading it verifies the checksum, fails in one line
+    (not retried) and unpublishes the unit, so the re-run recomputes it."""
+    import os
+
+    from persrep.pipeline.verdict import is_retryable
+
+    st = Storage(str(tmp_path / "root"))
+    st.publish("synthesis", "k", {"part-00000.parquet": b"rows" * 50})
+    f = tmp_path / "root" / "synthesis" / "k" / "part-00000.parquet"
+    stat = f.stat()
+    f.write_bytes(b"ROWS" * 50)
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert st.is_intact("synthesis", "k")
+    with pytest.raises(CorruptUnitError, match="checksum mismatch.*re-run to recompute it") as exc:
+        st.read_unit_file("synthesis", "k", "part-00000.parquet")
+    assert not is_retryable(exc.value) and len(str(exc.value).splitlines()) == 1
+    assert not st.is_finished("synthesis", "k")
+
+
+def test_manifest_without_sizes_or_times_still_loads_with_the_full_check(tmp_path):
+    st = Storage(str(tmp_path / "root"))
+    st.publish("evaluations", "k", {"results.parquet": b"r" * 100})
+    man_path = tmp_path / "root" / "evaluations" / "k" / MANIFEST
+    doc = json.loads(man_path.read_text())
+    doc["files"] = {n: {"sha256": e["sha256"]} for n, e in doc["files"].items()}  # a manifest of old
+    man_path.write_text(json.dumps(doc))
+    assert st.is_intact("evaluations", "k")
+    assert st.read_unit_file("evaluations", "k", "results.parquet") == b"r" * 100
+    f = tmp_path / "root" / "evaluations" / "k" / "results.parquet"
+    import os
+
+    stat = f.stat()
+    f.write_bytes(b"R" * 100)
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert not st.is_intact("evaluations", "k")  # no times to trust: every checksum read, as before
+
+
+def test_s3_skip_check_stats_but_does_not_get_files(s3_bucket):
+    st = Storage(f"s3://{s3_bucket}/skip")
+    man = st.publish("adapters", "k", {"adapter.safetensors": b"w" * 1000, "metrics.json": b"{}"})
+    assert all("mtime_ns" in e for e in man.files.values())
+    assert st.is_intact("adapters", "k")
+    import time
+
+    time.sleep(1.1)  # S3 times are whole seconds
+    st.write_bytes("adapters/k/adapter.safetensors", b"W" * 1000)  # same size, a new PUT: a new time
+    assert not st.is_intact("adapters", "k") and not st.is_finished("adapters", "k")

@@ -345,3 +345,52 @@ def test_tuner_restore_still_takes_no_new_callbacks():
     assert not params & {"run_config", "callbacks"}, (
         "ray.tune.Tuner.restore now accepts a run config / callbacks: pass this launch's callbacks "
         "there and drop tune_stage._STATES and StageCallback's token pickling")
+
+
+class RaiseNoPositives:
+    """A step hook that raises what an adapter without positives raises (the contrastive
+    sampler's TripletError), every time: a failure the same inputs raise again."""
+
+    def __call__(self, unit, info):
+        from persrep.contrastive.triplets import TripletError
+
+        if info["step"] == 1:
+            raise TripletError(f"no positives for {unit.instance}")
+
+
+@pytest.mark.ray
+def test_deterministic_trial_failure_is_not_retried_by_tune(toy_data, tmp_path, hooks_by_value):
+    """Issue #29: a trial whose unit raises an error the retry policy rejects reports it as its
+    result (one attempt, one line) instead of raising, so FailureConfig does not restart it."""
+    from persrep.distributed.tune_stage import run_personalization_stage
+
+    ctx = _ctx(toy_data, tmp_path / "root")
+    units = [u for u in _units(ctx) if u.instance == "mug_0"]
+    lines: list[str] = []
+    out = run_personalization_stage(ctx, units, lines.append, max_retries=2, step_hook=RaiseNoPositives())[0]
+    assert out.status == "failed" and out.attempts == 1, out
+    assert out.error.startswith("TripletError: no positives for mug_0") and "\n" not in out.error
+    assert not any("retrying" in ln for ln in lines), lines
+    assert not ctx.storage.is_finished(ADAPTERS, units[0].key)
+
+
+def _raise_value_error(ctx, unit):
+    raise ValueError(f"train mask 2 of {unit} is empty")
+
+
+def _raise_runtime_error(ctx, unit):
+    raise RuntimeError(f"worker lost for {unit}")
+
+
+@pytest.mark.ray
+def test_ray_tasks_reject_deterministic_failures_and_retry_others(hooks_by_value):
+    from persrep.distributed.ray_executor import RayExecutor
+    from persrep.pipeline.executor import Resources
+
+    said: list[str] = []
+    ex = RayExecutor(2, said.append)
+    out = ex.map(_raise_value_error, None, ["u1"], ["masks:u1"], Resources(cpus=0.5), "auto_masks")[0]
+    assert out.status == "failed" and out.attempts == 1 and "\n" not in out.error
+    assert out.error.startswith("ValueError: train mask 2 of u1 is empty") and not any("retrying" in s for s in said)
+    out = ex.map(_raise_runtime_error, None, ["u2"], ["masks:u2"], Resources(cpus=0.5), "auto_masks")[0]
+    assert out.status == "failed" and out.attempts == 3 and out.error == "RuntimeError: worker lost for u2"

@@ -17,7 +17,7 @@ import ray
 from persrep.distributed.session import cluster_gpus, node_shapes
 from persrep.pipeline.memory import NodeShape
 from persrep.pipeline.executor import Outcome, Resources, StageHooks, failed_outcome, short_error
-from persrep.pipeline.verdict import is_retryable
+from persrep.pipeline.retry import is_retryable
 from persrep.storage import StorageUnavailableError
 
 

@@ -33,7 +33,8 @@ How it runs
    :func:`persrep.pipeline.work.draw_chunk`, the same body, filter included); if the chunk raises, each row is
    retried alone, and a row that still raises is recorded with its error, its batch-mates complete.
    A generator that cannot be loaded fails its unit (nothing published, retried in the next pass),
-   as a raising ``run_synthesis_unit`` would.
+   as a raising ``run_synthesis_unit`` would; unless the retry policy (``persrep.pipeline.retry``)
+   says the same inputs fail again (an empty mask, a missing key): then the unit fails once.
 
 Where rows are collected, and why on the driver
 -----------------------------------------------
@@ -102,7 +103,7 @@ INPUT_SCHEMA = pa.schema([
 EXTRA_SCHEMA = pa.schema([
     ("unit_key", pa.string()), ("pos", pa.int32()), ("attempt", pa.int32()), ("last", pa.bool_()),
     ("fallback", pa.bool_()), ("fatal", pa.string()), ("load_id", pa.string()), ("actor", pa.string()),
-    ("node", pa.string()), ("cold", pa.string()),
+    ("node", pa.string()), ("cold", pa.string()), ("rejected", pa.bool_()),
 ])
 OUTPUT_SCHEMA = pa.schema(list(shards.SCHEMA) + [f for f in EXTRA_SCHEMA])
 EXTRA_NAMES = set(EXTRA_SCHEMA.names) - set(shards.SCHEMA.names)
@@ -122,6 +123,7 @@ class _UnitState:
     final: set[int] = field(default_factory=set)
     fallback_chunks: set[int] = field(default_factory=set)
     fatal: str | None = None
+    rejected: bool = False  # its fatal error is one the same inputs raise again: no further pass
     first_seen: float | None = None
     published: bool = False
 
@@ -146,6 +148,7 @@ class SynthesisWorker:
         self.cache_size = max(1, int(cache_size))
         self.cache: OrderedDict[tuple[str, str, str], tuple[Any, Any, str]] = OrderedDict()
         self.failed: dict[tuple[str, str, str], str] = {}
+        self.rejected: set[tuple[str, str, str]] = set()  # load failures the retry policy rejects
         self.loads = 0
         self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # new after each restart
         try:
@@ -168,7 +171,11 @@ class SynthesisWorker:
             sampler = (self.factory or open_sampler)(self.ctx, unit)
             scorer = unit_scorer(self.ctx, unit)
         except Exception as exc:  # fails the unit (recorded by the caller), not the actor
-            self.failed[key] = short_error(exc)
+            from persrep.pipeline.retry import POLICY
+
+            self.failed[key] = short_error(exc) if POLICY.retryable(exc) else POLICY.line(exc)
+            if not POLICY.retryable(exc):
+                self.rejected.add(key)
             raise
         self.loads += 1
         if self.cold is not None and "first_load_s" not in self.cold:
@@ -196,10 +203,11 @@ class SynthesisWorker:
             try:
                 sampler, scorer, load_id = self._loaded(unit)
             except Exception as exc:  # noqa: BLE001
-                fatal = self.failed.get((unit.generator, unit.generator_key or "", unit.instance)) or short_error(exc)
+                gkey = (unit.generator, unit.generator_key or "", unit.instance)
+                fatal = self.failed.get(gkey) or short_error(exc)
                 for r, sr in zip(part, sample_rows):
                     out.append(self._extra(shards.record(None, sr, unit.key, error=fatal), r, 0, True,
-                                           False, fatal, ""))
+                                           False, fatal, "", gkey in self.rejected))
                 continue
             out += self._draw(sampler, scorer, unit.key, part, sample_rows, load_id)
         if self.cold is not None and out:  # the actor's first batch: its cold start rides on one row
@@ -237,10 +245,10 @@ class SynthesisWorker:
         return [rec for src, recs in zip(part, parts) for rec in tag(recs, [src], True)]
 
     def _extra(self, rec: dict[str, Any], src: dict[str, Any], attempt: int, last: bool, fallback: bool,
-               fatal: str | None, load_id: str) -> dict[str, Any]:
+               fatal: str | None, load_id: str, rejected: bool = False) -> dict[str, Any]:
         return {**rec, "unit_key": src["unit_key"], "pos": src["pos"], "attempt": attempt, "last": last,
                 "fallback": fallback, "fatal": fatal, "load_id": load_id, "actor": self.incarnation,
-                "node": self.node, "cold": None}
+                "node": self.node, "cold": None, "rejected": rejected}
 
 
 def needs_diffusion(settings: Any) -> bool:
@@ -475,6 +483,7 @@ class SynthesisStage:
                 st.final.clear()
                 st.fallback_chunks.clear()
                 st.fatal = None
+                st.rejected = False
             for k in [k for k in pending if not states[k].unit.rows]:  # an empty unit: publish it now
                 publish(states[k])
             todo = [states[k].unit for k in pending if states[k].unit.rows]
@@ -492,7 +501,7 @@ class SynthesisStage:
                 if st.published:
                     continue
                 error = st.fatal or pass_error or f"{len(u.rows) - len(st.final)} of {len(u.rows)} rows missing"
-                if pass_no < max_retries:
+                if pass_no < max_retries and not st.rejected:  # rejected: the same inputs fail again
                     say(f"synthesis: retrying {u.group} (attempt {st.attempts + 1}): {error}")
                     pending.append(u.key)
                 else:
@@ -573,6 +582,7 @@ def _collect(rows: list[dict[str, Any]], states: dict[str, _UnitState], publish,
             st.first_seen = time.perf_counter()
         if r["fatal"]:
             st.fatal = st.fatal or r["fatal"]
+            st.rejected = st.rejected or bool(r.get("rejected"))
             st.final.add(r["pos"])
             continue
         ident = (r["pos"], r["attempt"])

@@ -11,8 +11,10 @@
   which skips or publishes atomically) trains the adapter; every step is reported with
   ``ray.tune.report`` (``loss``, ``triplet_accuracy``, ``step``) and every training checkpoint
   that ``train_one_instance`` writes is surfaced as a ``ray.tune.Checkpoint``;
-* a trial that raises or whose worker dies is retried up to ``max_retries`` times
-  (``FailureConfig``); the retried trial gets its last ``ray.tune.Checkpoint`` and copies it into
+* a trial that raises or whose worker dies is retried up to ``max_retries`` times, unless the
+  retry policy (``persrep.pipeline.retry``) says the same inputs raise it again: then the trial
+  reports its failure as its result and is not restarted;
+* retries go through ``FailureConfig``; the retried trial gets its last ``ray.tune.Checkpoint`` and copies it into
   the unit's scratch work dir when it is newer than what that dir holds, so it resumes where the
   failed attempt stopped even on another node (the scratch dir is node-local when the storage
   root is ``s3://``); ``train_one_instance``'s per-step seeding makes the resumed adapter equal
@@ -51,8 +53,8 @@ from persrep.config import content_key
 from persrep.contrastive.train import CHECKPOINT
 from persrep.distributed.session import cluster_gpus
 from persrep.distributed.tune_common import mlflow_callback, root_cause, tune_storage
-from persrep.pipeline.executor import Outcome, short_error
-from persrep.pipeline.verdict import UnitRejected
+from persrep.pipeline.executor import Outcome
+from persrep.pipeline.retry import is_retryable
 from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, scratch_dir
 from persrep.tracking.store import tracking_env_restored
 
@@ -249,8 +251,12 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
         from persrep.distributed.data_parallel import train_data_parallel
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        value = train_data_parallel(ctx, unit, data_parallel_workers, use_gpu,
-                                    callbacks=[TuneReportCallback()])
+        try:
+            value = train_data_parallel(ctx, unit, data_parallel_workers, use_gpu,
+                                        callbacks=[TuneReportCallback()])
+        except Exception as exc:  # noqa: BLE001 - rejected (reported) or retried (raised)
+            _reject_or_raise(exc)
+            return
         tune.report(_final_metrics(value))
         return
     work = scratch_dir(ctx, "train", unit.key)
@@ -258,14 +264,27 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
     reporter = TrialReporter(unit, work / CHECKPOINT, report_every, step_hook)
     try:
         value = (unit_fn or call_unit)(ctx, unit, reporter)
-    except UnitRejected as exc:  # its inputs may not be used: retrying gives the same answer
-        tune.report(_final_metrics({"status": "failed", "error": short_error(exc), "details": exc.details}))
+    except Exception as exc:  # noqa: BLE001 - rejected (reported) or retried (raised)
+        _reject_or_raise(exc)
         return
     if restored is not None:
         value = {**value, "restored_from_tune_checkpoint": restored}
     import torch
 
     tune.report(_final_metrics({**value, "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads()}))
+
+
+def _reject_or_raise(exc: Exception) -> None:
+    """A trial's failure under the retry policy (persrep.pipeline.retry): one the same inputs
+    raise again (``UnitRejected``, no positives, a shape, a missing key) is reported as the trial's
+    final result, so Tune does not restart it; any other is raised, for ``FailureConfig`` to retry."""
+    cause = getattr(exc, "cause", None) or exc  # Ray Train wraps a worker's error
+    if is_retryable(cause):
+        raise exc
+    from persrep.pipeline.retry import POLICY
+
+    tune.report(_final_metrics({"status": "failed", "error": POLICY.line(cause),
+                                "details": getattr(cause, "details", None) or {}}))
 
 
 def peak_rss_mb() -> float:
@@ -634,7 +653,7 @@ def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcom
         except (TypeError, ValueError):
             value = {}
         value = value or {"status": "done", "key": key}
-        if value.get("status") == "failed":  # UnitRejected inside the trial: reported, not retried
+        if value.get("status") == "failed":  # rejected inside the trial (retry policy): reported, not retried
             return Outcome(label, "failed", value.get("details") or {}, value.get("error"),
                            rec.num_failures + 1, seconds)
         return Outcome(label, value.get("status", "done"), value, None, rec.num_failures + 1, seconds)

@@ -233,7 +233,7 @@ def _lpips_unavailable(net: str, exc: Exception) -> ScorerUnavailableError:
     problem = "is unreadable" if where.exists() else "is missing and cannot be downloaded"
     reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
     return ScorerUnavailableError(
-        f"lpips scorer: the {net} backbone weights {where} {problem} ({type(exc).__name__}: {reason}); "
+        f"synthesis.filter.scorer=lpips: the {net} backbone weights {where} {problem} ({type(exc).__name__}: {reason}); "
         f"copy {file} into {where.parent} (set $TORCH_HOME to choose the cache), "
         "or use synthesis.filter.scorer=embedding (offline EfficientNet-Lite0)")
 
@@ -253,8 +253,14 @@ def require_scorer(filter_settings: Any, cache_dir: str | None = None) -> None:
 
     ``dreamsim`` is an optional extra (``pip install persrep[dreamsim]``) whose weights are a
     download; both are checked now, so a missing one fails in one line instead of inside every
-    synthesis unit. ``embedding`` and ``lpips`` are the offline scorers."""
-    if not filter_settings.enabled or filter_settings.scorer != "dreamsim":
+    synthesis unit. ``embedding`` is the offline scorer; ``lpips`` needs torchvision's AlexNet
+    weights in the torch hub cache, or a network to fetch them (checked now too)."""
+    if not filter_settings.enabled:
+        return
+    if filter_settings.scorer == "lpips":
+        require_lpips_weights("alex")
+        return
+    if filter_settings.scorer != "dreamsim":
         return
     import importlib.util
 
@@ -270,6 +276,22 @@ def require_scorer(filter_settings: Any, cache_dir: str | None = None) -> None:
             f"synthesis.filter.scorer=dreamsim: its weights are not in {cache} (missing {', '.join(missing)}): "
             "on a machine with network run `python -c \"from dreamsim import dreamsim; dreamsim(cache_dir='DIR')\"`, "
             f"copy DIR here and set $DREAMSIM_CACHE to it, {offline}")
+
+
+def require_lpips_weights(net: str = "alex", timeout_s: float = 3.0) -> None:
+    """lpips' backbone weights are in the torch hub cache, or their download host answers."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = LPIPS_BACKBONE_URLS[net]
+    if (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]).is_file():
+        return
+    host = urlparse(url).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise _lpips_unavailable(net, exc) from None
 
 
 def dreamsim_features(cache_dir: str | None = None, device: torch.device | None = None) -> FeatureFn:

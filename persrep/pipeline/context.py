@@ -88,13 +88,17 @@ def materialise_data(settings: Settings, storage: Storage, progress: Progress | 
     path = settings.data.path
     if path == "toy":
         return _toy_dataset(settings, storage, progress)
+    fix = "give a directory in the reference layout, a PODS parquet export, an s3:// URI, or 'toy'"
+    if not path.strip():
+        raise DatasetError(f"data.path is empty: {fix}")
+    if "://" in path and not path.startswith(("s3://", "file://")):
+        raise DatasetError(f"data.path {path}: unsupported scheme {path.split('://', 1)[0]!r}: {fix}")
     if "://" not in path:
         from persrep.data.pods import is_pods_export, materialize_pods
 
         local = Path(path).expanduser().absolute()
         if not local.exists():
-            raise DatasetError(f"data.path {path}: not found (give a directory in the reference "
-                               "layout, a PODS parquet export, an s3:// URI, or 'toy')")
+            raise DatasetError(f"data.path {path}: not found ({fix})")
         if is_pods_export(local):
             if storage.is_s3:
                 raise DatasetError("data.path is a PODS parquet export but storage.root is s3://: "
@@ -121,7 +125,9 @@ def preflight_models(settings: Settings) -> list[str]:
                         and any_generator(types, lambda c: "backgrounds" in c.shared_inputs))
     if diffusion_needed:
         from persrep.models.diffusion import component_identity, require_available
+        from persrep.pipeline.inputs import check_model_source
 
+        check_model_source(settings.generator.base_model, "generator.base_model")
         component_identity(settings.generator.base_model)
         require_available(settings.generator.base_model)  # raises ModelUnavailableError
         notes.append(f"diffusion base model: {settings.generator.base_model}")
@@ -160,6 +166,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     from persrep.pipeline.path_guard import check_path_overlaps
 
     check_path_overlaps(settings)  # no input inside the run's output, no storage root inside the data
+    from persrep.pipeline.inputs import check_settings_inputs
+
+    check_settings_inputs(settings)  # counts that fail every unit, captions file and model: no data needed
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
     notes = preflight_models(settings)
@@ -191,6 +200,9 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},
                      ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, _ds=ds)
     check_external_negatives(ctx)
+    from persrep.pipeline.inputs import check_run_inputs
+
+    check_run_inputs(settings, ctx.instances, ctx.resolve_data_path)  # captions, backgrounds, counts
     if settings.personalization.negatives == "in_pool":
         ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
                          "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
@@ -210,6 +222,6 @@ def check_external_negatives(ctx: RunContext) -> None:
         resolved = ctx.resolve_data_path(where)
         files = Storage(resolved, ctx.settings.storage.s3_endpoint).list_files()
     except (StorageError, ValueError) as exc:
-        raise DatasetError(f"personalization.external_negatives={where}: {exc} ({fix})") from None
+        raise DatasetError(f"personalization.external_negatives={where}: {str(exc)[:240]} ({fix})") from None
     if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
         raise DatasetError(f"personalization.external_negatives={where}: no images in {resolved}: {fix}")

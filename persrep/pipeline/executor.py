@@ -2,8 +2,9 @@
 
 :class:`LocalExecutor` runs units one after another in this process (tests, debugging, a
 laptop without Ray). ``persrep.distributed.ray_executor.RayExecutor`` runs the same functions
-as Ray tasks with resources and retries. Both retry a failing unit ``max_retries`` times and
-never stop the stage for one failure: the summary says what failed and why. The exception is
+as Ray tasks with resources and retries. Both retry a failing unit ``max_retries`` times when
+another attempt could succeed (``persrep.pipeline.retry``: a failure the same inputs raise again
+is reported after one attempt) and never stop the stage for one failure: the summary says what failed and why. The exception is
 a storage root that stays unreachable (:class:`StorageUnavailableError`): it stops the job.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from persrep.pipeline.memory import GIB, NodeShape
-from persrep.pipeline.verdict import is_retryable
+from persrep.pipeline.retry import POLICY, is_retryable
 from persrep.storage import StorageUnavailableError
 
 
@@ -42,7 +43,7 @@ def failed_outcome(label: str, exc: BaseException, attempts: int, seconds: float
                    trace: str | None = None) -> Outcome:
     """A failed unit: its one-line error, its failure record (``UnitRejected.details``) as value,
     and the full traceback (written to ``failures/<unit>.txt`` in the run directory)."""
-    error = str(exc).strip().splitlines()[0][:500] if not is_retryable(exc) else short_error(exc)
+    error = POLICY.line(exc) if not is_retryable(exc) else short_error(exc)
     return Outcome(label, "failed", dict(getattr(exc, "details", None) or {}), error, attempts, seconds, trace)
 
 

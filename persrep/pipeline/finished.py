@@ -3,7 +3,7 @@
 Every unit function already returns ``skipped`` for a unit published intact, but only once it
 runs: with Ray that is a task per unit, and the first task on each worker pays the worker's
 start and imports (torch, timm, ...: seconds each). :func:`map_unfinished` asks the storage
-first (``is_intact``: the manifest and every file's checksum, as the unit function would) and
+first (``is_intact``: the manifest, and each file's size and time, as the unit function would) and
 hands the executor only the units still to do; the others get the same ``skipped`` outcome the
 unit function would have returned. A stage with nothing left launches no task at all.
 

@@ -267,6 +267,32 @@ def concurrency(node: NodeShape, cpus: float, gpus: float, memory_gb: float) -> 
     return int(n + 1e-9) if math.isfinite(n) else 1
 
 
+# the settings that size one unit's memory, per stage (named in the refusal)
+SIZE_SETTINGS = {"generator_prep": "generator.dreambooth.resolution, .batch_size, .use_lora",
+                 "synthesis": "synthesis.resolution, synthesis.batch_size",
+                 "personalization": "personalization.batch_size, personalization.backbones[].image_size",
+                 "evaluation": "evaluation.batch_size, evaluation.dense_input_size"}
+CPU_SETTINGS = {"synthesis": "resources.cpus_per_actor"}
+GPU_SETTINGS = {"synthesis": "resources.num_gpus", "personalization": "resources.gpus_per_tune_trial"}
+
+
+def _no_fit(stage: str, est: "Estimate", cpus: float, gpus: float, nodes: list[NodeShape], largest: float) -> str:
+    """Why one unit of ``stage`` fits on no node, naming the resource and the setting to change."""
+    most_cpus, most_gpus = max(nd.cpus for nd in nodes), max(nd.gpus for nd in nodes)
+    if cpus > most_cpus + 1e-9:
+        key = CPU_SETTINGS.get(stage, "resources.cpus_per_trial")
+        return (f"{stage}: one unit asks for {cpus:g} CPUs ({key}) but the largest node has "
+                f"{most_cpus:g}: lower {key}, or add a node with more CPUs")
+    if gpus > 0 and not any(nd.gpus >= gpus - 1e-9 for nd in nodes):
+        key = GPU_SETTINGS.get(stage, "resources.gpus_per_trial")
+        return (f"{stage}: one unit asks for {gpus:g} GPUs ({key}) but the largest node has "
+                f"{most_gpus:g}: lower {key}, or add a node with more GPUs")
+    return (f"{stage}: one unit needs {est.describe()} of memory but the largest node offers "
+            f"{largest:.1f} GiB to Ray: use a node with more memory, make the unit smaller "
+            f"({SIZE_SETTINGS.get(stage, 'resolution, batch size')}; LoRA instead of full fine-tuning), "
+            f"or set resources.memory_gb.{stage} if you measured less")
+
+
 def plan_stages(settings: Any, units: dict[str, int], nodes: list[NodeShape],
                 requests: dict[str, tuple[float, float]], on_gpu: bool) -> list[StagePlan]:
     """One :class:`StagePlan` per stage with units; raises :class:`InsufficientResourcesError`
@@ -289,11 +315,7 @@ def plan_stages(settings: Any, units: dict[str, int], nodes: list[NodeShape],
         best = max(nodes, key=lambda nd: concurrency(nd, cpus, gpus, est.gb))
         per_node = concurrency(best, cpus, gpus, est.gb)
         if per_node < 1:
-            raise InsufficientResourcesError(
-                f"{stage}: one unit needs {est.describe()} of memory but the largest node offers "
-                f"{largest:.1f} GiB to Ray: use a node with more memory, make the unit smaller "
-                f"(resolution, batch size, LoRA instead of full fine-tuning), or set "
-                f"resources.memory_gb.{stage} if you measured less")
+            raise InsufficientResourcesError(_no_fit(stage, est, cpus, gpus, nodes, largest))
         plans.append(StagePlan(stage, n, est, cpus, gpus, per_node))
     return plans
 

@@ -28,7 +28,7 @@ PATH_SETTINGS: tuple[tuple[str, bool], ...] = (
 
 def resolve_path(value: str | None, cwd: Path, only_if_exists: bool = False) -> str | None:
     """``value`` made absolute against ``cwd`` when it is a local relative path; else unchanged."""
-    if value is None or value in KEYWORDS or "://" in value or value.startswith(DATA_PREFIX):
+    if value is None or not value.strip() or value in KEYWORDS or "://" in value or value.startswith(DATA_PREFIX):
         return value
     expanded = Path(value).expanduser()
     explicit = value.startswith(("/", "./", "../", "~"))

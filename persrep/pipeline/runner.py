@@ -24,7 +24,7 @@ from persrep.keys import result_settings
 from persrep.pipeline.executor import Executor, LocalExecutor, Outcome, Resources
 from persrep.pipeline.memory import count_units, plan_stages, stage_requests
 from persrep.generation import shards
-from persrep.pipeline.summary import format_summary, headline_table
+from persrep.pipeline.summary import adapterless_line, format_summary, headline_table
 from persrep.pipeline.unit_stats import stage_costs, unit_record
 from persrep.pipeline.verdict import synthesis_verdict
 from persrep.pipeline.stages import PlannedStage, StageRun, map_stage, record_stage, run_planned
@@ -165,9 +165,12 @@ def plan_resources(ctx: RunContext, executor: Executor, say: Progress) -> None:
     has_gpus = any(n.gpus > 0 for n in nodes)
     on_gpu = has_gpus and ctx.settings.resources.gpus_per_trial > 0
     requests = stage_requests(ctx.settings, has_gpus)
+    sequential = getattr(executor, "sequential", False)
+    if sequential and nodes:  # one unit at a time in this process: CPU and GPU requests reserve nothing
+        most_cpus, most_gpus = max(n.cpus for n in nodes), max(n.gpus for n in nodes)
+        requests = {s: (min(c, most_cpus), min(g, most_gpus)) for s, (c, g) in requests.items()}
     counts = count_units(ctx.settings, len(ctx.instances), len(set(ctx.instances.values())))
     plans = plan_stages(ctx.settings, counts, nodes, requests, on_gpu)
-    sequential = getattr(executor, "sequential", False)
     for p in plans:
         say(p.line() if not sequential else p.line().rsplit(";", 1)[0] + "; one at a time (in this process)")
     ctx.memory = {p.stage: p.estimate.bytes for p in plans}
@@ -409,7 +412,10 @@ def _write_results(ctx: RunContext, summary: RunSummary, tracker: Any) -> None:
 
     frame = results_frame(summary.rows)
     table = headline_table(frame)
-    summary.table = format_summary(table)
+    missing = adapterless_line([b.name for b in ctx.settings.personalization.backbones], table, summary.failures)
+    if missing:
+        summary.notes.append(missing)
+    summary.table = format_summary(table, missing)
     base = f"runs/{ctx.run_id}"
     st = ctx.storage
     st.write_bytes(f"{base}/results.parquet", table_bytes(pa.Table.from_pandas(frame, preserve_index=False)))

@@ -43,7 +43,10 @@ class UnitRejected(RuntimeError):
 
 
 def is_retryable(exc: BaseException) -> bool:
-    return getattr(exc, "retryable", True) is not False
+    """Whether a unit that raised ``exc`` is retried: the one policy of persrep.pipeline.retry."""
+    from persrep.pipeline.retry import is_retryable as policy
+
+    return policy(exc)
 
 
 @dataclass(frozen=True)
