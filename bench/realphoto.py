@@ -69,6 +69,13 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+# inference-only variants run on the final run's adapters, all instances
+FINAL_VARIANTS: dict[str, list[str]] = {
+    "final_scale75": ["evaluation.adapter_scale=0.75"],
+    "final_scale50": ["evaluation.adapter_scale=0.5"],
+}
+
+
 def base_command(tree: Path, data: Path, root: Path, name: str) -> list[str]:
     return [sys.executable, str(tree / "ray_jobs" / "run_all.py"), "--config", "offline-real",
             "--data", str(data), "--storage", str(root), "--run-id", name, "generator.types=[cut_paste]",
@@ -150,7 +157,9 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="lever variants to run (comma-separated)")
     ap.add_argument("--subset", type=int, default=1, help="levers on every n-th instance (sorted names)")
     ap.add_argument("--levers-root", default="levers", help="storage root (under --work) the lever variants share")
-    ap.add_argument("--final", help="the variant that is the new default: also run on all instances, own root")
+    ap.add_argument("--final", help="the variant that is the new default ('final', or one of --final-variants): "
+                    "run on all instances, own root")
+    ap.add_argument("--final-variants", default="", help="inference-only variants on the final run's adapters")
     ap.add_argument("--final-overrides", default="", help="extra overrides of the final variant (space-separated)")
     ap.add_argument("--out", default=str(REPO / "bench" / "realphoto.json"))
     args = ap.parse_args()
@@ -176,10 +185,19 @@ def main() -> int:
         extra = args.final_overrides.split() if args.final_overrides else []
         variants["final"] = run_variant("final", REPO, work / "final", data, extra, None)
         variants["final"]["overrides"] = extra
-        fin = variants["final"]["mean"]
+        # inference-only levers on all instances, on the final run's adapters (same storage root)
+        for name in [v for v in args.final_variants.split(",") if v]:
+            variants[name] = run_variant(name, REPO, work / "final", data, [*extra, *FINAL_VARIANTS[name]], None)
+            variants[name]["lever"] = FINAL_VARIANTS[name]
+            _save(out_path, result)
+        fin = variants[args.final]["mean"]
+        result["final"] = args.final
         result.update({"delta_ap": fin["delta_ap"], "delta_ndcg": fin["delta_ndcg"],
                        "improved_both": fin["improved_both"], "worst_ap": fin["worst_ap"],
                        "s_per_instance": variants["final"]["s_per_instance"]})
+        for n, v in variants.items():
+            if n in FINAL_VARIANTS or n == "final":
+                result.setdefault("final_variants", {})[n] = v["mean"]
     # lever deltas on the subset: each lever vs 'masks_only' (its reference), same instances
     for ref_name in ("masks_only", "combo"):
         ref = variants.get(ref_name)
