@@ -61,6 +61,14 @@ def _read(run_dir: str, name: str) -> bytes | None:
     return p.read_bytes() if p.is_file() else None
 
 
+def run_root(run_source: str) -> str:
+    """``<root>/runs/<run_id>`` -> ``<root>`` (local path or s3:// URI)."""
+    parts = str(run_source).rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or parts[1] != "runs":
+        raise ValueError(f"{run_source} is not a run directory (<storage root>/runs/<run_id>)")
+    return parts[0]
+
+
 def load_run(run_dir_or_results: Any) -> RunData:
     """A run directory (local or s3://), a results parquet path, a DataFrame or a RunData."""
     if isinstance(run_dir_or_results, RunData):
