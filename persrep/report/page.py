@@ -189,7 +189,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     md += vmd
     cap = ("Headline metric per task (classification AP = PR-AUC, retrieval NDCG, detection and "
            "segmentation mAP@[.5:.95]), x100, mean ± std over instances; coloured "
-           "numbers are personalised minus pretrained.")
+           "numbers: personalised minus pretrained, averaged over the instances both were measured on.")
     h.append("<h2>(a) Pretrained vs personalised, per backbone and task</h2>"
              f'<p class="cap">{cap}</p>')
     md += ["## (a) Pretrained vs personalised, per backbone and task", "", cap, ""]

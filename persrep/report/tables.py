@@ -182,9 +182,20 @@ def backbone_task_table(frame: pd.DataFrame) -> pd.DataFrame:
                 rec[f"{t}_mean"] = m
                 rec[f"{t}_std"] = float(r["std"].iloc[0]) if len(r) else float("nan")
                 rec[f"{t}_n"] = int(r["n"].iloc[0]) if len(r) else 0
-                rec[f"{t}_delta"] = (m - pre[t]) if lab != "pretrained" and t in pre else float("nan")
+                rec[f"{t}_delta"] = (_paired_delta(rows, bb, lab, t) if lab != "pretrained" and t in pre
+                                     else float("nan"))
             out.append(rec)
     return pd.DataFrame(out)
+
+
+def _paired_delta(rows: pd.DataFrame, backbone: str, label: str, task: str) -> float:
+    """Mean over instances of (personalised - pretrained), on the instances both were measured on
+    (an instance whose adapter failed has a pretrained value only and is left out)."""
+    sub = rows[(rows["backbone"] == backbone) & (rows["task"] == task)]
+    per = sub[sub["label"] == label].groupby("instance")["value"].mean()
+    pre = sub[sub["label"] == "pretrained"].groupby("instance")["value"].mean()
+    both = per.index.intersection(pre.index)
+    return float((per[both] - pre[both]).mean()) if len(both) else float("nan")
 
 
 def generation_table(frame: pd.DataFrame) -> pd.DataFrame:
