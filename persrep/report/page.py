@@ -382,7 +382,8 @@ def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
             md += [f"![{caption}](plots/{p.name})", ""]
     instances = sorted(frame["instance"].dropna().unique()) if "instance" in frame else []
     try:
-        body, _ = gallery_html(src, run.summary, run.settings, out, [str(i) for i in instances])
+        body, _ = gallery_html(src, run.summary, run.settings, out, [str(i) for i in instances],
+                               _gallery_headlines(frame))
     except Exception as exc:  # noqa: BLE001 - data set or units moved: say so, keep the tables
         h.append(f'<p class="cap">galleries not shown: {html.escape(redact_text(str(exc)))}</p>')
         return h, md
@@ -392,6 +393,27 @@ def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
                  "(thumbnails in thumbs/, loaded when opened).</p>" + body)
         md += ["## Instances", "", f"Image galleries for {len(instances)} instances: see report.html.", ""]
     return h, md
+
+
+def _gallery_headlines(frame: pd.DataFrame) -> dict[str, str]:
+    """instance -> its differences per task (its best personalised model), for the gallery titles."""
+    from persrep.report.verdict import metric_name
+
+    table = instance_table(frame)
+    out: dict[str, str] = {}
+    if table.empty:
+        return out
+    tasks = [c[:-len("_delta")] for c in table.columns if c.endswith("_delta")]
+    for r in table.to_dict("records"):
+        name = str(r["instance"])
+        if name in out:
+            continue  # sorted by gain: the first row is the best model
+        if r["status"] != "ok":
+            out[name] = "no personalised result"
+            continue
+        out[name] = " · ".join(f"{metric_name(t)} {_delta_text(r[f'{t}_delta'])}" for t in tasks
+                               if math.isfinite(r[f"{t}_delta"]))
+    return out
 
 
 def _read_text(src: str, name: str) -> bytes | None:
