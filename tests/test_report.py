@@ -256,7 +256,8 @@ def hand_run(tmp_path: Path, model_used: bool = False) -> Path:
     (run_dir / "summary.json").write_text(json.dumps({
         "run_id": "20261206-173500", "config": "local", "data": str(tmp_path / "data" / "grocery_produce"),
         "instances": 4, "stages": {"auto_masks": {"done": 4}}, "timings": {"total": 101.0}, "costs": costs,
-        "notes": HAND_NOTES,
+        "notes": HAND_NOTES + [f"data warning: WARNING {tmp_path / 'data' / 'grocery_produce'}: dense tasks "
+                               "asked but test images lack masks -> detection/segmentation will be skipped"],
         "failures": [{"stage": "personalization", "unit": f"cut_paste:{BB}:durian",
                       "error": "RuntimeError: CUDA out of memory", "attempts": 1}]}))
     return run_dir
@@ -341,7 +342,8 @@ def test_repeated_warnings_are_folded_and_details_go_to_the_end(tmp_path):
         assert f"{inst}: train images #0, #2" in masks
     assert KEY_HEX not in text and KEY_HEX not in md
     assert "3 similar warnings: data warning: test/apple/3.png: unreadable image" in first
-    assert first.count('<div class="note">') == 1 and "use_8bit_adam needs CUDA" in first  # a single one stays
+    assert first.count('<div class="note">') == 2 and "use_8bit_adam needs CUDA" in first  # single ones stay
+    assert "data warning: WARNING …/grocery_produce: dense tasks asked" in first  # no machine path up front
     # informational notes and internal terms: only in the folded run details at the end
     for jargon in ("generator loads", "dense pool supplied", "weights offline", "segmenter grabcut"):
         assert jargon not in first, jargon

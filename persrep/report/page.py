@@ -18,8 +18,8 @@ from persrep.report.gallery import GALLERY_CSS
 from persrep.report.plots import (plot_cfg_curves, plot_retrieval_examples, plot_scene_bars,
                                   plot_task_bars)
 from persrep.report.notes import sort_notes
-from persrep.report.sections import (failure_reasons, instance_section, md_table, verdict_section,
-                                     warnings_section)
+from persrep.report.sections import (failure_reasons, instance_section, md_table, short_paths,
+                                     verdict_section, warnings_section)
 from persrep.report.tables import (HEADLINE, METRIC_NAME, _all_metrics, _headline_rows, _scenes,
                                    _skipped, _tasks, backbone_task_table, format_cell,
                                    generation_table, load_run, scene_table)
@@ -207,7 +207,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         from persrep.report.gallery import low_masks_html
 
         return low_masks_html(str(run.source), s, run.settings, out, low) if auto else ""
-    wh, wmd = warnings_section(groups, redact_text, mask_thumbs)
+    wh, wmd = warnings_section(groups, lambda t: short_paths(redact_text(t)), mask_thumbs)
     if wh:
         h.append('<h2 class="quiet">Warnings</h2>')
         md += ["## Warnings", ""]
@@ -216,7 +216,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
 
     # per instance
     ih, imd = instance_section(table, threshold=auto.threshold if auto else None,
-                               failures=failure_reasons(s, instances, redact_text), one_backbone=one_backbone)
+                               failures=failure_reasons(s, instances, lambda t: short_paths(redact_text(t))), one_backbone=one_backbone)
     h += ih
     md += imd
 

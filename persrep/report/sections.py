@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,15 @@ def verdict_section(found: list[Verdict], table: pd.DataFrame, cost: RunCost | N
 
 # ---------------------------------------------------------------------------------------------
 # warnings
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/:'\"()]+/)+([^\s/:'\"()]+)/?")
+
+
+def short_paths(text: str) -> str:
+    """Absolute machine paths cut to their last component (``/work/shared/data/grocery_produce``
+    -> ``…/grocery_produce``): the first screens name things, the run details say where."""
+    return _ABS_PATH.sub(lambda m: f"…/{m[1]}", text)
+
+
 def warnings_section(groups: list[NoteGroup], redact: Callable[[str], str],
                      thumbs: Callable[[dict[str, list[int]]], str] | None = None) -> tuple[HTML, MD]:
     """One yellow note per warning; a repeated warning is one expandable note, and the uncertain
