@@ -328,6 +328,8 @@ def test_model_used_and_reason_are_shown_when_present(tmp_path):
     banana = next(r for r in _instance_rows(text) if r[0] == "banana")
     assert "pretrained" in banana and any("held-out photos" in c for c in banana)
     assert "The pretrained model was kept for 1 of 3 personalised instances" in text
+    durian = next(r for r in _instance_rows(text) if r[0] == "durian")  # a failure reads in 'why'
+    assert "personalization: RuntimeError: CUDA out of memory" in durian[-1]
 
 
 def test_repeated_warnings_are_folded_and_details_go_to_the_end(tmp_path):

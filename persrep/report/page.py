@@ -122,7 +122,8 @@ h2.quiet{font-size:16px;border:0;margin:18px 0 4px;color:#5f6368}
 details.fold{padding:8px 12px} details.fold>summary{font-weight:400}
 table.inst-table th.grp{text-align:center;border-left:2px solid #dadce0}
 td.lowconf{color:#d93025;font-weight:600} tr.failed td{color:#80868b}
-td.wrap{white-space:normal;min-width:180px;max-width:360px;font-size:13px}
+table.inst-table{font-size:13px} table.inst-table th,table.inst-table td{padding:4px 7px}
+td.wrap{white-space:normal;min-width:150px;max-width:280px;font-size:12px}
 details.run{background:#fff;padding:8px 14px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 details.run h3{font-size:15px;margin:14px 0 4px}
 .tw{overflow-x:auto;max-width:100%}

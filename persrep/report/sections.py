@@ -189,7 +189,7 @@ def instance_section(table: pd.DataFrame, *, threshold: float | None, failures: 
     show_dc = table.loc[table["status"] == "ok", "data_config"].nunique() > 1
     has_conf = "mask_confidence" in table and table["mask_confidence"].notna().any()
     extra = [c for c in ("model_used", "model_reason") if c in table]
-    has_note = (table["status"] != "ok").any()
+    has_note = (table["status"] != "ok").any() and "model_reason" not in table  # else in 'why'
     left = ["instance", "category"] + ([] if one_backbone else ["backbone"]) + (
         ["data config"] if show_dc else []) + ["positives"]
     right = (["gain"] if show_gain else []) + (["mask confidence"] if has_conf else []) + (
@@ -237,6 +237,8 @@ def instance_section(table: pd.DataFrame, *, threshold: float | None, failures: 
         for c in extra:
             v = str(r.get(c) or "")
             v = "" if v == "nan" else v
+            if c == "model_reason" and r["status"] != "ok":  # a failed instance: why it has no result
+                v = failures.get(str(r["instance"]), str(r["status"]))
             tail.append(f"<td class=\"wrap\">{html.escape(v)}</td>")
             mdc.append(v)
         if has_note:
@@ -252,7 +254,7 @@ def instance_section(table: pd.DataFrame, *, threshold: float | None, failures: 
            + "; values x100; Δ = personalised minus pretrained"
            + ("; mask confidence = the lowest of the instance's automatic train masks"
               + (f", ⚠ below {threshold:g}" if threshold is not None else "") if has_conf else "")
-           + (". Instances without a personalised result come last." if has_note else "."))
+           + (". Instances without a personalised result come last." if (table["status"] != "ok").any() else "."))
     h = ['<h2 id="per-instance">Per instance</h2>', f'<p class="cap">{html.escape(cap)}</p>',
          f'<div class="tw"><table class="inst-table"><thead><tr>{th1}</tr><tr>{th2}</tr></thead>'
          f'<tbody>{"".join(body)}</tbody></table></div>']
