@@ -257,3 +257,6 @@ def test_uncertain_auto_masks_are_one_note_with_their_thumbnails(auto_run):
     # the galleries outline the automatic masks on the training photos too
     gal = _gallery_part(page)
     assert gal.count("Training photos (mask outlined)") == len(conf)
+    # one data configuration: (b) and (d) would hold one point each, and are left out
+    assert "(b) Generator" not in page and "(d) Compute vs quality" not in page
+    assert not (html_path.parent / "plots" / "compute_quality.png").exists()
