@@ -44,8 +44,8 @@ def metric_name(task: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # per instance
 def _optional(frame: pd.DataFrame) -> list[str]:
-    return [c for c in OPTIONAL_COLUMNS if c in frame and frame[c].notna().any()
-            and (frame[c].astype(str) != "").any()]
+    return [c for c in OPTIONAL_COLUMNS if c in frame
+            and (frame[c].notna() & (frame[c].astype(str).str.strip() != "")).any()]
 
 
 def instance_table(frame: pd.DataFrame, mask_confidence: dict[str, float] | None = None) -> pd.DataFrame:
