@@ -274,7 +274,7 @@ def test_verdict_numbers_are_the_hand_computed_ones(tmp_path):
     (masks + synthesis) 5.0 s, training 15 s, evaluating 5.0 s; one unit reused."""
     path = main_report(hand_run(tmp_path), tmp_path / "out")
     text, md = path.read_text(), (path.parent / "report.md").read_text()
-    lead = ("Personalisation improved 2 of 3 instances on classification (AP +6.7 points on average) "
+    lead = ("Personalisation improved 2 of 3 instances on classification (1 worse; AP +6.7 points on average) "
             "and 2 of 3 on retrieval (NDCG +6.7), at 25 s per instance.")
     cls = "classification: 2 of 3 instances improved, 1 got worse; AP 50.0 → 56.7 (+6.7 points on average)"
     ret = "retrieval: 2 of 3 instances improved; NDCG 60.0 → 66.7 (+6.7 points on average)"

@@ -171,13 +171,14 @@ def task_sentence(t: TaskVerdict) -> str:
 
 def lead_sentence(v: Verdict, cost: RunCost | None = None) -> str:
     """The verdict in one line, every task of the model: ``Personalisation improved 3 of 4
-    instances on classification (AP +1.0 points on average) and 1 of 4 on retrieval (NDCG -0.5),
-    at 42 s per instance.``"""
+    instances on classification (1 worse; AP +1.0 points on average) and 1 of 4 on retrieval
+    (NDCG -0.5), at 42 s per instance.``"""
     parts = []
     for i, t in enumerate(v.tasks):
         of = f"{t.improved} of {t.n}" + (f" instance{'s' if t.n != 1 else ''}" if i == 0 else "")
         avg = " points on average" if i == 0 else ""
-        parts.append(f"{of} on {t.task} ({t.metric} {_points(t.delta)}{avg})")
+        worse = f"{t.worse} worse; " if t.worse else ""
+        parts.append(f"{of} on {t.task} ({worse}{t.metric} {_points(t.delta)}{avg})")
     text = "Personalisation improved " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
     if cost is not None and math.isfinite(cost.per_instance):
         text += f", at {_duration(cost.per_instance)} per instance"
