@@ -41,7 +41,7 @@ def run(tmp_path_factory):
 
 
 def _gallery_part(page: str) -> str:
-    return page[page.index("<h2>Instances"):page.index("<h2>All metrics")]
+    return page[page.index("<h2>Instances"):page.index("<h2 id=\"run-details\"")]
 
 
 def test_every_instance_has_a_closed_section_of_lazy_small_thumbnails(run):
@@ -170,7 +170,7 @@ def test_galleries_render_in_chromium_for_100_instances(run, tmp_path):
     rows), and the HTML of 100 collapsed sections stays small."""
     root, run_dir, html_path = run
     page = html_path.read_text()
-    start, end = page.index("<h2>Instances"), page.index("<h2>All metrics")
+    start, end = page.index("<h2>Instances"), page.index("<h2 id=\"run-details\"")
     blocks = re.findall(r'<details class="inst gal">.*?</details>', page[start:end], re.S)
     many = "".join(blocks[i % len(blocks)] for i in range(100))
     many = many.replace('<details class="inst gal">', '<details class="inst gal" open>', 1)
@@ -189,3 +189,74 @@ def test_galleries_render_in_chromium_for_100_instances(run, tmp_path):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "gallery.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# a run that predicted its train masks (generator.auto_masks): uncertain masks folded into one
+# note with their thumbnails, the confidence in the per-instance table, outlines in the galleries
+AUTO = ["data.toy.categories=2", "data.toy.instances_per_category=1", "data.toy.image_size=64",
+        "generator.types=[cut_paste]", "synthesis.num_positives=4", "synthesis.resolution=64",
+        "synthesis.cut_paste.backgrounds=@data/backgrounds", "personalization.negatives=external",
+        "personalization.external_negatives=@data/negatives", "personalization.max_steps=2",
+        "personalization.batch_size=4",
+        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
+        "evaluation.tasks=[classification, retrieval]", "tracking.enabled=false", "segmentation.init=box",
+        "generator.auto_masks=true", "segmentation.min_confidence=1.0"]  # every mask is 'uncertain'
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    from persrep.data.toy import write_toy_dataset
+
+    base = tmp_path_factory.mktemp("auto")
+    data = base / "plain"
+    write_toy_dataset(data, categories=2, instances_per_category=1, image_size=64, test_per_scene=1,
+                      dense_per_instance=0, negatives_per_category=4)
+    shutil.rmtree(data / "train_masks")
+    if not (data / "backgrounds").exists():  # cut-and-paste backgrounds: the toy's negatives photos
+        shutil.copytree(next(p for p in (data / "negatives").iterdir() if p.is_dir()), data / "backgrounds")
+    root = base / "root"
+    summary = run_pipeline(load_settings("local", [*AUTO, f"data.path={data}", f"storage.root={root}"]),
+                           run_id="auto")
+    assert summary.exit_code == 0, summary.failures
+    run_dir = root / "runs" / "auto"
+    return root, run_dir, run_dir / "report" / "report.html"
+
+
+def test_uncertain_auto_masks_are_one_note_with_their_thumbnails(auto_run):
+    root, run_dir, html_path = auto_run
+    page = html_path.read_text()
+    first = page[:page.index('id="run-details"')]
+    units = [u for u in json.loads((run_dir / "units.json").read_text()) if u["stage"] == "auto_masks"]
+    st = Storage(str(root))
+    conf = {u["label"].split(":", 1)[1]: st.manifest("masks", u["key"]).meta["confidence"] for u in units}
+    assert sorted(conf) == sorted(pd.read_parquet(run_dir / "results.parquet")["instance"].unique())
+    notes = json.loads((run_dir / "summary.json").read_text())["notes"]
+    assert sum(n.startswith("auto masks of ") for n in notes) == len(conf)  # one note per instance in the run
+    assert first.count("auto masks of ") == 0 and first.count('<details class="note fold">') == 1
+    note = first[first.index('<details class="note fold">'):]
+    note = note[:note.index("</details>")]
+    assert f"The automatic masks of {len(conf)} instances are uncertain (confidence below 1)" in note
+    for u in units:
+        assert u["key"] not in first  # never the hashed folders
+    for inst, cs in conf.items():
+        assert f"{inst}: #0, #1, #2" in note
+        for i, c in enumerate(cs):
+            assert f"#{i} · auto mask {c:.2f}" in note
+    srcs = re.findall(r'src="(thumbs/[0-9a-f]{20}\.jpg)"', note)
+    assert len(srcs) == 3 * len(conf)
+    arr = np.asarray(Image.open(html_path.parent / srcs[0]).convert("RGB")).astype(int)
+    orange = np.abs(arr - np.array([232, 113, 10])).sum(axis=2) < 120
+    assert orange.sum() > 40 and orange.mean() < 0.25  # the mask outlined, not filled
+    # the per-instance table: the lowest confidence of each instance's masks, flagged
+    table = first[first.index('class="inst-table"'):]
+    for inst, cs in conf.items():
+        row = table[table.index(f"<td>{inst}</td>"):]
+        row = row[:row.index("</tr>")]
+        assert f"{min(cs):.2f} ⚠" in row
+    # the galleries outline the automatic masks on the training photos too
+    gal = _gallery_part(page)
+    assert gal.count("Training photos (mask outlined)") == len(conf)
+    # one data configuration: (b) and (d) would hold one point each, and are left out
+    assert "(b) Generator" not in page and "(d) Compute vs quality" not in page
+    assert not (html_path.parent / "plots" / "compute_quality.png").exists()

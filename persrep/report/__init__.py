@@ -1,18 +1,22 @@
-"""The run report: paper-style tables and plots from a run's tidy results (HTML + Markdown).
+"""The run report: a verdict, the per-instance results, paper-style tables and plots, image
+galleries (HTML + Markdown).
 
-``write_report(run_dir_or_results, out_dir)`` reads ``results.parquet`` (+ ``summary.json`` and
-``settings.yaml`` when present) from a run directory (local or ``s3://``), a parquet path or a
-DataFrame, and writes ``report.html`` (self-contained: plots embedded as base64 PNG), ``report.md``
-and ``plots/*.png`` next to them. Tables (values x100, mean +- sample std over instances):
+``write_report(run_dir_or_results, out_dir)`` reads ``results.parquet`` (+ ``summary.json``,
+``settings.yaml`` and ``units.json`` when present) from a run directory (local or ``s3://``), a
+parquet path or a DataFrame, and writes ``report.html`` (plots embedded as base64 PNG, gallery
+thumbnails in ``thumbs/``), ``report.md`` and ``plots/*.png``. In order (values x100):
 
-(a) backbone x task, pretrained vs personalised, the headline metric per task (classification AP,
-    retrieval NDCG, detection / segmentation mAP@[.5:.95]); (b) generator x CFG x caption source;
-    (c) classification AP per test scene; then every metric, skipped tasks with their reasons,
-    stage counts, timings and the (redacted) settings.
+- the title in words (data set, instances, data configuration, run) and a plain verdict: per task
+  how many instances improved, the means and the mean difference, failed instances, the cost per
+  instance (``summary.json`` ``costs``); (a) backbone x task, pretrained vs personalised;
+- the warnings, a repeated one folded into one note (uncertain automatic masks with thumbnails);
+- the per-instance table sorted by gain (:mod:`persrep.report.verdict`);
+- plots, and only the sections the run can fill: (b) generator x CFG x caption source and (d)
+  compute vs quality with more than one data configuration, (c) per test scene with scenes;
+- the galleries, retrieval examples (``examples`` = [(query, [top-k gallery], [relevant]), ...]),
+  and the run details folded at the end (notes, stages, costs, skipped tasks, all metrics, settings).
 
-Plots (matplotlib, Agg canvas, no pyplot state): bars per task, CFG curves (when >1 CFG), per-scene
-bars, and a retrieval example grid from ``examples`` = [(query, [top-k gallery], [relevant]), ...]
-(PIL images or paths). A run with in-pool negatives gets a leakage warning at the top.
+A run with in-pool negatives gets a leakage warning at the top.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from persrep.report.tables import run_root
 from persrep.report.thumbs import BLUE, GREEN, ORANGE, RED, Thumbs
 
 POSITIVES_SHOWN, NEGATIVES_SHOWN, REJECTED_SHOWN = 4, 6, 4
@@ -40,16 +41,8 @@ details.inst>summary{font-size:15px} details.inst .sub{color:#5f6368;font-weight
 .gal figure{margin:0;padding:2px;box-shadow:none;background:none;width:128px}
 .gal figure img{width:128px;height:auto;display:block;background:#eee}
 .gal figcaption{font-size:11px;line-height:1.2}.gal .sep{width:10px}
-.gal .rej img{opacity:.75}.gal .rej figcaption{color:#d93025}
+.gal .rej img{opacity:.75}.gal .rej figcaption{color:#d93025}.gal .low figcaption{color:#d93025;font-weight:600}
 """
-
-
-def run_root(run_source: str) -> str:
-    """``<root>/runs/<run_id>`` -> ``<root>`` (local path or s3:// URI)."""
-    parts = str(run_source).rstrip("/").rsplit("/", 2)
-    if len(parts) < 3 or parts[1] != "runs":
-        raise ValueError(f"{run_source} is not a run directory (<storage root>/runs/<run_id>)")
-    return parts[0]
 
 
 def _fig(src: str, caption: str, cls: str = "") -> str:
@@ -74,6 +67,9 @@ class Gallery:
         self.thumbs = Thumbs(out_dir)
         self._ds = None
         self.endpoint = endpoint
+        from persrep.report.automasks import AutoMasks
+
+        self.auto = AutoMasks(run_source, self.settings, self.units)
 
     @property
     def ds(self):
@@ -188,11 +184,37 @@ class Gallery:
                          f'</summary>{"".join(b for b in body if b)}</details>')
         return "".join(parts)
 
+    def _train_figure(self, name: str, i: int, rel: str, *, caption: str | None = None) -> tuple[str, bool]:
+        """A training photo with its mask outlined: the data set's, else the run's automatic mask
+        (captioned with its confidence). Returns (figure, whether a mask was drawn)."""
+        base = rel.rsplit("/", 1)[-1]
+        if rel in self.ds.masks or name not in self.auto.masks:
+            return _fig(self._image(rel, mask=True), caption or base), rel in self.ds.masks
+        m = self.auto.mask(name, i)
+        conf = self.auto.masks[name].confidence
+        c = f"auto mask {conf[i]:.2f}" if i < len(conf) else "auto mask"
+        low = self.auto.threshold is not None and i < len(conf) and conf[i] < self.auto.threshold
+        return (_fig(self._image(rel, pred_mask=m), f"{caption or base} · {c}", "low" if low else ""),
+                m is not None)
+
     def _train(self, name: str) -> str:
         rels = self.ds.instances[name].train
-        figs = [_fig(self._image(r, mask=True), r.rsplit("/", 1)[-1]) for r in rels]
-        masked = any(r in self.ds.masks for r in rels)
-        return f"<h4>Training photos{' (mask outlined)' if masked else ''}</h4>" + _row("real", figs)
+        made = [self._train_figure(name, i, r) for i, r in enumerate(rels)]
+        masked = any(drawn for _, drawn in made)
+        return f"<h4>Training photos{' (mask outlined)' if masked else ''}</h4>" + _row("real", [f for f, _ in made])
+
+    def low_masks_html(self, low: dict[str, list[int]]) -> str:
+        """One row per instance with uncertain automatic masks: all its training photos with the
+        mask outlined and each mask's confidence (the uncertain ones captioned in red)."""
+        rows = []
+        for name in sorted(low):
+            inst = self.ds.instances.get(name)
+            if inst is None:
+                continue
+            figs = [self._train_figure(name, i, r, caption=f"#{i}")[0] for i, r in enumerate(inst.train)]
+            images = ", ".join(f"#{i}" for i in low[name])
+            rows.append(_row(f"{name}: {images}", figs))
+        return f'<div class="gal">{"".join(rows)}</div>' if rows else ""
 
     def _positives(self, configs: list[tuple[str, list[dict[str, Any]]]]) -> str:
         if not configs:
@@ -265,4 +287,10 @@ def gallery_html(run_source: str, summary: dict[str, Any], settings: dict[str, A
     return body, g.thumbs.written
 
 
-__all__ = ["GALLERY_CSS", "Gallery", "gallery_html", "run_root"]
+def low_masks_html(run_source: str, summary: dict[str, Any], settings: dict[str, Any] | None,
+                   out_dir: str | Path, low: dict[str, list[int]]) -> str:
+    """Thumbnails of the uncertain automatic masks (instance -> image indices), outlined."""
+    return Gallery(run_source, summary, settings, out_dir).low_masks_html(low)
+
+
+__all__ = ["GALLERY_CSS", "Gallery", "gallery_html", "low_masks_html", "run_root"]

@@ -17,9 +17,13 @@ import pandas as pd
 from persrep.report.gallery import GALLERY_CSS
 from persrep.report.plots import (plot_cfg_curves, plot_retrieval_examples, plot_scene_bars,
                                   plot_task_bars)
+from persrep.report.notes import sort_notes
+from persrep.report.sections import (failure_reasons, instance_section, md_table, short_paths,
+                                     verdict_section, warnings_section)
 from persrep.report.tables import (HEADLINE, METRIC_NAME, _all_metrics, _headline_rows, _scenes,
                                    _skipped, _tasks, backbone_task_table, format_cell,
                                    generation_table, load_run, scene_table)
+from persrep.report.verdict import instance_table, run_cost, title_words, verdicts
 LEAKAGE_TEXT = (
     "Negatives were drawn from other instances of the evaluated data set "
     "(personalization.negatives=in_pool). Those objects are the very ones that fill the "
@@ -79,10 +83,7 @@ def _html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
             f"<tbody>{body}</tbody></table></div>")
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                     ["| " + " | ".join(r) + " |" for r in esc])
+_md_table = md_table
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -112,6 +113,19 @@ tbody tr:nth-child(even){background:#fafbfc}
 figure{margin:12px 0 20px;background:#fff;padding:10px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
 figure img{max-width:100%} figcaption{color:#5f6368;font-size:13px}
 details{margin:8px 0} summary{cursor:pointer;font-weight:600}
+.verdict{background:#fff;border-left:6px solid #1f3b63;padding:4px 20px 10px;margin:18px 0;
+ box-shadow:0 1px 2px rgba(0,0,0,.08)}.verdict h2{border:0;margin:12px 0 4px}
+.verdict .headline{font-size:21px;font-weight:600;margin:6px 0 10px;color:#1f3b63}
+.verdict .lead{font-size:17px;font-weight:600;margin:8px 0 2px}.verdict ul{margin:4px 0 8px;font-size:16px}
+.verdict li.pos-line::marker{color:#188038}.verdict li.neg-line::marker{color:#d93025}
+h2.quiet{font-size:16px;border:0;margin:18px 0 4px;color:#5f6368}
+details.fold{padding:8px 12px} details.fold>summary{font-weight:400}
+table.inst-table th.grp{text-align:center;border-left:2px solid #dadce0}
+td.lowconf{color:#d93025;font-weight:600} tr.failed td{color:#80868b}
+table.inst-table{font-size:13px} table.inst-table th,table.inst-table td{padding:4px 7px}
+td.wrap{white-space:normal;min-width:150px;max-width:280px;font-size:12px}
+details.run{background:#fff;padding:8px 14px;box-shadow:0 1px 2px rgba(0,0,0,.08)}
+details.run h3{font-size:15px;margin:14px 0 4px}
 .tw{overflow-x:auto;max-width:100%}
 code{background:#eef1f5;padding:1px 4px;border-radius:3px}
 """ + GALLERY_CSS
@@ -119,7 +133,12 @@ code{background:#eef1f5;padding:1px 4px;border-radius:3px}
 
 def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequence[Any] | None = None,
                  summary: dict[str, Any] | None = None, title: str | None = None) -> Path:
-    """Write ``report.html``, ``report.md`` and ``plots/*.png`` into ``out_dir``; return the HTML path."""
+    """Write ``report.html``, ``report.md`` and ``plots/*.png`` into ``out_dir``; return the HTML path.
+
+    Order: the verdict and the headline table (the first screen), the warnings (repeated ones
+    folded), the per-instance table, the plots and the sections the run can fill ((b) with more
+    than one data configuration, (c) with scenes, (d) with more than one configuration), the
+    galleries, and the run details folded at the end."""
     from persrep.redaction import redact_obj, redact_text
 
     run = load_run(run_dir_or_results)
@@ -130,16 +149,19 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     s = run.summary
-    title = title or f"persrep report: {s.get('run_id') or Path(run.source).name or 'results'}"
+    title = title or title_words(s, frame)
+    instances = sorted(str(i) for i in frame["instance"].dropna().unique())
 
     head_rows = _headline_rows(frame)
     tasks = _tasks(head_rows) if len(head_rows) else []
+    one_backbone = frame["backbone"].nunique() <= 1
+    auto = _auto_masks(run)
+    table = instance_table(frame, auto.lowest() if auto else None)
+    groups, info_notes = sort_notes(list(s.get("notes") or []), instances)
     h: list[str] = []   # html body parts
     md: list[str] = [f"# {title}", ""]
-    meta = [f"{k}: {s[k]}" for k in ("config", "data") if s.get(k) is not None]
-    meta.append(f"{frame['instance'].nunique()} instances, {frame['backbone'].nunique()} backbone(s), "
-                f"{len(frame)} result rows")
-    md += [" · ".join(redact_text(str(m)) for m in meta), ""]
+    meta = _subtitle(run, frame, table)
+    md += [" · ".join(meta), ""]
 
     if run.leakage:
         h.append(f'<div class="leak"><strong>⚠ Leakage warning: in-pool negatives</strong>'
@@ -155,14 +177,20 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         h.append(f'<div class="leak"><strong>⚠ Fallback: not trained on what the label says</strong>'
                  f"{html.escape(text)}</div>")
         md += [f"> **⚠ FALLBACK.** {text}", ""]
-    for note in s.get("notes") or []:
-        h.append(f'<div class="note">{html.escape(redact_text(str(note)))}</div>')
-        md += [f"> {redact_text(str(note))}", ""]
 
-    # (a)
+    # the verdict, then (a): the first screen
+    sk = _skipped(frame)
+    measured = set(head_rows["task"]) if len(head_rows) else set()
+    not_measured = [t for t in dict.fromkeys(sk["task"]) if t not in measured] if not sk.empty else []
+    vh, vmd = verdict_section(verdicts(frame), table, run_cost(s, len(instances)),
+                              auto_masks=bool(auto) or bool((s.get("stages") or {}).get("auto_masks")),
+                              not_measured=not_measured, instances=int(s.get("instances") or len(instances)),
+                              one_backbone=one_backbone)
+    h += vh
+    md += vmd
     cap = ("Headline metric per task (classification AP = PR-AUC, retrieval NDCG, detection and "
-           "segmentation mAP@[.5:.95]), scene 'all', x100, mean ± std over instances; coloured "
-           "numbers are personalised minus pretrained.")
+           "segmentation mAP@[.5:.95]), x100, mean ± std over instances; coloured "
+           "numbers: personalised minus pretrained, averaged over the instances both were measured on.")
     h.append("<h2>(a) Pretrained vs personalised, per backbone and task</h2>"
              f'<p class="cap">{cap}</p>')
     md += ["## (a) Pretrained vs personalised, per backbone and task", "", cap, ""]
@@ -175,6 +203,24 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         h.append(_html_table(head, hr, "main"))
         md += [_md_table(head, mr), ""]
 
+    # warnings: one note per kind, repeated ones folded (mask thumbnails inside)
+    def mask_thumbs(low: dict[str, list[int]]) -> str:
+        from persrep.report.gallery import low_masks_html
+
+        return low_masks_html(str(run.source), s, run.settings, out, low) if auto else ""
+    wh, wmd = warnings_section(groups, lambda t: short_paths(redact_text(t)), mask_thumbs)
+    if wh:
+        h.append('<h2 class="quiet">Warnings</h2>')
+        md += ["## Warnings", ""]
+    h += wh
+    md += wmd
+
+    # per instance
+    ih, imd = instance_section(table, threshold=auto.threshold if auto else None,
+                               failures=failure_reasons(s, instances, lambda t: short_paths(redact_text(t))), one_backbone=one_backbone)
+    h += ih
+    md += imd
+
     def add_plot(path: Path, caption: str) -> None:
         h.append(_img_tag(path, caption))
         md.extend([f"![{caption}](plots/{path.name})", ""])
@@ -183,16 +229,13 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     if p:
         add_plot(p, "Headline metric per task: pretrained vs personalised, per backbone")
 
-    # (b)
-    h.append("<h2>(b) Generator × CFG × caption source</h2>"
-             '<p class="cap">Personalised adapters per synthetic data configuration '
-             "(x100, mean ± std over instances); the pretrained row is the reference.</p>")
-    md += ["## (b) Generator × CFG × caption source", ""]
+    # (b): only with more than one personalised data configuration on a backbone
     tb = generation_table(frame)
-    if tb.empty:
-        h.append("<p>No successful results.</p>")
-        md += ["No successful results.", ""]
-    else:
+    if not tb.empty and _several_configs(tb):
+        h.append("<h2>(b) Generator × CFG × caption source</h2>"
+                 '<p class="cap">Personalised adapters per synthetic data configuration '
+                 "(x100, mean ± std over instances); the pretrained row is the reference.</p>")
+        md += ["## (b) Generator × CFG × caption source", ""]
         extra = [c for c in tb.columns if c in ("global_feature", "negatives_source")]
         # the data config name is shown only where generator x CFG x captions does not determine it
         show_dc = tb.groupby(["backbone", "generator", "cfg", "caption_source"] + extra,
@@ -206,18 +249,15 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
                 format_cell(r.get(f"{t}_mean", np.nan), r.get(f"{t}_std", np.nan)) for t in tasks])
         h.append(_html_table(head, [[html.escape(str(c)) for c in row] for row in rows]))
         md += [_md_table(head, rows), ""]
-    p = plot_cfg_curves(frame, plots_dir / "cfg_curves.png")
-    if p:
-        add_plot(p, "Headline metric vs classifier-free guidance scale (band = ± std)")
+        p = plot_cfg_curves(frame, plots_dir / "cfg_curves.png")
+        if p:
+            add_plot(p, "Headline metric vs classifier-free guidance scale (band = ± std)")
 
-    # (c)
-    h.append("<h2>(c) Classification AP per test scene</h2>")
-    md += ["## (c) Classification AP per test scene", ""]
+    # (c): only when the data set has test scenes
     tc = scene_table(frame)
-    if tc.empty:
-        h.append("<p>No per-scene classification results (the data set has no scenes).</p>")
-        md += ["No per-scene classification results (the data set has no scenes).", ""]
-    else:
+    if not tc.empty:
+        h.append("<h2>(c) Classification AP per test scene</h2>")
+        md += ["## (c) Classification AP per test scene", ""]
         scenes = _scenes(tc)
         head = ["backbone", "model"] + [sc.replace("_", " ") for sc in scenes]
         rows = [[r["backbone"], r["label"]] + [format_cell(r.get(f"{sc}_mean", np.nan),
@@ -231,7 +271,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         if p:
             add_plot(p, "Classification AP per test scene")
 
-    # (d) compute vs quality, then the per-instance galleries (need the run's units.json)
+    # (d) compute vs quality (with more than one configuration), then the per-instance galleries
     h_more, md_more = _compute_and_galleries(run, frame, out, plots_dir)
     h += h_more
     md += md_more
@@ -245,32 +285,12 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
             add_plot(p, "Queries and their top-ranked gallery images "
                              "(green = same instance, red = another instance)")
 
-    # all metrics, skipped, run details
-    am = _all_metrics(frame)
-    if not am.empty:
-        head = ["backbone", "task", "metric", "model", "mean ± std (x100)", "n"]
-        rows = [[r.backbone, str(r.task), r.metric, r.label, format_cell(r.mean, r.std), str(r.n)]
-                for r in am.itertuples()]
-        h.append("<h2>All metrics (scene 'all')</h2><details><summary>"
-                 f"{len(rows)} rows</summary>"
-                 + _html_table(head, [[html.escape(c) for c in row] for row in rows]) + "</details>")
-        md += ["## All metrics (scene 'all')", "", _md_table(head, rows), ""]
-    sk = _skipped(frame)
-    h.append("<h2>Skipped tasks</h2>")
-    md += ["## Skipped tasks", ""]
-    if sk.empty:
-        h.append("<p>None: every requested task ran.</p>")
-        md += ["None: every requested task ran.", ""]
-    else:
-        head = ["backbone", "model", "task", "reason", "instances"]
-        rows = [[r.backbone, r.label, r.task, redact_text(str(r.reason)), str(r.instances)]
-                for r in sk.itertuples()]
-        h.append(_html_table(head, [[html.escape(c) for c in row] for row in rows], "skipped"))
-        md += [_md_table(head, rows), ""]
-    h.append(_run_details_html(s, run.settings, redact_obj, redact_text))
-    md += _run_details_md(s, redact_text)
+    # run details, folded: paths, notes, every metric, skipped tasks, stages, costs, settings
+    dh, dmd = _run_details(run, frame, info_notes, sk, redact_obj, redact_text)
+    h += dh
+    md += dmd
 
-    subtitle = html.escape(" · ".join(redact_text(str(m)) for m in meta))
+    subtitle = html.escape(" · ".join(meta))
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"/>'
            f'<meta name="viewport" content="width=device-width, initial-scale=1"/>'
            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
@@ -279,6 +299,46 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     (out / "report.html").write_text(doc, encoding="utf-8")
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return out / "report.html"
+
+
+def _several_configs(tb: pd.DataFrame) -> bool:
+    """Whether some backbone has more than one personalised data configuration (else (b) and (d)
+    would hold one point each)."""
+    per = tb[tb["generator"] != "pretrained"]
+    return bool(len(per)) and int(per.groupby("backbone")["data_config"].nunique().max()) > 1
+
+
+def _auto_masks(run: Any) -> Any:
+    from persrep.report.automasks import AutoMasks
+
+    try:
+        return AutoMasks(str(run.source), run.settings)
+    except Exception:  # noqa: BLE001 - not a run directory (a bare table) or storage moved
+        return None
+
+
+def _subtitle(run: Any, frame: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """Short facts under the title: run, backbone(s), instances, date; never a machine path."""
+    s = run.summary
+    meta = []
+    if s.get("run_id"):
+        meta.append(f"run {s['run_id']}")
+    bbs = sorted(set(frame["backbone"]) - {"-"})
+    if bbs:
+        meta.append(("backbone " if len(bbs) == 1 else "backbones ") + ", ".join(bbs))
+    n = int(s.get("instances") or frame["instance"].nunique())
+    if not table.empty:
+        ok = table.loc[table["status"] == "ok", "instance"].nunique()
+        meta.append(f"{ok} of {n} instances personalised")
+    else:
+        meta.append(f"{n} instances")
+    src = str(run.source)
+    if not src.startswith("s3://") and (Path(src) / "results.parquet").is_file():
+        import datetime as _dt
+
+        t = (Path(src) / "results.parquet").stat().st_mtime
+        meta.append("finished " + _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return meta
 
 
 def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
@@ -303,8 +363,8 @@ def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
         table = compute_frame(units, storage, frame)
     except Exception as exc:  # noqa: BLE001 - the storage moved: the rest of the report stands
         table = pd.DataFrame()
-        h.append(f'<div class="note">compute vs quality not shown: {html.escape(redact_text(str(exc)))}</div>')
-    if not table.empty:
+        h.append(f'<p class="cap">compute vs quality not shown: {html.escape(redact_text(str(exc)))}</p>')
+    if len(table) and int(table.groupby("backbone")["data_config"].nunique().max()) > 1:
         cap = ("Seconds per instance spent generating (generator prep + synthesis, from the units' "
                "recorded seconds) and training (personalisation) vs the gain over the pretrained "
                "backbone (x100, mean over instances).")
@@ -323,9 +383,10 @@ def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
             md += [f"![{caption}](plots/{p.name})", ""]
     instances = sorted(frame["instance"].dropna().unique()) if "instance" in frame else []
     try:
-        body, _ = gallery_html(src, run.summary, run.settings, out, [str(i) for i in instances])
+        body, _ = gallery_html(src, run.summary, run.settings, out, [str(i) for i in instances],
+                               _gallery_headlines(frame))
     except Exception as exc:  # noqa: BLE001 - data set or units moved: say so, keep the tables
-        h.append(f'<div class="note">galleries not shown: {html.escape(redact_text(str(exc)))}</div>')
+        h.append(f'<p class="cap">galleries not shown: {html.escape(redact_text(str(exc)))}</p>')
         return h, md
     if body:
         h.append(f"<h2>Instances ({len(instances)})</h2><p class=\"cap\">Click an instance to see its "
@@ -333,6 +394,27 @@ def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
                  "(thumbnails in thumbs/, loaded when opened).</p>" + body)
         md += ["## Instances", "", f"Image galleries for {len(instances)} instances: see report.html.", ""]
     return h, md
+
+
+def _gallery_headlines(frame: pd.DataFrame) -> dict[str, str]:
+    """instance -> its differences per task (its best personalised model), for the gallery titles."""
+    from persrep.report.verdict import metric_name
+
+    table = instance_table(frame)
+    out: dict[str, str] = {}
+    if table.empty:
+        return out
+    tasks = [c[:-len("_delta")] for c in table.columns if c.endswith("_delta")]
+    for r in table.to_dict("records"):
+        name = str(r["instance"])
+        if name in out:
+            continue  # sorted by gain: the first row is the best model
+        if r["status"] != "ok":
+            out[name] = "no personalised result"
+            continue
+        out[name] = " · ".join(f"{metric_name(t)} {_delta_text(r[f'{t}_delta'])}" for t in tasks
+                               if math.isfinite(r[f"{t}_delta"]))
+    return out
 
 
 def _read_text(src: str, name: str) -> bytes | None:
@@ -344,43 +426,72 @@ def _read_text(src: str, name: str) -> bytes | None:
         return None
 
 
-def _run_details_html(s: dict[str, Any], settings: dict[str, Any] | None, redact_obj, redact_text) -> str:
-    parts = ["<h2>Run</h2>"]
+def _run_details(run: Any, frame: pd.DataFrame, info_notes: list[str], sk: pd.DataFrame,
+                 redact_obj, redact_text) -> tuple[list[str], list[str]]:
+    """The folded run details at the end: where the run and data live, informational notes,
+    failures, stages and their costs, skipped tasks, every metric and the settings."""
+    s = run.summary
+    parts: list[str] = []
+    md: list[str] = ["## Run details", ""]
+    facts = [("run id", s.get("run_id")), ("run directory", None if str(run.source) == "results" else run.source),
+             ("data set", s.get("data")), ("settings", s.get("config")), ("instances", s.get("instances"))]
+    rows = [[html.escape(k), html.escape(redact_text(str(v)))] for k, v in facts if v is not None]
+    if rows:
+        parts.append(_html_table(["", ""], rows))
+        md += [_md_table(["", ""], [[k, redact_text(str(v))] for k, v in facts if v is not None]), ""]
+    if info_notes:
+        parts.append("<h3>Notes</h3><ul>" + "".join(f"<li>{html.escape(redact_text(n))}</li>" for n in info_notes)
+                     + "</ul>")
+        md += ["Notes:", ""] + [f"- {redact_text(n)}" for n in info_notes] + [""]
+    for f in s.get("failures") or []:
+        text = redact_text(json.dumps(f, default=str))
+        parts.append(f'<div class="note">failed: {html.escape(text)}</div>')
+        md.append(f"- failed: {text}")
     stages = s.get("stages") or s.get("counts") or {}
     if stages:
         cols = sorted({k for v in stages.values() for k in v})
-        rows = [[html.escape(st)] + [str(v.get(c, 0)) for c in cols] for st, v in stages.items()]
-        parts.append(_html_table(["stage"] + cols, rows))
+        parts.append("<h3>Stages</h3>" + _html_table(["stage"] + cols, [[html.escape(st)] + [str(v.get(c, 0)) for c in cols]
+                                                     for st, v in stages.items()]))
+        md += ["", _md_table(["stage"] + cols, [[st] + [str(v.get(c, 0)) for c in cols]
+                                                for st, v in stages.items()]), ""]
     timings = s.get("timings") or {}
     if timings:
-        parts.append(_html_table(["stage", "seconds"], [[html.escape(k), f"{float(v):.1f}"]
-                                                      for k, v in timings.items()]))
-    for f in s.get("failures") or []:
-        text = html.escape(redact_text(json.dumps(f, default=str)))
-        parts.append(f'<div class="note">failed: {text}</div>')
-    if settings:
+        t_rows = [[k, f"{float(v):.1f}"] for k, v in timings.items()]
+        parts.append("<h3>Wall seconds per stage</h3>" + _html_table(["stage", "seconds"], [[html.escape(a), b]
+                                                                   for a, b in t_rows]))
+        md += [_md_table(["stage", "seconds"], t_rows), ""]
+    costs = s.get("costs") or {}
+    c_rows = [[st, ut, str(c.get("units_run", 0)), str(c.get("skipped", 0)), str(c.get("failed", 0)),
+               f"{float(c.get('seconds_sum') or 0):.1f}", f"{float(c.get('seconds_max') or 0):.1f}",
+               "–" if c.get("peak_rss_max_gb") is None else f"{c['peak_rss_max_gb']:.2f}"]
+              for st, v in costs.items() for ut, c in (v.get("unit_types") or {}).items()]
+    if c_rows:
+        head = ["stage", "unit type", "run", "reused", "failed", "unit seconds (sum)", "max", "peak GiB"]
+        parts.append("<h3>Units and their cost</h3>" + _html_table(head, [[html.escape(c) for c in r] for r in c_rows]))
+        md += [_md_table(head, c_rows), ""]
+    if not sk.empty:
+        head = ["backbone", "model", "task", "reason", "instances"]
+        rows_ = [[r.backbone, r.label, r.task, redact_text(str(r.reason)), str(r.instances)]
+                 for r in sk.itertuples()]
+        parts.append("<h3>Skipped tasks</h3>" + _html_table(head, [[html.escape(c) for c in row] for row in rows_], "skipped"))
+        md += ["Skipped tasks:", "", _md_table(head, rows_), ""]
+    am = _all_metrics(frame)
+    if not am.empty:
+        head = ["backbone", "task", "metric", "model", "mean ± std (x100)", "n"]
+        rows_ = [[r.backbone, str(r.task), r.metric, r.label, format_cell(r.mean, r.std), str(r.n)]
+                 for r in am.itertuples()]
+        parts.append("<h3>All metrics</h3>" + _html_table(head, [[html.escape(c) for c in row] for row in rows_]))
+        md += ["All metrics:", "", _md_table(head, rows_), ""]
+    if run.settings:
         from persrep.config import flatten
 
-        flat = flatten(redact_obj(settings))
-        rows = [[html.escape(k), html.escape(str(v))] for k, v in flat.items()]
-        parts.append("<details><summary>Settings</summary>" + _html_table(["key", "value"], rows)
-                     + "</details>")
-    return "".join(parts)
-
-
-def _run_details_md(s: dict[str, Any], redact_text) -> list[str]:
-    md = []
-    stages = s.get("stages") or s.get("counts") or {}
-    if stages:
-        cols = sorted({k for v in stages.values() for k in v})
-        md += ["## Run", "", _md_table(["stage"] + cols, [[st] + [str(v.get(c, 0)) for c in cols]
-                                                          for st, v in stages.items()]), ""]
-    timings = s.get("timings") or {}
-    if timings:
-        md += [_md_table(["stage", "seconds"], [[k, f"{float(v):.1f}"] for k, v in timings.items()]), ""]
-    for f in s.get("failures") or []:
-        md += [f"- failed: {redact_text(json.dumps(f, default=str))}"]
-    return md
+        flat = flatten(redact_obj(run.settings))
+        rows_ = [[html.escape(k), html.escape(str(v))] for k, v in flat.items()]
+        parts.append("<h3>Settings</h3>" + _html_table(["key", "value"], rows_))
+    h = ['<h2 id="run-details">Run details</h2><details class="run"><summary>Where the run and its data '
+         "are, notes, failures, stages and their cost, skipped tasks, every metric, settings</summary>"
+         + "".join(parts) + "</details>"]
+    return h, md
 
 
 def main_report(run_dir: str | Path, out: str | Path | None = None,

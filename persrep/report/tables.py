@@ -61,6 +61,14 @@ def _read(run_dir: str, name: str) -> bytes | None:
     return p.read_bytes() if p.is_file() else None
 
 
+def run_root(run_source: str) -> str:
+    """``<root>/runs/<run_id>`` -> ``<root>`` (local path or s3:// URI)."""
+    parts = str(run_source).rstrip("/").rsplit("/", 2)
+    if len(parts) < 3 or parts[1] != "runs":
+        raise ValueError(f"{run_source} is not a run directory (<storage root>/runs/<run_id>)")
+    return parts[0]
+
+
 def load_run(run_dir_or_results: Any) -> RunData:
     """A run directory (local or s3://), a results parquet path, a DataFrame or a RunData."""
     if isinstance(run_dir_or_results, RunData):
@@ -174,9 +182,20 @@ def backbone_task_table(frame: pd.DataFrame) -> pd.DataFrame:
                 rec[f"{t}_mean"] = m
                 rec[f"{t}_std"] = float(r["std"].iloc[0]) if len(r) else float("nan")
                 rec[f"{t}_n"] = int(r["n"].iloc[0]) if len(r) else 0
-                rec[f"{t}_delta"] = (m - pre[t]) if lab != "pretrained" and t in pre else float("nan")
+                rec[f"{t}_delta"] = (_paired_delta(rows, bb, lab, t) if lab != "pretrained" and t in pre
+                                     else float("nan"))
             out.append(rec)
     return pd.DataFrame(out)
+
+
+def _paired_delta(rows: pd.DataFrame, backbone: str, label: str, task: str) -> float:
+    """Mean over instances of (personalised - pretrained), on the instances both were measured on
+    (an instance whose adapter failed has a pretrained value only and is left out)."""
+    sub = rows[(rows["backbone"] == backbone) & (rows["task"] == task)]
+    per = sub[sub["label"] == label].groupby("instance")["value"].mean()
+    pre = sub[sub["label"] == "pretrained"].groupby("instance")["value"].mean()
+    both = per.index.intersection(pre.index)
+    return float((per[both] - pre[both]).mean()) if len(both) else float("nan")
 
 
 def generation_table(frame: pd.DataFrame) -> pd.DataFrame:
