@@ -163,10 +163,14 @@ def test_missing_masks_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no train masks") as info:
         generator.prepare(make_instance(with_masks=False), tmp_path)
     assert "train_masks/" in str(info.value) and "real_only" in str(info.value)
-    empty = make_instance()
-    empty.train_masks[1] = Image.new("L", empty.train_images[1].size, 0)
-    with pytest.raises(ValueError, match="mask 1 is empty"):
-        generator.prepare(empty, tmp_path)
+    # one empty mask: that photo is left out, the others serve (issue #26); all empty: refused
+    one_empty = make_instance()
+    one_empty.train_masks[1] = Image.new("L", one_empty.train_images[1].size, 0)
+    generator.prepare(one_empty, tmp_path)
+    all_empty = make_instance()
+    all_empty.train_masks = [Image.new("L", im.size, 0) for im in all_empty.train_images]
+    with pytest.raises(ValueError, match="every train mask is empty"):
+        generator.prepare(all_empty, tmp_path)
 
 
 def test_data_prefix_resolves_against_the_data_root(background_dir, tmp_path):
