@@ -89,14 +89,19 @@ def quality(scores: pd.DataFrame, truth: dict[str, str], all_instances: list[str
 
 
 def rescore(scores: pd.DataFrame, **rule) -> pd.DataFrame:
-    """The stored scores decided again by :func:`persrep.find.calibrate.decide` (no scan)."""
-    from persrep.find.calibrate import decide
+    """The stored scores decided again by :func:`persrep.find.calibrate.decide_pairs` (no scan)."""
+    from persrep.find.calibrate import decide_pairs
 
-    parts = []
-    for _, g in scores.groupby(["model", "instance"], sort=False):
-        d = decide(g["score"].to_numpy(), g["rival"].to_numpy(), **rule)
-        parts.append(g.assign(tier=d.tier, decision=d.tier != ""))
-    return pd.concat(parts)
+    keys = sorted({(m, i) for m, i in zip(scores["model"], scores["instance"])}, key=lambda k: k[0] != "pretrained")
+    pairs = [("pretrained" if m == "pretrained" else i, i) for m, i in keys]
+    wide = scores.pivot_table(index="path", columns=["model", "instance"], values=["score", "rival"])
+    S = np.stack([wide[("score", m, i)].to_numpy() for m, i in keys], axis=1)
+    R = np.stack([wide[("rival", m, i)].to_numpy() for m, i in keys], axis=1)
+    decisions = decide_pairs(S, R, pairs, **rule)
+    parts = [pd.DataFrame({"path": wide.index, "model": m, "instance": i, "score": S[:, j],
+                           "tier": decisions[j].tier, "decision": decisions[j].tier != ""})
+             for j, (m, i) in enumerate(keys)]
+    return pd.concat(parts, ignore_index=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,13 @@ The rule (documented in the README, checked in tests/test_find.py):
 2. **Competition.** ``x`` can be ``c`` only if ``c`` wins: ``margin = s_c(x) - r_c(x) > 0``. A
    photo of a sibling (another apple) is closer to the sibling's own photos. The margin is
    measured in the same robust units: ``m_c(x) = margin / scale``.
-3. **Tiers.** *likely*: wins, ``z >= LIKELY_Z`` and ``m >= LIKELY_M``; *possible*: wins and
-   ``z >= POSSIBLE_Z`` (and not likely). The constants were chosen once on the dev collection
-   (bench/find.py, which reports each tier's measured precision); per instance everything else
-   comes from the collection's own scores, never from labels.
+3. **Tiers.** A *hit*: wins and ``z >= POSSIBLE_Z``. With a personalised model, the pretrained
+   backbone decides too (same rule, its own scores and rivals): a hit both models agree on is
+   *likely*, a hit of the personalised model alone *possible* (measured on the dev collection:
+   agreement raises precision far more than it costs recall). Searching with the pretrained
+   backbone alone, *likely* needs ``z >= LIKELY_Z`` and ``m >= LIKELY_M``. The constants were
+   chosen once on the dev collection (bench/find.py reports each tier's measured precision); per
+   instance everything else comes from the collection's own scores, never from labels.
 4. **Guard.** An instance that would be a hit in more than ``guard`` of the photos (default
    20 %) is flagged, with the reason. "Would be a hit" counts every photo where it wins the
    competition (the background test in step 1 always keeps only a tail, so it alone cannot
@@ -38,16 +41,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["LIKELY_Z", "LIKELY_M", "POSSIBLE_Z", "GUARD_SHARE", "Background", "InstanceDecision",
-           "background", "decide", "rival_scores"]
+           "background", "decide", "decide_pairs"]
 
 LIKELY_Z = 2.0
 LIKELY_M = 0.5
 POSSIBLE_Z = 1.0
 GUARD_SHARE = 0.20
 MAD_TO_SIGMA = 1.4826
-RULE = (f"wins against every other instance's reference photos (score > rival) and stands out of the "
-        f"collection's background (robust z = (score - median) / 1.4826 MAD): likely z >= {LIKELY_Z:g} "
-        f"and margin >= {LIKELY_M:g} scale, possible z >= {POSSIBLE_Z:g}")
+RULE = (f"a hit is closer to the object's reference photos than to any other object's (score > rival) "
+        f"and stands out of the collection's background (robust z = (score - median) / 1.4826 MAD "
+        f">= {POSSIBLE_Z:g}); likely when the personalised and the pretrained model both call it a hit, "
+        f"possible when only the personalised one does (pretrained alone: likely at z >= {LIKELY_Z:g} "
+        f"and margin >= {LIKELY_M:g} scale)")
 
 
 @dataclass(frozen=True)
@@ -95,18 +100,29 @@ class InstanceDecision:
                 "background": asdict(self.background), "flag": self.flag}
 
 
-def rival_scores(sims_by_owner: dict[str, np.ndarray], instance: str) -> np.ndarray:
-    """``r_c``: per photo, the max over the other instances of their score (``[N]``)."""
-    others = [v for k, v in sims_by_owner.items() if k != instance]
-    if not others:
-        return np.full(len(next(iter(sims_by_owner.values()))), -np.inf)
-    return np.max(np.stack(others), axis=0)
+def decide_pairs(score: np.ndarray, rival: np.ndarray, pairs: list[tuple[str, str]], *,
+                 guard: float = GUARD_SHARE, **rule) -> dict[int, InstanceDecision]:
+    """:func:`decide` for every column (``pairs[j] = (model, instance)``; model "pretrained" or the
+    instance whose adapter it is): pretrained columns first, then each personalised column with
+    the pretrained decision of its instance (when scanned) as ``support``."""
+    out: dict[int, InstanceDecision] = {}
+    pre = {inst: j for j, (m, inst) in enumerate(pairs) if m == "pretrained"}
+    for j in pre.values():
+        out[j] = decide(score[:, j], rival[:, j], guard=guard, **rule)
+    for j, (m, inst) in enumerate(pairs):
+        if m != "pretrained":
+            sup = out[pre[inst]].tier != "" if inst in pre else None
+            out[j] = decide(score[:, j], rival[:, j], guard=guard, support=sup, **rule)
+    return out
 
 
 def decide(score: np.ndarray, rival: np.ndarray, *, guard: float = GUARD_SHARE,
            likely_z: float = LIKELY_Z, likely_m: float = LIKELY_M,
-           possible_z: float = POSSIBLE_Z) -> InstanceDecision:
-    """Tiers of one instance from its score and rival columns over the collection (NaN = unreadable)."""
+           possible_z: float = POSSIBLE_Z, support: np.ndarray | None = None) -> InstanceDecision:
+    """Tiers of one instance from its score and rival columns over the collection (NaN = unreadable).
+
+    ``support``: a second model's hits for the same instance (boolean, aligned): when given, a
+    hit it shares is *likely*, any other hit *possible* (instead of the z / margin test)."""
     s = np.asarray(score, dtype=np.float64)
     r = np.asarray(rival, dtype=np.float64)
     ok = np.isfinite(s)
@@ -114,8 +130,13 @@ def decide(score: np.ndarray, rival: np.ndarray, *, guard: float = GUARD_SHARE,
     z = bg.z(s)
     margin = (s - r) / bg.scale
     wins = ok & (margin > 0)
-    likely = wins & (z >= likely_z) & (margin >= likely_m)
-    possible = wins & (z >= possible_z) & ~likely
+    if support is None:
+        likely = wins & (z >= likely_z) & (margin >= likely_m)
+        possible = wins & (z >= possible_z) & ~likely
+    else:
+        hit = wins & (z >= possible_z)
+        likely = hit & np.asarray(support, dtype=bool)
+        possible = hit & ~likely
     tier = np.where(likely, "likely", np.where(possible, "possible", ""))
     n = max(1, int(ok.sum()))
     share = float((likely | possible).sum()) / n

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persrep.config import content_key
-from persrep.find.calibrate import GUARD_SHARE, LIKELY_M, LIKELY_Z, POSSIBLE_Z, RULE, decide
+from persrep.find.calibrate import GUARD_SHARE, LIKELY_M, LIKELY_Z, POSSIBLE_Z, RULE, decide_pairs
 from persrep.find.collection import Collection, iter_paths
 from persrep.find.localize import localize_many
 from persrep.find.scan import ScanPlan, Scanner
@@ -159,10 +159,11 @@ def _source(opts: FindOptions) -> FindSource:
 
 
 def _pairs(source: FindSource, model: str) -> list[tuple[str, str]]:
+    """The score columns: the pretrained backbone always (it decides the *likely* tier with a
+    personalised model, :mod:`persrep.find.calibrate`), each instance's adapter unless pretrained."""
     pairs = []
     for t in source.targets:
-        if model in ("pretrained", "both"):
-            pairs.append(("pretrained", t.instance))
+        pairs.append(("pretrained", t.instance))
         if model in ("personalised", "both") and t.adapter_key:
             pairs.append((t.instance, t.instance))
     return pairs
@@ -291,7 +292,7 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None,
     for i, (row, riv) in enumerate(zip(score_rows, rival_rows)):
         if row is not None:
             S[i], R[i] = row, riv
-    decisions = {j: decide(S[:, j], R[:, j], guard=opts.guard) for j in range(len(pairs))}
+    decisions = decide_pairs(S, R, pairs, guard=opts.guard)
     primary = [j for j, (m, _) in enumerate(pairs) if (opts.model == "pretrained") == (m == "pretrained")]
     for j in primary:
         if decisions[j].flag:
