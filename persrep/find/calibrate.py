@@ -17,8 +17,8 @@ The rule (documented in the README, checked in tests/test_find.py):
    photo of a sibling (another apple) is closer to the sibling's own photos. The margin is
    measured in the same robust units: ``m_c(x) = margin / scale``.
 3. **Tiers.** A *hit*: wins and ``z >= POSSIBLE_Z``. With a personalised model, the pretrained
-   backbone decides too (same rule, its own scores and rivals): a hit both models agree on is
-   *likely*, a hit of the personalised model alone *possible* (measured on the dev collection:
+   backbone decides too (same rule, its own scores and rivals): a hit both models agree on with
+   ``z >= AGREE_Z`` is *likely*, any other hit *possible* (measured on the dev collection:
    agreement raises precision far more than it costs recall). Searching with the pretrained
    backbone alone, *likely* needs ``z >= LIKELY_Z`` and ``m >= LIKELY_M``. The constants were
    chosen once on the dev collection (bench/find.py reports each tier's measured precision); per
@@ -40,17 +40,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["LIKELY_Z", "LIKELY_M", "POSSIBLE_Z", "GUARD_SHARE", "Background", "InstanceDecision",
+__all__ = ["LIKELY_Z", "LIKELY_M", "AGREE_Z", "POSSIBLE_Z", "GUARD_SHARE", "Background", "InstanceDecision",
            "background", "decide", "decide_pairs"]
 
-LIKELY_Z = 2.0
+LIKELY_Z = 2.0  # pretrained alone: likely at z >= 2 and margin >= 0.5 scale
 LIKELY_M = 0.5
+AGREE_Z = 1.5  # personalised: likely when the pretrained model agrees and z >= 1.5
 POSSIBLE_Z = 1.0
 GUARD_SHARE = 0.20
 MAD_TO_SIGMA = 1.4826
 RULE = (f"a hit is closer to the object's reference photos than to any other object's (score > rival) "
         f"and stands out of the collection's background (robust z = (score - median) / 1.4826 MAD "
-        f">= {POSSIBLE_Z:g}); likely when the personalised and the pretrained model both call it a hit, "
+        f">= {POSSIBLE_Z:g}); likely when the personalised and the pretrained model both call it a hit "
+        f"and z >= {AGREE_Z:g}, "
         f"possible when only the personalised one does (pretrained alone: likely at z >= {LIKELY_Z:g} "
         f"and margin >= {LIKELY_M:g} scale)")
 
@@ -118,11 +120,13 @@ def decide_pairs(score: np.ndarray, rival: np.ndarray, pairs: list[tuple[str, st
 
 def decide(score: np.ndarray, rival: np.ndarray, *, guard: float = GUARD_SHARE,
            likely_z: float = LIKELY_Z, likely_m: float = LIKELY_M,
-           possible_z: float = POSSIBLE_Z, support: np.ndarray | None = None) -> InstanceDecision:
+           possible_z: float = POSSIBLE_Z, agree_z: float = AGREE_Z,
+           support: np.ndarray | None = None) -> InstanceDecision:
     """Tiers of one instance from its score and rival columns over the collection (NaN = unreadable).
 
     ``support``: a second model's hits for the same instance (boolean, aligned): when given, a
-    hit it shares is *likely*, any other hit *possible* (instead of the z / margin test)."""
+    hit it shares with ``z >= agree_z`` is *likely*, any other hit *possible* (instead of the
+    z / margin test)."""
     s = np.asarray(score, dtype=np.float64)
     r = np.asarray(rival, dtype=np.float64)
     ok = np.isfinite(s)
@@ -135,7 +139,7 @@ def decide(score: np.ndarray, rival: np.ndarray, *, guard: float = GUARD_SHARE,
         possible = wins & (z >= possible_z) & ~likely
     else:
         hit = wins & (z >= possible_z)
-        likely = hit & np.asarray(support, dtype=bool)
+        likely = hit & np.asarray(support, dtype=bool) & (z >= agree_z)
         possible = hit & ~likely
     tier = np.where(likely, "likely", np.where(possible, "possible", ""))
     n = max(1, int(ok.sum()))

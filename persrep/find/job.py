@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persrep.config import content_key
-from persrep.find.calibrate import GUARD_SHARE, LIKELY_M, LIKELY_Z, POSSIBLE_Z, RULE, decide_pairs
+from persrep.find.calibrate import (AGREE_Z, GUARD_SHARE, LIKELY_M, LIKELY_Z, POSSIBLE_Z, RULE,
+                                    decide_pairs)
 from persrep.find.collection import Collection, iter_paths
 from persrep.find.localize import localize_many
 from persrep.find.scan import ScanPlan, Scanner
@@ -374,7 +375,8 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None,
                     "total": round(time.perf_counter() - t0, 2)},
         "calibration": {"rule": RULE, "guard_share": opts.guard,
                         "reference_photos": int(len(next(iter(references.values()))[1])),
-                        "likely_z": LIKELY_Z, "likely_margin": LIKELY_M, "possible_z": POSSIBLE_Z},
+                        "likely_z": LIKELY_Z, "likely_margin": LIKELY_M, "agree_z": AGREE_Z,
+                        "possible_z": POSSIBLE_Z},
         "instances": per_instance,
         "flagged": {inst: v["flag"] for inst, v in per_instance.items() if v["flag"]},
         "background": {f"{_model_label(m)}:{i}": decisions[j].background.median
