@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         "rule": summary["calibration"], "flagged": summary.get("flagged", {}),
         "quality": q,
         "throughput": ({"photos_per_s": summary["throughput_images_per_s"], "scan_seconds": summary["seconds"]["scan"],
-                        "models": len({m for m in scores["model"]}) and len(summary["background"]),
+                        "models_per_photo": len(summary["instances"]) + 1,  # each adapter + pretrained
+                        "embeddings_computed": summary["embeddings_computed"],
+                        "embeddings_reused": summary["embeddings_reused"],
                         "job_seconds": job_seconds, "cpus": os.cpu_count(),
                         "load_average_at_end": round(os.getloadavg()[0], 2)}
                        if cold else old.get("throughput")),
