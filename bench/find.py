@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collection", default=str(DEFAULT_COLLECTION), help="dir with photos/, truth.csv, instances.txt")
     p.add_argument("--data-config", default=None, help="adapters of this data configuration (default: the "
                    "best per instance by the run's own AP, as `persrep find` does)")
+    p.add_argument("--instances", default=None, help="comma-separated subset of the run's instances, or "
+                   "'every:K' = every K-th of them in name order (a cheaper scan: one model per instance; "
+                   "each instance's scores and rivals are the same as in a full scan)")
     p.add_argument("--scratch", default=None, help="keep the cache and the find's outputs here")
     p.add_argument("--rescore", action="store_true", help="decide again from --scratch's scores.parquet")
     p.add_argument("--label", default=None, help="entry name in the JSON (default: the run id)")
@@ -124,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="persrep-bench-find-"))
     find_dir = scratch / "find"
     label = args.label or Path(args.run).name
+    instances = None
+    if args.instances and args.instances.startswith("every:"):
+        from persrep.find.source import resolve_run
+
+        names = sorted(t.instance for t in resolve_run(args.run, data_config=args.data_config).targets)
+        instances = names[::int(args.instances.split(":", 1)[1])]
+    elif args.instances:
+        instances = [s for s in args.instances.split(",") if s]
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     try:
         if args.rescore:
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             t0 = time.perf_counter()
             res = run_find(FindOptions(photos=str(coll / "photos"), run=args.run, data_config=args.data_config,
+                                       instances=instances,
                                        model="both", out=str(find_dir), cache=str(scratch / "cache"),
                                        tracking=False, top_k=6, borderline=3),
                            say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
@@ -146,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     cold = summary["embeddings_computed"] > 0
     doc = {
         "what": "persrep find on a labelled collection; truth.csv read by this scorer only",
-        "command": f"python bench/find.py --run {args.run}" + (f" --data-config {args.data_config}" if args.data_config else ""),
+        "command": f"python bench/find.py --run {args.run}" + (f" --data-config {args.data_config}" if args.data_config else "")
+                   + (f" --instances {args.instances}" if args.instances else ""),
         "run": args.run, "collection": str(coll), "photos": summary["images_scanned"],
         "unreadable": summary["unreadable_files"], "instances_in_run": len(summary["instances"]),
         "instances_in_collection": len(all_instances),
