@@ -158,7 +158,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="use this data configuration's adapters (default: the best per instance by the run's AP)")
     p.add_argument("--backbone", default=None, help="backbone name when the run used several")
     p.add_argument("--model", default="personalised", choices=["personalised", "pretrained", "both"],
-                   help="which model decides (both: also scores with the pretrained backbone)")
+                   help="which model decides (personalised: the pretrained backbone is scanned too and "
+                   "decides the likely tier; both: the same, kept for scripts)")
     p.add_argument("--out", default=None, help="output directory (default <root>/finds/<find id>)")
     p.add_argument("--cache", default=None, help="embedding cache root (default: the run's storage root)")
     p.add_argument("--top-k", type=int, default=8, help="hits per instance that get a box and mask")

@@ -50,7 +50,7 @@ class FindOptions:
     instances: list[str] | None = None
     data_config: str | None = None
     backbone: str | None = None
-    model: str = "personalised"  # or "pretrained"; "both" scores with both (the benchmark)
+    model: str = "personalised"  # or "pretrained"; the pretrained backbone is always scanned ("both" = personalised)
     out: str | None = None
     cache: str | None = None  # embedding cache root (default: the run's storage root)
     top_k: int = 8
