@@ -1,20 +1,24 @@
-"""Benchmark of ``persrep find`` on the evaluation pool of a finished run -> bench/find.json.
+"""Benchmark of ``persrep find`` on a labelled photo collection -> bench/find.json.
 
-The run's test images are a labelled photo collection (folder = instance): the honest "does it
-find my object" figure is precision and recall of the yes/no decision at the calibrated
-threshold, for the pretrained backbone and for the personalised one, per instance and mean.
-The adapters are those of ONE data configuration (``--data-config``, default cut_paste), not the
-best per instance: choosing by the run's AP on this very pool would leak it. AP over the same
-scores is given for context. The calibration never sees the pool (see persrep/find/calibrate.py).
+The collection (default ``../shared/data/grocery_produce_find``, see its SOURCE.md) holds photos
+of the run's instances and of other objects in nested folders; ``truth.csv`` (``path,instance``)
+says which photo shows which instance and is read HERE ONLY, to score: the find job never sees
+it (its calibration uses the run and the unlabelled photos, persrep/find/calibrate.py).
 
-Throughput: the scan (listing, reading, decoding, embedding with every model, scoring) of the
-same photos (a) in a plain single-process loop (no Ray, no cache; backbone loaded once, batches of
-32, torch's default threads) and (b) by the Ray job (``persrep find`` in a subprocess, Ray Data
-actor pool, fresh cache); ratio = Ray / loop images per second, model loading included on both
-sides, cluster start-up excluded. Driver peak memory: the subprocess's ``ru_maxrss``, next to
-the collection's size on disk (the driver must not hold it).
+Per instance, for the pretrained backbone and for the personalised adapters of the same run, at
+the tool's own decisions: precision, recall and F1 of the *likely* tier alone and of every hit
+(*likely* + *possible*), the share of photos called a hit, ranking AP of the score, and the best
+F1 any threshold on the score could reach when chosen with the truth (for reference only: a
+user has no truth). Means over the run's instances and over every instance of
+``instances.txt`` (an instance the run has no adapter for counts 0), each tier's pooled precision,
+and the scan's photos/s (cold cache: every photo embedded with every model).
 
-    python bench/find.py --run runs/local/runs/<run_id>      # after `make demo`
+    python bench/find.py --run <root>/runs/<run_id> [--out bench/find.json] [--scratch DIR]
+    python bench/find.py --run ... --scratch DIR --rescore     # decide again from DIR's scores,
+                                                                 # no scan (try a variant cheaply)
+
+``--scratch`` keeps the embedding cache and the find's outputs between runs (default: a fresh
+temporary directory, removed at the end).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,150 +37,150 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+DEFAULT_COLLECTION = REPO.parent / "shared" / "data" / "grocery_produce_find"
 
 
-def _labelled_pool(run_dir: Path) -> Path:
-    data = Path(json.loads((run_dir / "summary.json").read_text())["data"])
-    return data / "test"
+def _prf(y: np.ndarray, d: np.ndarray) -> dict:
+    tp = int((y & d).sum())
+    p = tp / int(d.sum()) if d.sum() else 0.0
+    r = tp / int(y.sum()) if y.sum() else 0.0
+    return {"precision": round(p, 4), "recall": round(r, 4),
+            "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0, "hits": int(d.sum()), "true_hits": tp}
 
 
-def quality(scores: pd.DataFrame) -> dict:
-    from sklearn.metrics import average_precision_score, precision_score, recall_score
+def best_f1(y: np.ndarray, s: np.ndarray) -> float:
+    """The best F1 of ``score >= t`` over every t (chosen WITH the truth: reference only)."""
+    order = np.argsort(-s, kind="stable")
+    tp = np.cumsum(y[order])
+    k = np.arange(1, len(y) + 1)
+    return float((2 * tp / (k + y.sum())).max()) if y.sum() else 0.0
 
-    scores = scores.assign(truth=scores["path"].str.split("/").str[0] == scores["instance"])
+
+def quality(scores: pd.DataFrame, truth: dict[str, str], all_instances: list[str]) -> dict:
+    from sklearn.metrics import average_precision_score
+
     per: dict = {}
-    for (model, inst), g in scores.groupby(["model", "instance"]):
-        y, d = g["truth"].to_numpy(), g["decision"].to_numpy()
+    for (model, inst), g in scores.groupby(["model", "instance"], sort=True):
+        y = np.asarray([truth.get(p) == inst for p in g["path"]])
+        tier = g["tier"].to_numpy()
         per.setdefault(model, {})[inst] = {
-            "precision": float(precision_score(y, d, zero_division=0)),
-            "recall": float(recall_score(y, d, zero_division=0)),
-            "hits": int(d.sum()), "positives": int(y.sum()), "photos": int(len(y)),
-            "threshold": float(g["threshold"].iloc[0]),
-            "ap": float(average_precision_score(y, g["score"].to_numpy()))}
-    mean = {m: {k: float(np.mean([v[k] for v in rows.values()])) for k in ("precision", "recall", "ap")}
-            for m, rows in per.items()}
+            "likely": _prf(y, tier == "likely"), "hits": _prf(y, tier != ""),
+            "share_called_hit": round(float((tier != "").mean()), 4), "positives": int(y.sum()),
+            "ap": round(float(average_precision_score(y, g["score"])), 4) if y.any() else None,
+            "best_f1_with_truth": round(best_f1(y, g["score"].to_numpy()), 4)}
+    mean: dict = {}
+    for model, rows in per.items():
+        m: dict = {"instances": len(rows)}
+        for tier in ("likely", "hits"):
+            for k in ("precision", "recall", "f1"):
+                vals = [v[tier][k] for v in rows.values()]
+                m[f"{tier}_{k}"] = round(float(np.mean(vals)), 4)
+                m[f"{tier}_{k}_over_all_{len(all_instances)}"] = round(float(np.sum(vals)) / len(all_instances), 4)
+            hits = sum(v[tier]["hits"] for v in rows.values())
+            m[f"{tier}_pooled_precision"] = round(sum(v[tier]["true_hits"] for v in rows.values()) / max(1, hits), 4)
+        possible_hits = sum(v["hits"]["hits"] - v["likely"]["hits"] for v in rows.values())
+        possible_true = sum(v["hits"]["true_hits"] - v["likely"]["true_hits"] for v in rows.values())
+        m["possible_only_pooled_precision"] = round(possible_true / max(1, possible_hits), 4)
+        m["share_called_hit"] = round(float(np.mean([v["share_called_hit"] for v in rows.values()])), 4)
+        m["ap"] = round(float(np.mean([v["ap"] for v in rows.values() if v["ap"] is not None])), 4)
+        m["best_f1_with_truth"] = round(float(np.mean([v["best_f1_with_truth"] for v in rows.values()])), 4)
+        mean[model] = m
     return {"per_instance": per, "mean": mean}
 
 
-def grown_collection(photos: Path, dest: Path, repeat: int) -> Path:
-    """``repeat`` copies of the pool, each photo's first pixel nudged per copy: distinct bytes (no
-    cache hit between copies), same content for the model. For throughput only."""
-    from PIL import Image
+def rescore(scores: pd.DataFrame, **rule) -> pd.DataFrame:
+    """The stored scores decided again by :func:`persrep.find.calibrate.decide_pairs` (no scan)."""
+    from persrep.find.calibrate import decide_pairs
 
-    for k in range(repeat):
-        for f in sorted(photos.rglob("*.png")):
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-            px = im.load()
-            r, g, b = px[0, 0]
-            px[0, 0] = ((r + k + 1) % 256, g, b)
-            out = dest / f"copy{k}" / f.relative_to(photos)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            im.save(out)
-    return dest
-
-
-def plain_loop(source, photos: Path, models: list[str], batch_size: int = 32) -> dict:
-    """The baseline: one process, no Ray, no cache: read, decode, embed with every model, score."""
-    import torch
-
-    from persrep.find.collection import Collection, iter_paths, load_image
-    from persrep.find.models import Extractors, ModelSpec
-
-    t0 = time.perf_counter()
-    keys = {t.instance: t.adapter_key for t in source.targets}
-    ex = Extractors(source, [ModelSpec(m, None if m == "pretrained" else keys[m]) for m in models])
-    coll = Collection(str(photos))
-    paths = list(iter_paths(coll))
-    n = 0
-    for start in range(0, len(paths), batch_size):
-        imgs = [load_image(coll, p) for p in paths[start:start + batch_size]]
-        good = [i.image for i in imgs if i.image is not None]
-        if good:
-            ex.global_features(torch.stack([ex.transform(im) for im in good]), models)
-        n += len(imgs)
-    seconds = time.perf_counter() - t0
-    return {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2),
-            "torch_threads": torch.get_num_threads()}
-
-
-def ray_job(run_dir: Path, photos: Path, data_config: str, work: Path, actors: int | None) -> dict:
-    out = work / "finds" / "ray"
-    cmd = [sys.executable, "-m", "persrep.cli", "find", "--run", str(run_dir), "--photos", str(photos),
-           "--data-config", data_config, "--out", str(out), "--cache", str(work / "cache-ray"),
-           "--no-tracking", "--top-k", "4"]
-    if actors:
-        cmd += ["--actors", str(actors)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"ray job failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    s = json.loads((out / "summary.json").read_text())
-    return {"images": s["images_listed"], "scan_seconds": s["seconds"]["scan"],
-            "images_per_s": s["throughput_images_per_s"], "workers": s["workers"],
-            "job_seconds": round(time.perf_counter() - t0, 2), "driver_peak_rss_mb": s["driver_peak_rss_mb"],
-            "seconds": s["seconds"]}
+    keys = sorted({(m, i) for m, i in zip(scores["model"], scores["instance"])}, key=lambda k: k[0] != "pretrained")
+    pairs = [("pretrained" if m == "pretrained" else i, i) for m, i in keys]
+    wide = scores.pivot_table(index="path", columns=["model", "instance"], values=["score", "rival"])
+    S = np.stack([wide[("score", m, i)].to_numpy() for m, i in keys], axis=1)
+    R = np.stack([wide[("rival", m, i)].to_numpy() for m, i in keys], axis=1)
+    decisions = decide_pairs(S, R, pairs, **rule)
+    parts = [pd.DataFrame({"path": wide.index, "model": m, "instance": i, "score": S[:, j],
+                           "tier": decisions[j].tier, "decision": decisions[j].tier != ""})
+             for j, (m, i) in enumerate(keys)]
+    return pd.concat(parts, ignore_index=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="<root>/runs/<run_id> of a finished run")
-    p.add_argument("--data-config", default="cut_paste")
-    p.add_argument("--actors", type=int, default=None)
-    p.add_argument("--label", default="toy world demo run")
-    p.add_argument("--repeat", type=int, default=8, help="throughput collection = this many distinct "
-                   "copies of the pool (model start-up amortised)")
-    p.add_argument("--skip-quality", action="store_true", help="throughput only (keeps the stored quality)")
+    p.add_argument("--run", required=True, help="<root>/runs/<run_id> of a finished run on the collection's instances")
+    p.add_argument("--collection", default=str(DEFAULT_COLLECTION), help="dir with photos/, truth.csv, instances.txt")
+    p.add_argument("--data-config", default=None, help="adapters of this data configuration (default: the "
+                   "best per instance by the run's own AP, as `persrep find` does)")
+    p.add_argument("--instances", default=None, help="comma-separated subset of the run's instances, or "
+                   "'every:K' = every K-th of them in name order (a cheaper scan: one model per instance; "
+                   "each instance's scores and rivals are the same as in a full scan)")
+    p.add_argument("--scratch", default=None, help="keep the cache and the find's outputs here")
+    p.add_argument("--rescore", action="store_true", help="decide again from --scratch's scores.parquet")
+    p.add_argument("--label", default=None, help="entry name in the JSON (default: the run id)")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = p.parse_args(argv)
 
     from persrep.find.job import FindOptions, run_find
-    from persrep.find.source import resolve_run
 
-    run_dir = Path(args.run).resolve()
-    photos = _labelled_pool(run_dir)
-    work = Path(tempfile.mkdtemp(prefix="persrep-bench-find-"))
-    try:
-        t0 = time.perf_counter()
-        res = None if args.skip_quality else run_find(FindOptions(photos=str(photos), run=str(run_dir), data_config=args.data_config,
-                                   model="both", out=str(work / "finds" / "quality"),
-                                   cache=str(work / "cache-q"), tracking=False, top_k=4))
-        q = quality(res.scores.to_pandas()) if res is not None else None
-        q_seconds = time.perf_counter() - t0
-        source = resolve_run(str(run_dir), data_config=args.data_config)
-        models = [t.instance for t in source.targets]  # what the job embeds with (personalised)
-        grown = grown_collection(photos, work / "grown", args.repeat) if args.repeat > 1 else photos
-        loop = plain_loop(source, grown, models)
-        ray = ray_job(run_dir, grown, args.data_config, work, args.actors)
-        size_mb = sum(f.stat().st_size for f in grown.rglob("*") if f.is_file()) / 2**20
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    coll = Path(args.collection)
+    truth = dict(pd.read_csv(coll / "truth.csv").itertuples(index=False, name=None))
+    all_instances = [s for s in (coll / "instances.txt").read_text().strip().split(",") if s]
+    scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="persrep-bench-find-"))
+    find_dir = scratch / "find"
+    label = args.label or Path(args.run).name
+    instances = None
+    if args.instances and args.instances.startswith("every:"):
+        from persrep.find.source import resolve_run
+
+        names = sorted(t.instance for t in resolve_run(args.run, data_config=args.data_config).targets)
+        instances = names[::int(args.instances.split(":", 1)[1])]
+    elif args.instances:
+        instances = [s for s in args.instances.split(",") if s]
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    old = previous.get(args.label, {})
+    try:
+        if args.rescore:
+            scores = rescore(pd.read_parquet(find_dir / "scores.parquet"))
+            summary = json.loads((find_dir / "summary.json").read_text())
+            job_seconds = None
+        else:
+            t0 = time.perf_counter()
+            res = run_find(FindOptions(photos=str(coll / "photos"), run=args.run, data_config=args.data_config,
+                                       instances=instances,
+                                       model="both", out=str(find_dir), cache=str(scratch / "cache"),
+                                       tracking=False, top_k=6, borderline=3),
+                           say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
+            job_seconds = round(time.perf_counter() - t0, 1)
+            scores, summary = res.scores.to_pandas(), res.summary
+    finally:
+        if not args.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    q = quality(scores, truth, all_instances)
+    old = previous.get(label, {})
+    cold = summary["embeddings_computed"] > 0
     doc = {
-        "what": "persrep find on the evaluation pool of a finished run (labelled by folder)",
-        "command": f"python bench/find.py --run {args.run} --data-config {args.data_config} --repeat {args.repeat}",
-        "run": args.label, "data_config": args.data_config, "instances": len(models),
-        "photos": res.summary["images_scanned"] if res else old.get("photos"),
-        "calibration": res.summary["calibration"] if res else old.get("calibration"),
-        "quality": q if q else old.get("quality"),
-        "quality_job_seconds": round(q_seconds, 1) if res else old.get("quality_job_seconds"),
-        "throughput": {"plain_loop": loop, "ray_job": ray,
-                       "ratio_ray_over_loop": round(ray["images_per_s"] / loop["images_per_s"], 3),
-                       "collection": f"{args.repeat} distinct copies of the pool" if args.repeat > 1 else "the pool",
-                       "models_per_image": len(models), "cpus": os.cpu_count(),
-                       "load_average_at_end": os.getloadavg()[0]},
-        "driver": {"peak_rss_mb": ray["driver_peak_rss_mb"], "collection_mb": round(size_mb, 1)},
+        "what": "persrep find on a labelled collection; truth.csv read by this scorer only",
+        "command": f"python bench/find.py --run {args.run}" + (f" --data-config {args.data_config}" if args.data_config else "")
+                   + (f" --instances {args.instances}" if args.instances else ""),
+        "run": args.run, "collection": str(coll), "photos": summary["images_scanned"],
+        "unreadable": summary["unreadable_files"], "instances_in_run": len(summary["instances"]),
+        "instances_in_collection": len(all_instances),
+        "rule": summary["calibration"], "flagged": summary.get("flagged", {}),
+        "quality": q,
+        "throughput": ({"photos_per_s": summary["throughput_images_per_s"], "scan_seconds": summary["seconds"]["scan"],
+                        "models_per_photo": len(summary["instances"]) + 1,  # each adapter + pretrained
+                        "embeddings_computed": summary["embeddings_computed"],
+                        "embeddings_reused": summary["embeddings_reused"],
+                        "job_seconds": job_seconds, "cpus": os.cpu_count(),
+                        "load_average_at_end": round(os.getloadavg()[0], 2)}
+                       if cold else old.get("throughput")),
     }
-    previous[args.label] = doc
+    previous[label] = doc
     Path(args.out).write_text(json.dumps(previous, indent=1) + "\n")
-    print(f"{'model':<13} {'precision':>9} {'recall':>7} {'AP':>6}")
-    for m, v in doc["quality"]["mean"].items():
-        print(f"{m:<13} {v['precision']:>9.3f} {v['recall']:>7.3f} {v['ap']:>6.3f}")
-    print(f"throughput: loop {loop['images_per_s']}/s, ray {ray['images_per_s']}/s "
-          f"(ratio {doc['throughput']['ratio_ray_over_loop']}); driver peak {ray['driver_peak_rss_mb']} MB "
-          f"for a {size_mb:.1f} MB collection -> {args.out}")
+    print(f"{'model':<13} {'tier':<7} {'P':>6} {'R':>6} {'F1':>6}   AP   bestF1(truth)  share")
+    for model, m in q["mean"].items():
+        for tier in ("likely", "hits"):
+            print(f"{model:<13} {tier:<7} {m[tier + '_precision']:>6.3f} {m[tier + '_recall']:>6.3f} "
+                  f"{m[tier + '_f1']:>6.3f}  {m['ap']:.3f}  {m['best_f1_with_truth']:.3f}  {m['share_called_hit']:.3f}")
+    print(f"-> {args.out} [{label}]")
     return 0
 
 

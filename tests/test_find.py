@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from persrep.config import load_settings
-from persrep.find.calibrate import choose_threshold
 from persrep.find.job import FindOptions, LocalRunner, run_find
 
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
@@ -61,25 +60,77 @@ def _collection(run_dir: Path, dest: Path) -> Path:
 BAD = {"bottle_0/corrupt.jpg", "nested/deeper/truncated.png", "nested/empty.webp"}
 
 
-# -- calibration rule (fast, independent oracle: sklearn's F1 on every candidate threshold) -----------
-def test_threshold_separable_is_max_margin_midpoint():
-    c = choose_threshold(np.array([0.8, 0.9, 0.95]), np.array([0.1, 0.4, 0.5]))
-    assert c.f1 == 1.0 and c.threshold == pytest.approx(0.65)
+# -- calibration rule (fast: synthetic collections with a known truth) ------------------------------
+def _synthetic(rng, n=2000, k=6, share=0.04):
+    """``n`` photos, ``k`` instances, each present in ``share`` of the photos (at most one per photo),
+    the rest show none of them. Background scores ~ N(0.45, 0.06) under every instance's model; a
+    photo of instance c scores ~ N(0.78, 0.04) for c, so it is c's rival for every other instance."""
+    owner = np.full(n, -1)
+    per = int(share * n)
+    idx = rng.permutation(n)
+    for c in range(k):
+        owner[idx[c * per:(c + 1) * per]] = c
+    S = rng.normal(0.45, 0.06, (n, k))
+    for c in range(k):
+        S[owner == c, c] = rng.normal(0.78, 0.04, per)
+    R = np.stack([np.delete(S, c, axis=1).max(axis=1) for c in range(k)], axis=1)
+    return owner, S, R
 
 
-def test_threshold_maximises_f1_against_sklearn():
-    from sklearn.metrics import f1_score, precision_recall_curve
+def test_thresholds_land_between_the_two_score_populations():
+    from persrep.find.calibrate import decide
 
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        pos, neg = rng.normal(0.6, 0.15, 12), rng.normal(0.4, 0.15, 40)
-        c = choose_threshold(pos, neg)
-        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-        s = np.r_[pos, neg]
-        precision, recall, _ = precision_recall_curve(y, s)
-        best = np.max(np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0))
-        assert c.f1 == pytest.approx(best)
-        assert f1_score(y, s >= c.threshold) == pytest.approx(best)
+    owner, S, R = _synthetic(rng, share=0.13)  # 6 x 13 % of the photos show an instance, 22 % none
+    for c in range(S.shape[1]):
+        d = decide(S[:, c], R[:, c])
+        pos, neg = S[owner == c, c], S[owner != c, c]
+        # the background fit is not moved by the 13 % positives: it lands on the negatives' bulk
+        assert d.background.median == pytest.approx(np.median(neg), abs=0.02)
+        assert d.background.scale == pytest.approx(neg.std(), rel=0.25)
+        # both thresholds sit above the negatives' bulk and below every positive
+        assert np.median(neg) < d.possible_threshold < d.likely_threshold < pos.min()
+        assert d.likely_threshold > np.quantile(neg, 0.95)
+        truth = owner == c
+        hit = d.tier != ""
+        assert hit[truth].all() and (d.tier[truth] == "likely").mean() > 0.99
+        # photos of the other instances never win (their own instance's references are closer);
+        # photos of nothing win against noise only, and must also stand out (z >= 1)
+        assert not hit[(owner >= 0) & ~truth].any()
+        assert hit[owner < 0].mean() < 0.1
+        assert d.flag is None
+
+
+def test_guard_fires_on_a_flat_score_distribution():
+    from persrep.find.calibrate import decide
+
+    rng = np.random.default_rng(1)
+    # a collapsed model: every photo scores about the same, and higher than any rival
+    flat = rng.normal(0.95, 0.002, 1000)
+    d = decide(flat, np.full(1000, 0.5))
+    assert d.flag is not None and "100 %" in d.flag and "more than 20 %" in d.flag
+    # the share is an option: 100 % of the photos is not more than 100 %
+    assert decide(flat, np.full(1000, 0.5), guard=1.0).flag is None
+    # a normal instance of the synthetic collection is not flagged
+    owner, S, R = _synthetic(rng)
+    assert decide(S[:, 0], R[:, 0]).flag is None
+    # without rivals (a one-instance data set) the guard counts the hits themselves
+    assert decide(S[:, 0], np.full(len(S), -1.0)).flag is None
+
+
+def test_decide_ignores_unreadable_rows_and_needs_to_win():
+    from persrep.find.calibrate import decide
+
+    rng = np.random.default_rng(2)
+    s = rng.normal(0.4, 0.05, 500)
+    s[:10] = 0.9
+    r = s + 0.05  # background photos are closer to some other object
+    r[5:10] = 0.3
+    r[:5] = 0.95  # five strong photos are closer to another object: not hits
+    s[-3:] = np.nan
+    d = decide(s, r)
+    assert list(d.tier[:10]) == [""] * 5 + ["likely"] * 5
+    assert (d.tier[-3:] == "").all() and d.likely == 5 and d.possible == 0 and d.flag is None
 
 
 # -- the job, in-process on a local collection -----------------------------------------------------
@@ -100,19 +151,36 @@ def test_find_local_collection_in_process(finished_run, tmp_path):
     assert pd.read_parquet(out / "unreadable.parquet")["path"].tolist() == sorted(BAD)
     # published manifest-last with every output
     man = json.loads((out / "MANIFEST.json").read_text())
-    assert set(man["files"]) == {"hits.parquet", "scores.parquet", "unreadable.parquet", "find.html", "summary.json"}
-    # scores: every photo x (pretrained, personalised) x instance; decision = score >= threshold
+    assert set(man["files"]) == {"hits.parquet", "hits.csv", "scores.parquet", "unreadable.parquet", "find.html",
+                                 "summary.json"}
+    # scores: every photo x (pretrained, personalised) x instance, with its rival, z and tier;
+    # deciding again from the stored columns gives the stored tiers (a variant needs no rescan)
+    from persrep.find.calibrate import decide
+
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == n_test * 2 * 4
-    assert (scores["decision"] == (scores["score"] >= scores["threshold"])).all()
-    # hits: personalised decisions, boxes and RLE masks on the top hits
+    assert (scores["decision"] == (scores["tier"] != "")).all()
+    assert set(scores["tier"]) <= {"likely", "possible", ""}
+    for inst, g in scores.groupby("instance"):
+        pre, pers = g[g["model"] == "pretrained"], g[g["model"] == "personalised"]
+        assert pre["path"].tolist() == pers["path"].tolist()
+        again_pre = decide(pre["score"].to_numpy(), pre["rival"].to_numpy())
+        assert list(again_pre.tier) == pre["tier"].tolist()
+        # personalised: likely = the pretrained model agrees, possible = personalised alone
+        again = decide(pers["score"].to_numpy(), pers["rival"].to_numpy(), support=again_pre.tier != "")
+        assert list(again.tier) == pers["tier"].tolist()
+        assert ((pers["tier"] != "likely") | (pre["tier"].to_numpy() != "")).all()
+        assert ((g["tier"] == "") | (g["score"] > g["rival"])).all()  # a hit beats every rival
+    # hits: personalised decisions, boxes and RLE masks on the top hits; hits.csv = the decided rows
     hits = pd.read_parquet(out / "hits.parquet")
     assert set(hits["model"]) == {"personalised"}
     per = scores[scores["model"] == "personalised"]
     assert set(hits[hits["decision"]]["path"] + hits[hits["decision"]]["instance"]) == \
         set(per[per["decision"]]["path"] + per[per["decision"]]["instance"])
+    csv = pd.read_csv(out / "hits.csv")
+    assert sorted(csv["path"] + csv["instance"]) == sorted(per[per["decision"]]["path"] + per[per["decision"]]["instance"])
     top = hits[hits["top"]]
-    assert len(top) and top.groupby("instance").size().max() <= 3
+    assert top.groupby("instance").size().max() <= 3
     from pycocotools import mask as mask_utils
 
     for _, r in top.iterrows():
@@ -125,9 +193,12 @@ def test_find_local_collection_in_process(finished_run, tmp_path):
         ys, xs = np.nonzero(m)
         assert list(r["box"]) == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
     assert hits["borderline"].sum() <= 2 * 4
-    # thresholds come from the calibration rule, one per (model, instance)
-    assert len(s["thresholds"]) == 8 and s["calibration"]["negatives_pool"].startswith("external")
-    assert set(s["calibration"]["synthetic_positives"]) == {"bottle_0", "bottle_1", "mug_0", "mug_1"}
+    assert not (hits["borderline"] & hits["decision"]).any()  # near misses are not hits
+    # per instance: tier counts, the background fit, the guard
+    for inst, v in s["instances"].items():
+        assert v["likely"] + v["possible"] == v["hits"] == int(per[per["instance"] == inst]["decision"].sum())
+        assert v["likely_threshold"] > v["possible_threshold"] > v["background"]["median"]
+    assert s["calibration"]["guard_share"] == 0.2 and s["calibration"]["reference_photos"] == 12
     # MLflow: one run for the job with the gallery as an artifact
     from mlflow import MlflowClient
 
@@ -200,12 +271,13 @@ def test_interrupted_job_resumes_from_the_embedding_cache(finished_run, tmp_path
         run_find(FindOptions(**opts), _DyingRunner(after=2))
     assert not (tmp_path / "o" / "finds" / "a" / "MANIFEST.json").exists()  # nothing looks finished
     cached = sum(len(pd.read_parquet(f)) for f in (tmp_path / "cache").rglob("*.parquet"))
-    assert 0 < cached <= 3 * 8  # the batches embedded before the kill were written to the cache
+    assert 0 < cached <= 2 * 3 * 8  # the batches embedded before the kill (2 models) were written
     first = run_find(FindOptions(**opts))
     n = first.summary["images_scanned"]
-    assert first.summary["embeddings_computed"] == n - cached  # the rest, and only the rest
+    # the rest, and only the rest (cached = rows of both models' stores: pretrained and mug_0)
+    assert first.summary["embeddings_computed"] == 2 * n - cached
     again = run_find(FindOptions(**opts))
-    assert again.summary["embeddings_computed"] == 0 and again.summary["embeddings_reused"] == n
+    assert again.summary["embeddings_computed"] == 0 and again.summary["embeddings_reused"] == 2 * n
     pd.testing.assert_frame_equal(first.scores.to_pandas(), again.scores.to_pandas())
     # a new instance on the same collection embeds only with its own adapter
     third = run_find(FindOptions(**{**opts, "instances": ["mug_0", "bottle_1"]}))
@@ -284,8 +356,11 @@ def test_gallery_renders_in_headless_chromium(finished_run, tmp_path, chromium_s
     run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["bottle_0", "mug_1"], tracking=False,
                          out=str(out), top_k=4))
     page = (out / "find.html").read_text()
-    assert page.count("<h2 id=") == 2 and "Reference photos" in page and "Borderline" in page
+    assert page.count("<h2 id=") == 2 and "Reference photos" in page and "Near misses" in page
     assert "corrupt.jpg" in page  # unreadable files are listed
+    # first screen: one line per object linking to its section; thumbnails link to the photo
+    assert page.count("<tr><td><a href='#i-") == 2 and "id='i-bottle_0'" in page
+    assert f'href="file://{photos}' in page and "no box" not in page
     arr = chromium_screenshot(out / "find.html", 1280, 1600)
     assert arr.std() > 15, f"screenshot looks blank (std {arr.std():.1f})"
     assert arr[5:40, :, 2].mean() > arr[5:40, :, 0].mean() + 20  # the header band rendered
@@ -328,3 +403,74 @@ def test_adapter_dir_resolves_to_its_run_and_instance(finished_run):
     mine = frame[(frame["instance"] == target.instance) & (frame["model"] == "personalised")
                  & (frame["task"] == "classification") & (frame["metric"] == "ap") & (frame["scene"] == "all")]
     assert target.run_ap == pytest.approx(mine["value"].max())
+
+
+@pytest.mark.slow
+def test_out_takes_any_directory(finished_run, tmp_path, monkeypatch):
+    """``--out`` is any directory: relative one level (``finds_p``), two levels, deep, absolute."""
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    deep = tmp_path / "a" / "b" / "c" / "d" / "e"
+    for out, where in (("finds_p", tmp_path / "finds_p"), ("finds/p", tmp_path / "finds" / "p"), (str(deep), deep)):
+        res = run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["mug_0"], tracking=False,
+                                   out=out, cache=str(tmp_path / "cache"), top_k=2, borderline=1))
+        man = json.loads((where / "MANIFEST.json").read_text())
+        assert {"find.html", "hits.csv", "hits.parquet", "scores.parquet"} <= set(man["files"])
+        assert res.out == out and res.summary["find_id"] == where.name
+    # a re-run into the same directory replaces the find (manifest last, files rewritten)
+    again = run_find(FindOptions(photos=str(photos), run=str(run_dir), instances=["mug_0"], tracking=False,
+                                 out="finds_p", cache=str(tmp_path / "cache"), top_k=2, borderline=1))
+    assert again.summary["embeddings_computed"] == 0
+    assert json.loads((tmp_path / "finds_p" / "MANIFEST.json").read_text())["files"]["hits.csv"]["size"] > 0
+
+
+PRE_RAY_SCRIPT = """
+import json, sys
+import ray
+from persrep.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    rc = main(["find", *args])
+    out.append([rc, ray.is_initialized()])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_bad_options_are_refused_before_ray_starts(finished_run, tmp_path):
+    """Without --no-ray: every bad option is one line and exit 2, and no Ray cluster was started
+    (a fresh process, so no cluster of another test is around)."""
+    import subprocess
+
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    (tmp_path / "a_file").write_text("not a directory")
+    cases = [
+        (["--out", str(tmp_path / "a_file" / "out")], "--out"),
+        (["--out", "gs://bucket/finds"], "--out"),
+        (["--cache", "ftp://x/y"], "--cache"),
+        (["--guard", "0"], "--guard"),
+        (["--guard", "1.5"], "--guard"),
+        (["--top-k", "0"], "--top-k"),
+        (["--photos", str(tmp_path / "nope")], "not found"),
+        (["--photos", str(tmp_path / "a_file")], "is a file"),
+        (["--instances", "ghost"], "ghost"),
+    ]
+    argvs = []
+    for extra, _ in cases:
+        args = ["--run", str(run_dir), "--photos", str(photos), "--no-tracking"]
+        if extra[0] in args:  # the case's option replaces the default one
+            args[args.index(extra[0]) + 1] = extra[1]
+        else:
+            args += extra
+        argvs.append(args)
+    proc = subprocess.run([sys.executable, "-c", PRE_RAY_SCRIPT, json.dumps(argvs)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("persrep find:")]
+    assert len(errors) == len(cases), proc.stderr[-2000:]
+    for (extra, fragment), (rc, started), err in zip(cases, results, errors):
+        assert rc == 2 and not started, (extra, rc, started)
+        assert fragment in err, (extra, err)
+    assert "Started a local Ray instance" not in proc.stderr

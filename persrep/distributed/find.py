@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,7 +158,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
                    help="use this data configuration's adapters (default: the best per instance by the run's AP)")
     p.add_argument("--backbone", default=None, help="backbone name when the run used several")
     p.add_argument("--model", default="personalised", choices=["personalised", "pretrained", "both"],
-                   help="which model decides (both: also scores with the pretrained backbone)")
+                   help="which model decides (personalised: the pretrained backbone is scanned too and "
+                   "decides the likely tier; both: the same, kept for scripts)")
     p.add_argument("--out", default=None, help="output directory (default <root>/finds/<find id>)")
     p.add_argument("--cache", default=None, help="embedding cache root (default: the run's storage root)")
     p.add_argument("--top-k", type=int, default=8, help="hits per instance that get a box and mask")
@@ -169,7 +169,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--retries", type=int, default=2, help="actor restarts / task retries")
     p.add_argument("--s3-endpoint", default=None, help="S3 endpoint (default $AWS_ENDPOINT_URL)")
     p.add_argument("--no-tracking", action="store_true", help="no MLflow run")
+    p.add_argument("--guard", type=float, default=0.20, help="flag an object found in more than this "
+                   "share of the photos (default 0.20)")
     p.add_argument("--no-ray", action="store_true", help="everything in this process")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output here (default: in "
+                   "find.log in the output directory)")
     return p.parse_args(argv)
 
 
@@ -181,50 +185,79 @@ def options_from_args(args: argparse.Namespace):
                        data_config=args.data_config, backbone=args.backbone, model=args.model,
                        out=args.out, cache=args.cache, top_k=args.top_k, borderline=args.borderline,
                        batch_size=args.batch_size, s3_endpoint=args.s3_endpoint,
-                       tracking=not args.no_tracking)
+                       tracking=not args.no_tracking, guard=args.guard)
 
 
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def print_result(res: Any) -> None:
+def print_result(res: Any, out: Callable[[str], None] = print) -> None:
     s = res.summary
-    print(f"{'instance':<24} {'model':<13} {'threshold':>9} {'hits':>6}")
+    width = max([len(k) for k in s["instances"]] + [8])
+    out(f"{'object':<{width}} {'likely':>7} {'possible':>8}  note")
     for inst, v in s["instances"].items():
-        print(f"{inst:<24} {v['model']:<13} {v['calibration']['threshold']:>9.3f} {v['hits']:>6}")
-    print(f"\nscanned {s['images_scanned']} photos ({s['unreadable']} unreadable, skipped) at "
-          f"{s['throughput_images_per_s']:.1f}/s; outputs: {res.out}/hits.parquet, {res.out}/find.html")
+        out(f"{inst:<{width}} {v['likely']:>7} {v['possible']:>8}  {'FLAGGED (see find.html)' if v['flag'] else ''}")
+    out(f"\nsearched {s['images_scanned']} photos ({s['unreadable']} unreadable, skipped) at "
+        f"{s['throughput_images_per_s']:.1f}/s; outputs: {res.out}/find.html, {res.out}/hits.csv")
     for u in s["unreadable_files"][:20]:
-        print(f"UNREADABLE {u['path']}: {u['error']}")
+        out(f"UNREADABLE {u['path']}: {u['error']}")
+    for inst, why in s.get("flagged", {}).items():
+        out(f"FLAGGED {inst}: {why}")
+
+
+def log_path(out: str) -> str:
+    """Where Ray's own output goes: ``find.log`` in the output directory (a local temp file for an
+    ``s3://`` output, copied there at the end)."""
+    from pathlib import Path
+
+    if out.startswith("s3://"):
+        import tempfile
+
+        return str(Path(tempfile.gettempdir()) / "persrep-logs" / f"find-{out.rstrip('/').rsplit('/', 1)[-1]}.log")
+    from persrep.storage import Storage
+
+    return Storage(out).path("find.log")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from persrep.console import Console
     from persrep.errors import UserError
-    from persrep.find.job import LocalRunner, run_find
+    from persrep.find.job import LocalRunner, prepare_find, run_find
     from persrep.find.source import FindError
 
     args = parse_args(argv, prog)
+    console = Console(verbose=args.verbose)
     started = False
     try:
         opts = options_from_args(args)
-        if args.no_ray:
-            runner: Any = LocalRunner()
-        else:
-            from persrep.distributed.job import describe_cluster
-            from persrep.distributed.session import ensure_ray
+        prepared = prepare_find(opts)  # every check before Ray (or any model) starts
+        log = log_path(prepared.out)
+        if not args.no_ray and not args.verbose:
+            console.line(f"log: {log} (Ray's own output; --verbose shows it here)")
+        with console.capture(None if args.no_ray else log):
+            try:
+                if args.no_ray:
+                    runner: Any = LocalRunner()
+                else:
+                    from persrep.distributed.job import describe_cluster
+                    from persrep.distributed.session import ensure_ray
 
-            started = ensure_ray(None)
-            say(describe_cluster(started))
-            runner = RayRunner(num_actors=args.actors, max_retries=args.retries)
-        res = run_find(opts, runner, say)
+                    started = ensure_ray(None)
+                    console(describe_cluster(started))
+                    runner = RayRunner(num_actors=args.actors, max_retries=args.retries)
+                res = run_find(opts, runner, console, prepared)
+            finally:
+                if started:
+                    from persrep.distributed.session import release
+
+                    release(started)
+            print_result(res, console.print_out)
     except (FindError, UserError) as exc:
         print(f"{prog or 'find'}: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if started:
-            from persrep.distributed.session import release
+    if prepared.out.startswith("s3://") and not args.verbose and not args.no_ray:
+        from pathlib import Path
 
-            release(started)
-    print_result(res)
+        if Path(log).is_file():
+            try:
+                prepared.out_storage.write_bytes("find.log", Path(log).read_bytes())
+            except Exception:  # noqa: BLE001 - the results are written; the log stays local
+                print(f"log kept at {log}", file=sys.stderr)
     return 0

@@ -10,11 +10,12 @@ Modules, one concept each:
   instance) on one loaded backbone, with the pretrained trunk shared where the architecture allows;
 - :mod:`~persrep.find.store`: embeddings cached as parquet shards keyed by (backbone, adapter key,
   image content hash);
-- :mod:`~persrep.find.calibrate`: the per-instance threshold from data the run already has;
+- :mod:`~persrep.find.calibrate`: likely / possible hits per instance from the collection's own
+  scores (robust background, competition with the other instances' reference photos), the guard;
 - :mod:`~persrep.find.scan`: one batch of paths -> scores (the UDF of the Ray actor pool and the
   body of the in-process loop);
 - :mod:`~persrep.find.localize`: the dense head (box + mask) on an instance's top hits;
-- :mod:`~persrep.find.gallery`: ``find.html``;
+- :mod:`~persrep.find.gallery`: ``find.html`` and ``hits.csv``;
 - :mod:`~persrep.find.job`: the whole job, with the scan and per-instance work handed to a runner
   (in-process here, Ray in :mod:`persrep.distributed.find`).
 """

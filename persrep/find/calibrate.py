@@ -1,185 +1,157 @@
-"""A yes/no answer per photo: each instance's threshold, from data the run already has.
+"""Which photos hold which instance: two tiers of hits, from the collection's own scores.
 
-The rule (documented in the README and checked in the tests):
+Calibration uses only what a user has: the run (its models and every instance's reference
+photos) and the *unlabelled* collection being searched. Per photo ``x``, instance ``c`` and the
+model deciding for ``c`` (its adapter, or the pretrained backbone), the scan gives
 
-- *Positives*: when the run synthesised them, the instance's **cut-and-paste positives** (its
-  masked photos pasted on unrelated backgrounds, up to 64) scored against all its reference
-  photos: stand-ins for photos in the wild. Otherwise the reference photos leave-one-out: each
-  train photo scored against the other train photos (max cosine). Leave-one-out scores alone
-  are too easy: reference photos are clean canonical views, far more alike than a photo in the
-  wild (measured on the toy world: every test photo scored below the weakest leave-one-out
-  score, recall 0), so they are only the fallback. Generated (DreamBooth) positives are not
-  used: with an untrained generator they are noise.
-- *Negatives*: the run's negatives pool (its external negatives folder, or the generated category
-  negatives it synthesised), plus the reference photos of every *other* instance of the run's
-  data set: what a user who personalised several objects owns anyway. Never the data set's test
-  images: those are the evaluation pool, which ``bench/find.py`` scans as the labelled
-  collection, so calibrating on them would leak (docs/PROTOCOL.md, leakage).
-- *Threshold*: the value that maximises F1 of positives vs negatives; among all thresholds
-  that reach that F1 (an interval between two consecutive calibration scores), the midpoint of
-  the widest one. When the scores separate, that is the midpoint between the weakest positive
-  and the strongest negative: a max-margin rule.
+- ``score`` ``s_c(x)``: max cosine of ``x`` to ``c``'s reference photos;
+- ``rival`` ``r_c(x)``: max cosine of ``x`` to the reference photos of every *other* instance of
+  the run's data set, under the same model: real photos of other objects, the best competitor.
 
-A photo is a *hit* for an instance when its score (max cosine to the instance's reference
-photos under the model of the scan) is >= the threshold.
+The rule (documented in the README, checked in tests/test_find.py):
+
+1. **Background.** Most photos of a collection are not ``c``. The bulk of ``s_c`` over the
+   collection is fitted robustly (median and 1.4826 x MAD, which a small share of positives
+   does not move): ``z_c(x) = (s_c(x) - median) / scale``. A photo of ``c`` stands out of it.
+2. **Competition.** ``x`` can be ``c`` only if ``c`` wins: ``margin = s_c(x) - r_c(x) > 0``. A
+   photo of a sibling (another apple) is closer to the sibling's own photos. The margin is
+   measured in the same robust units: ``m_c(x) = margin / scale``.
+3. **Tiers.** A *hit*: wins and ``z >= POSSIBLE_Z``. With a personalised model, the pretrained
+   backbone decides too (same rule, its own scores and rivals): a hit both models agree on with
+   ``z >= AGREE_Z`` is *likely*, any other hit *possible* (measured on the dev collection:
+   agreement raises precision far more than it costs recall). Searching with the pretrained
+   backbone alone, *likely* needs ``z >= LIKELY_Z`` and ``m >= LIKELY_M``. The constants were
+   chosen once on the dev collection (bench/find.py reports each tier's measured precision); per
+   instance everything else comes from the collection's own scores, never from labels.
+4. **Guard.** An instance that would be a hit in more than ``guard`` of the photos (default
+   20 %) is flagged, with the reason. "Would be a hit" counts every photo where it wins the
+   competition (the background test in step 1 always keeps only a tail, so it alone cannot
+   show the problem), or, without rivals, every hit: a share that high is not one object among
+   many. Either most photos really show it (then the background fit is wrong and the counts are
+   too low) or its model collapsed (every photo looks like it).
+
+:func:`decide` is pure numpy over the score columns, so a variant is tried on a stored
+``scores.parquet`` without scanning again (bench/find.py ``--rescore``).
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
 
-from persrep.data.layout import resolve_data_path
-from persrep.evaluation.classification import instance_scores
-from persrep.evaluation.features import cosine_similarity_matrix
+__all__ = ["LIKELY_Z", "LIKELY_M", "AGREE_Z", "POSSIBLE_Z", "GUARD_SHARE", "Background", "InstanceDecision",
+           "background", "decide", "decide_pairs"]
 
-__all__ = ["Calibration", "choose_threshold", "leave_one_out", "calibration_images", "calibrate"]
-
-MAX_NEGATIVES = 256
-MAX_SYNTHETIC = 64
+LIKELY_Z = 2.0  # pretrained alone: likely at z >= 2 and margin >= 0.5 scale
+LIKELY_M = 0.5
+AGREE_Z = 1.5  # personalised: likely when the pretrained model agrees and z >= 1.5
+POSSIBLE_Z = 1.0
+GUARD_SHARE = 0.20
+MAD_TO_SIGMA = 1.4826
+RULE = (f"a hit is closer to the object's reference photos than to any other object's (score > rival) "
+        f"and stands out of the collection's background (robust z = (score - median) / 1.4826 MAD "
+        f">= {POSSIBLE_Z:g}); likely when the personalised and the pretrained model both call it a hit "
+        f"and z >= {AGREE_Z:g}, "
+        f"possible when only the personalised one does (pretrained alone: likely at z >= {LIKELY_Z:g} "
+        f"and margin >= {LIKELY_M:g} scale)")
 
 
 @dataclass(frozen=True)
-class Calibration:
-    threshold: float
-    f1: float
-    positives: int
-    negatives: int
-    weakest_positive: float
-    strongest_negative: float
+class Background:
+    median: float
+    scale: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def z(self, s: np.ndarray) -> np.ndarray:
+        return (np.asarray(s, dtype=np.float64) - self.median) / self.scale
 
 
-def leave_one_out(train: np.ndarray) -> np.ndarray:
-    """Each reference embedding's max cosine to the *other* reference embeddings (``[K]``)."""
-    sims = cosine_similarity_matrix(train, train)
-    np.fill_diagonal(sims, -np.inf)
-    return sims.max(axis=1)
+def background(scores: np.ndarray) -> Background:
+    """Robust location and scale of one instance's scores over the collection."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if len(s) == 0:
+        return Background(0.0, 1.0)
+    med = float(np.median(s))
+    scale = MAD_TO_SIGMA * float(np.median(np.abs(s - med)))
+    if scale <= 1e-6:  # more than half the photos tie: fall back to the standard deviation
+        scale = float(s.std())
+    return Background(med, max(scale, 1e-6))
 
 
-def choose_threshold(pos: np.ndarray, neg: np.ndarray) -> Calibration:
-    """The F1-maximising threshold, the midpoint of the widest maximising interval."""
-    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
-    if len(pos) == 0:
-        raise ValueError("calibration needs at least one positive score")
-    values = np.unique(np.concatenate([pos, neg]))
-    # candidate intervals: (-inf, v0], (v0, v1], ..., each threshold in (lo, hi] decides alike
-    lows = np.concatenate([[values[0] - 1.0], values])
-    highs = np.concatenate([values, [values[-1] + 1.0]])
-    best, best_width, best_t = -1.0, -1.0, float(values[0])
-    for lo, hi in zip(lows, highs):
-        t = hi  # any threshold in (lo, hi] gives the same decisions as hi
-        tp = float((pos >= t).sum())
-        fp = float((neg >= t).sum())
-        fn = len(pos) - tp
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-        width = hi - lo
-        if f1 > best + 1e-12 or (abs(f1 - best) <= 1e-12 and width > best_width):
-            best, best_width, best_t = f1, width, (lo + hi) / 2
-    return Calibration(float(best_t), float(best), int(len(pos)), int(len(neg)),
-                       float(pos.min()), float(neg.max()) if len(neg) else float("nan"))
+@dataclass
+class InstanceDecision:
+    """One instance's decisions over the collection (arrays aligned with the score column)."""
+
+    tier: np.ndarray  # "likely", "possible" or ""
+    z: np.ndarray
+    margin: np.ndarray  # (score - rival) / scale
+    background: Background
+    likely_threshold: float  # the score where z reaches LIKELY_Z (and it must also win)
+    possible_threshold: float
+    likely: int
+    possible: int
+    share: float  # (likely + possible) / photos
+    wins: float  # share of the photos where it beats every rival
+    flag: str | None  # the guard's reason, or None
+
+    def summary(self) -> dict:
+        return {"likely": self.likely, "possible": self.possible, "share": round(self.share, 4),
+                "wins": round(self.wins, 4),
+                "likely_threshold": self.likely_threshold, "possible_threshold": self.possible_threshold,
+                "background": asdict(self.background), "flag": self.flag}
 
 
-def calibration_images(source) -> tuple[dict[str, list[Image.Image]], list[Image.Image], str]:
-    """(reference photos per instance of the run's data set, negatives pool images, its origin)."""
-    from persrep.find.collection import Collection, iter_paths
-    from persrep.generation import shards
-    from persrep.storage import Storage
-
-    ds = source.dataset
-    train = {n: [ds.read_image(p) for p in ds.instances[n].train] for n in ds.names}
-    pz = source.settings.personalization
-    blobs: list[bytes] = []
-    origin = "none"
-    if pz.negatives == "external" and pz.external_negatives:
-        loc = resolve_data_path(pz.external_negatives, source.data_path)
-        coll = Collection(loc, source.s3_endpoint)
-        paths = list(iter_paths(coll))
-        step = max(1, len(paths) // MAX_NEGATIVES)
-        blobs = [coll.read_bytes(p) for p in paths[::step][:MAX_NEGATIVES]]
-        origin = f"external:{pz.external_negatives}"
-    elif pz.negatives == "generated":
-        st: Storage = source.storage
-        keys = [k for k in st.list_finished(shards.STAGE)
-                if st.manifest(shards.STAGE, k).meta.get("generator") == "base"]
-        for k in keys:
-            blobs += shards.images_of(shards.read_unit(st, k))
-            if len(blobs) >= MAX_NEGATIVES:
-                break
-        blobs = blobs[:MAX_NEGATIVES]
-        origin = f"generated:{len(keys)} units"
-    negatives = []
-    for b in blobs:
-        try:
-            negatives.append(Image.open(io.BytesIO(b)).convert("RGB"))
-        except Exception:  # noqa: BLE001 - a broken negative is left out of calibration
-            continue
-    return train, negatives, origin
+def decide_pairs(score: np.ndarray, rival: np.ndarray, pairs: list[tuple[str, str]], *,
+                 guard: float = GUARD_SHARE, **rule) -> dict[int, InstanceDecision]:
+    """:func:`decide` for every column (``pairs[j] = (model, instance)``; model "pretrained" or the
+    instance whose adapter it is): pretrained columns first, then each personalised column with
+    the pretrained decision of its instance (when scanned) as ``support``."""
+    out: dict[int, InstanceDecision] = {}
+    pre = {inst: j for j, (m, inst) in enumerate(pairs) if m == "pretrained"}
+    for j in pre.values():
+        out[j] = decide(score[:, j], rival[:, j], guard=guard, **rule)
+    for j, (m, inst) in enumerate(pairs):
+        if m != "pretrained":
+            sup = out[pre[inst]].tier != "" if inst in pre else None
+            out[j] = decide(score[:, j], rival[:, j], guard=guard, support=sup, **rule)
+    return out
 
 
-def synthetic_positives(source, instances: list[str]) -> dict[str, list[Image.Image]]:
-    """The run's cut-and-paste positives per instance (published synthesis units), up to 64 each."""
-    from persrep.generation import shards
+def decide(score: np.ndarray, rival: np.ndarray, *, guard: float = GUARD_SHARE,
+           likely_z: float = LIKELY_Z, likely_m: float = LIKELY_M,
+           possible_z: float = POSSIBLE_Z, agree_z: float = AGREE_Z,
+           support: np.ndarray | None = None) -> InstanceDecision:
+    """Tiers of one instance from its score and rival columns over the collection (NaN = unreadable).
 
-    st = source.storage
-    found: dict[str, list[Image.Image]] = {}
-    for k in st.list_finished(shards.STAGE):
-        meta = st.manifest(shards.STAGE, k).meta
-        inst = meta.get("instance")
-        if meta.get("generator") != "cut_paste" or inst not in instances or len(found.get(inst, [])) >= MAX_SYNTHETIC:
-            continue
-        for b in shards.images_of(shards.read_unit(st, k))[:MAX_SYNTHETIC - len(found.get(inst, []))]:
-            try:
-                found.setdefault(inst, []).append(Image.open(io.BytesIO(b)).convert("RGB"))
-            except Exception:  # noqa: BLE001 - a broken row is left out of calibration
-                continue
-    return found
-
-
-def calibrate(extractors, source, pairs: list[tuple[str, str]], batch_size: int = 32):
-    """References and thresholds for every (model name, instance) pair of a scan.
-
-    Returns ``(references, calibrations, info)``: ``references[(model, instance)]`` = ``[K, D]``
-    reference embeddings; ``calibrations[(model, instance)]`` = :class:`Calibration`.
-    """
-    import torch
-
-    train, negatives, origin = calibration_images(source)
-    synthetic = synthetic_positives(source, sorted({i for _, i in pairs}))
-    names = sorted(train)
-    flat = [img for n in names for img in train[n]]
-    owner = np.asarray([n for n in names for _ in train[n]])
-    syn_flat = [img for n in sorted(synthetic) for img in synthetic[n]]
-    syn_owner = np.asarray([n for n in sorted(synthetic) for _ in synthetic[n]])
-    images = flat + negatives + syn_flat
-    models = sorted({m for m, _ in pairs})
-    feats: dict[str, list[np.ndarray]] = {m: [] for m in models}
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([extractors.transform(im) for im in images[start:start + batch_size]])
-        out = extractors.global_features(batch, models)
-        for m in models:
-            feats[m].append(out[m])
-    emb = {m: np.concatenate(v) for m, v in feats.items()}
-    references, calibrations = {}, {}
-    for model, inst in pairs:
-        e = emb[model]
-        ref = e[: len(flat)][owner == inst]
-        others = e[: len(flat)][owner != inst]
-        neg = np.concatenate([others, e[len(flat):len(flat) + len(negatives)]]) if len(negatives) else others
-        pos = leave_one_out(ref) if len(ref) > 1 else np.asarray([1.0])
-        syn = e[len(flat) + len(negatives):][syn_owner == inst] if len(syn_flat) else e[:0]
-        if len(syn):  # photos-in-the-wild stand-ins replace the (too easy) leave-one-out scores
-            pos = instance_scores(syn, ref)
-        references[(model, inst)] = ref
-        calibrations[(model, inst)] = choose_threshold(pos, instance_scores(neg, ref) if len(neg) else [])
-    info = {"negatives_pool": origin, "negatives_pool_images": len(negatives),
-            "reference_photos": int(len(flat)),
-            "synthetic_positives": {n: len(v) for n, v in sorted(synthetic.items())},
-            "rule": "max-F1 (cut-and-paste positives, else leave-one-out references, vs negatives pool + "
-                    "other instances' references), midpoint of the widest interval"}
-    return references, calibrations, info
+    ``support``: a second model's hits for the same instance (boolean, aligned): when given, a
+    hit it shares with ``z >= agree_z`` is *likely*, any other hit *possible* (instead of the
+    z / margin test)."""
+    s = np.asarray(score, dtype=np.float64)
+    r = np.asarray(rival, dtype=np.float64)
+    ok = np.isfinite(s)
+    bg = background(s[ok])
+    z = bg.z(s)
+    margin = (s - r) / bg.scale
+    wins = ok & (margin > 0)
+    if support is None:
+        likely = wins & (z >= likely_z) & (margin >= likely_m)
+        possible = wins & (z >= possible_z) & ~likely
+    else:
+        hit = wins & (z >= possible_z)
+        likely = hit & np.asarray(support, dtype=bool) & (z >= agree_z)
+        possible = hit & ~likely
+    tier = np.where(likely, "likely", np.where(possible, "possible", ""))
+    n = max(1, int(ok.sum()))
+    share = float((likely | possible).sum()) / n
+    has_rivals = bool(np.isfinite(r[ok]).any() and (r[ok] > -1).any())
+    win_share = float(wins.sum()) / n
+    would = max(share, win_share) if has_rivals else share
+    flag = None
+    if would > guard:
+        flag = (f"closer to its own reference photos than to any other object's in {100 * would:.0f} % of "
+                f"the photos (more than {100 * guard:.0f} %): either most photos show it (then the counts "
+                "are too low) or its model sees every photo as this object (its counts are unreliable)")
+    return InstanceDecision(tier, z, margin, bg, bg.median + likely_z * bg.scale,
+                            bg.median + possible_z * bg.scale, int(likely.sum()), int(possible.sum()),
+                            share, win_share, flag)

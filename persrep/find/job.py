@@ -1,9 +1,12 @@
-"""The find job without Ray: resolve the run, calibrate, scan, decide, localise, write outputs.
+"""The find job without Ray: check, embed the references, scan, decide, localise, write outputs.
 
-:func:`run_find` is the one code path of ``persrep find`` and ``ray_jobs/find.py``. The heavy
-steps are handed to a *runner*: :class:`LocalRunner` runs them in this process (``--no-ray``);
-:class:`persrep.distributed.find.RayRunner` runs the scan on a Ray Data actor pool and the
-per-instance steps as Ray tasks. Outputs (``<out>/``): ``hits.parquet``, ``scores.parquet``,
+:func:`prepare_find` does every check that needs no model and no cluster (the CLI calls it before
+Ray starts); :func:`run_find` is the one code path of ``persrep find`` and ``ray_jobs/find.py``.
+The heavy steps are handed to a *runner*: :class:`LocalRunner` runs them in this process
+(``--no-ray``); :class:`persrep.distributed.find.RayRunner` runs the scan on a Ray Data actor
+pool and the per-instance steps as Ray tasks. Outputs (``<out>/``, any local directory or
+``s3://`` prefix): ``hits.parquet``, ``hits.csv``, ``scores.parquet`` (every photo x instance
+score, rival, z, margin and tier: :func:`persrep.find.calibrate.decide` reruns on it),
 ``unreadable.parquet``, ``summary.json``, ``find.html``, then ``MANIFEST.json`` last (a find
 without a manifest is unfinished; a re-run replaces it). Embeddings are cached under the cache
 root (default: the run's storage root), so a re-run or an interrupted job resumes.
@@ -24,14 +27,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persrep.config import content_key
-from persrep.find.calibrate import calibrate
+from persrep.find.calibrate import (AGREE_Z, GUARD_SHARE, LIKELY_M, LIKELY_Z, POSSIBLE_Z, RULE,
+                                    decide_pairs)
 from persrep.find.collection import Collection, iter_paths
 from persrep.find.localize import localize_many
 from persrep.find.scan import ScanPlan, Scanner
 from persrep.find.source import FindError, FindSource, resolve_adapter, resolve_run
-from persrep.storage import MANIFEST, Storage
+from persrep.storage import MANIFEST, Manifest, Storage, StorageError, sha256_bytes
 
-__all__ = ["FindOptions", "FindResult", "LocalRunner", "run_find", "batches", "driver_peak_mb"]
+__all__ = ["FindOptions", "FindResult", "LocalRunner", "Prepared", "prepare_find", "run_find", "batches",
+           "driver_peak_mb"]
 
 Say = Callable[[str], None]
 FINDS = "finds"
@@ -45,7 +50,7 @@ class FindOptions:
     instances: list[str] | None = None
     data_config: str | None = None
     backbone: str | None = None
-    model: str = "personalised"  # or "pretrained"; "both" scores with both (the benchmark)
+    model: str = "personalised"  # or "pretrained"; the pretrained backbone is always scanned ("both" = personalised)
     out: str | None = None
     cache: str | None = None  # embedding cache root (default: the run's storage root)
     top_k: int = 8
@@ -54,6 +59,7 @@ class FindOptions:
     share_trunk: bool = True
     s3_endpoint: str | None = None
     tracking: bool = True
+    guard: float = GUARD_SHARE  # an instance hit in more than this share of the photos is flagged
 
     def check(self) -> None:
         if bool(self.run) == bool(self.adapter):
@@ -65,6 +71,16 @@ class FindOptions:
                 raise FindError(f"{name} {v}: must be >= 1")
         if self.borderline < 0:
             raise FindError(f"--borderline {self.borderline}: must be >= 0")
+        if not 0 < self.guard <= 1:
+            raise FindError(f"--guard {self.guard}: a share of the photos, in (0, 1] (default {GUARD_SHARE})")
+        for name, v in (("--photos", self.photos), ("--out", self.out), ("--cache", self.cache)):
+            if v is not None:
+                from persrep.storage import validate_root_uri
+
+                try:
+                    validate_root_uri(v)
+                except ValueError as exc:
+                    raise FindError(f"{name} {v}: {exc}") from None
 
 
 @dataclass
@@ -91,13 +107,28 @@ def batches(paths: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def calibrate_task(source: FindSource, pairs: list[tuple[str, str]], share_trunk: bool):
+def references_task(source: FindSource, models: list[str], share_trunk: bool,
+                    batch_size: int = 32) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Every instance's reference photos of the run's data set, embedded under each model:
+    ``{model: ([R, D] embeddings, owner instance of each row)}``. The instance's own rows score a
+    photo; the other instances' rows are its rivals (:mod:`persrep.find.calibrate`)."""
+    import torch
+
     from persrep.find.models import Extractors
     from persrep.find.scan import ScanPlan
 
-    plan = ScanPlan(source, Collection("."), ".", pairs)
+    ds = source.dataset
+    owners = [n for n in ds.names for _ in ds.instances[n].train]
+    images = [ds.read_image(p) for n in ds.names for p in ds.instances[n].train]
+    plan = ScanPlan(source, Collection("."), ".", [(m, m) for m in models])
     ex = Extractors(source, plan.specs, share_trunk)
-    return calibrate(ex, source, pairs)
+    feats: dict[str, list[np.ndarray]] = {m: [] for m in models}
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([ex.transform(im) for im in images[start:start + batch_size]])
+        out = ex.global_features(batch, models)
+        for m in models:
+            feats[m].append(out[m])
+    return {m: (np.concatenate(v), owners) for m, v in feats.items()}
 
 
 class LocalRunner:
@@ -129,10 +160,11 @@ def _source(opts: FindOptions) -> FindSource:
 
 
 def _pairs(source: FindSource, model: str) -> list[tuple[str, str]]:
+    """The score columns: the pretrained backbone always (it decides the *likely* tier with a
+    personalised model, :mod:`persrep.find.calibrate`), each instance's adapter unless pretrained."""
     pairs = []
     for t in source.targets:
-        if model in ("pretrained", "both"):
-            pairs.append(("pretrained", t.instance))
+        pairs.append(("pretrained", t.instance))
         if model in ("personalised", "both") and t.adapter_key:
             pairs.append((t.instance, t.instance))
     return pairs
@@ -144,24 +176,36 @@ def _table_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _out_unit(out: str, s3_endpoint: str | None) -> tuple[Storage, str, str]:
-    parent, _, key = out.rstrip("/").rpartition("/")
-    root, _, stage = parent.rpartition("/")
-    if not key or not stage or not root:
-        raise FindError(f"--out {out}: give a directory at least two levels deep (e.g. runs/finds/mine)")
+def _out_dir(out: str, s3_endpoint: str | None) -> Storage:
+    """Any directory, local (relative or absolute, any depth) or ``s3://bucket[/prefix]``."""
     try:
-        return Storage(root, s3_endpoint), stage, key
+        return Storage(out, s3_endpoint)
     except ValueError as exc:
         raise FindError(f"--out {out}: {exc}") from None
 
 
-def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None) -> FindResult:
-    say = say or (lambda _m: None)
-    runner = runner or LocalRunner()
-    t0 = time.perf_counter()
+@dataclass
+class Prepared:
+    """What :func:`prepare_find` checked, before any cluster or model starts."""
+
+    source: FindSource
+    collection: Collection
+    paths: Iterator[str]  # the listing, its first photo already read (so an empty one is refused)
+    listing: dict[str, int]
+    pairs: list[tuple[str, str]]
+    out: str
+    out_storage: Storage
+    cache_root: str
+
+
+def prepare_find(opts: FindOptions) -> Prepared:
+    """Every check of ``persrep find`` that needs no model and no cluster: options, the run, the
+    collection (exists, holds at least one photo), the output directory (writable), the cache.
+    Raises :class:`FindError` (one line naming the option and the fix)."""
     opts.check()
     source = _source(opts)
-    collection = Collection(opts.photos.rstrip("/"), opts.s3_endpoint or source.s3_endpoint)
+    endpoint = opts.s3_endpoint or source.s3_endpoint
+    collection = Collection(opts.photos.rstrip("/"), endpoint)
     try:
         collection.storage  # noqa: B018 - validates the URI
     except ValueError as exc:
@@ -172,40 +216,63 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None) -> F
         head = next(first, None)
     except ValueError as exc:
         raise FindError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - an unreachable bucket: one line
+        raise FindError(f"--photos {opts.photos}: {str(exc).splitlines()[0]}") from None
     if head is None:
         raise FindError(f"--photos {opts.photos}: no photos found (extensions: jpg, png, webp, heic, ...)")
     pairs = _pairs(source, opts.model)
     find_id = content_key("find", source.key(), collection.uri, pairs, opts.top_k, opts.borderline)
-    out = (opts.out or f"{source.root}/{FINDS}/{find_id}").rstrip("/")
-    out_st, out_stage, out_key = _out_unit(out, opts.s3_endpoint or source.s3_endpoint)
-    out_st.check_writable()
+    out = (opts.out or f"{source.root}/{FINDS}/{find_id}").rstrip("/") or "/"
+    out_st = _out_dir(out, endpoint)
+    try:
+        out_st.check_writable()
+    except StorageError as exc:
+        raise FindError(f"--out {out}: {exc}") from None
     cache_root = opts.cache or source.root
+    if opts.cache:
+        try:
+            Storage(opts.cache, endpoint).check_writable()
+        except (ValueError, StorageError) as exc:
+            raise FindError(f"--cache {opts.cache}: {exc}") from None
+
+    def paths() -> Iterator[str]:
+        yield head
+        yield from first
+
+    return Prepared(source, collection, paths(), listing, pairs, out, out_st, cache_root)
+
+
+def _model_label(model: str) -> str:
+    return "pretrained" if model == "pretrained" else "personalised"
+
+
+def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None,
+             prepared: Prepared | None = None) -> FindResult:
+    say = say or (lambda _m: None)
+    runner = runner or LocalRunner()
+    t0 = time.perf_counter()
+    prep = prepared or prepare_find(opts)
+    source, collection, pairs, out = prep.source, prep.collection, prep.pairs, prep.out
     say(f"find: {len(source.targets)} instance(s) of run {source.run_id} "
         f"({', '.join(f'{t.instance}:{t.data_config}' for t in source.targets)}), "
         f"model {opts.model}, photos {collection.uri}, runner {runner.name}")
 
-    t_cal = time.perf_counter()
-    references, calibrations, cal_info = runner.call(calibrate_task, source, pairs, opts.share_trunk)
-    for (model, inst), c in calibrations.items():
-        say(f"calibration {inst} ({'pretrained' if model == 'pretrained' else 'personalised'}): "
-            f"threshold {c.threshold:.3f} (F1 {c.f1:.2f} on {c.positives} positives / {c.negatives} negatives)")
-    t_cal = time.perf_counter() - t_cal
+    t_ref = time.perf_counter()
+    models = sorted({m for m, _ in pairs})
+    references = runner.call(references_task, source, models, opts.share_trunk)
+    t_ref = time.perf_counter() - t_ref
 
-    plan = ScanPlan(source, collection, cache_root, pairs, references, opts.batch_size, opts.share_trunk)
-
-    def all_paths() -> Iterator[str]:
-        yield head
-        yield from first
-
-    paths, hashes, errors, score_rows = [], [], [], []
+    plan = ScanPlan(source, collection, prep.cache_root, pairs, references, opts.batch_size, opts.share_trunk)
+    paths, hashes, errors, score_rows, rival_rows = [], [], [], [], []
     embedded, workers = 0, set()
     t_scan = time.perf_counter()
-    for table in runner.scan(plan, batches(all_paths(), opts.batch_size), say):
+    for table in runner.scan(plan, batches(prep.paths, opts.batch_size), say):
         d = table.to_pydict()
         paths += d["path"]
         hashes += d["content_hash"]
         errors += d["error"]
         score_rows += d["scores"]
+        rival_rows += d["rivals"]
         embedded += sum(d["embedded"])
         workers.update(d["worker"])
         if len(paths) % (opts.batch_size * 20) < len(d["path"]):
@@ -219,26 +286,28 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None) -> F
     hashes = [hashes[i] for i in order]
     errors = [errors[i] for i in order]
     score_rows = [score_rows[i] for i in order]
+    rival_rows = [rival_rows[i] for i in order]
     ok = np.asarray([e is None for e in errors], dtype=bool)
     S = np.full((len(paths), len(pairs)), np.nan, dtype=np.float32)
-    for i, row in enumerate(score_rows):
+    R = np.full_like(S, np.nan)
+    for i, (row, riv) in enumerate(zip(score_rows, rival_rows)):
         if row is not None:
-            S[i] = row
+            S[i], R[i] = row, riv
+    decisions = decide_pairs(S, R, pairs, guard=opts.guard)
     primary = [j for j, (m, _) in enumerate(pairs) if (opts.model == "pretrained") == (m == "pretrained")]
+    for j in primary:
+        if decisions[j].flag:
+            say(f"WARNING {pairs[j][1]}: {decisions[j].flag}")
 
-    # top hits and borderline cases per instance (primary model), localised by the dense head
+    # top hits (likely first) and near misses per instance (primary model), localised by the dense head
     picks: dict[int, dict[str, list[int]]] = {}
     for j in primary:
-        model, inst = pairs[j]
-        thr = calibrations[(model, inst)].threshold
+        dec = decisions[j]
         idx = np.flatnonzero(ok)
-        s = S[idx, j]
-        by_score = idx[np.argsort(-s, kind="stable")]
-        hits_idx = [int(i) for i in by_score if S[i, j] >= thr]
-        top = hits_idx[: opts.top_k]
-        rest = [int(i) for i in by_score if int(i) not in set(top)]
-        rest.sort(key=lambda i: (abs(float(S[i, j]) - thr), paths[i]))
-        picks[j] = {"top": top, "borderline": rest[: opts.borderline]}
+        order_j = idx[np.lexsort((-S[idx, j], dec.tier[idx] != "likely", dec.tier[idx] == ""))]
+        top = [int(i) for i in order_j if dec.tier[i]][: opts.top_k]
+        misses = [int(i) for i in idx[np.argsort(-S[idx, j], kind="stable")] if not dec.tier[i]]
+        picks[j] = {"top": top, "borderline": misses[: opts.borderline]}
     t_loc = time.perf_counter()
     jobs = [(pairs[j][0], pairs[j][1], [paths[i] for i in p["top"] + p["borderline"]]) for j, p in picks.items()]
     n_chunks = max(1, min(len(jobs), getattr(runner, "parallelism", 1)))
@@ -252,75 +321,100 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None) -> F
     per_instance: dict[str, Any] = {}
     for j in primary:
         model, inst = pairs[j]
-        cal = calibrations[(model, inst)]
-        dec = ok & (S[:, j] >= cal.threshold)
+        dec = decisions[j]
         loc = located.get(j, {"reason": None, "hits": {}})
-        shown = set(picks[j]["top"]) | set(picks[j]["borderline"])
-        rank = {i: r for r, i in enumerate(sorted(np.flatnonzero(ok), key=lambda i: -S[i, j]))}
-        for i in sorted(set(np.flatnonzero(dec).tolist()) | shown, key=lambda i: -S[i, j]):
+        top, border = set(picks[j]["top"]), set(picks[j]["borderline"])
+        okj = np.flatnonzero(ok)
+        rank = {int(i): r for r, i in enumerate(okj[np.argsort(-S[okj, j], kind="stable")])}
+        for i in sorted(set(np.flatnonzero(dec.tier != "").tolist()) | top | border, key=lambda i: -S[i, j]):
             l = loc["hits"].get(paths[i], {})
-            hit_rows.append({"path": paths[i], "instance": inst, "model": "pretrained" if model == "pretrained"
-                             else "personalised", "score": float(S[i, j]), "threshold": cal.threshold,
-                             "decision": bool(dec[i]), "rank": int(rank[i]),
-                             "top": i in set(picks[j]["top"]), "borderline": i in set(picks[j]["borderline"]),
+            hit_rows.append({"path": paths[i], "instance": inst, "model": _model_label(model),
+                             "tier": str(dec.tier[i]), "decision": bool(dec.tier[i]),
+                             "score": float(S[i, j]), "rival": float(R[i, j]), "z": float(dec.z[i]),
+                             "margin": float(dec.margin[i]), "rank": int(rank[i]),
+                             "top": i in top, "borderline": i in border,
                              "box": l.get("box"), "mask_rle": l.get("mask_rle"),
                              "mask_size": l.get("mask_size"), "content_hash": hashes[i]})
         t = next(t for t in source.targets if t.instance == inst)
-        per_instance[inst] = {"model": "pretrained" if model == "pretrained" else "personalised",
-                              "adapter_key": t.adapter_key, "data_config": t.data_config,
-                              "run_ap": t.run_ap, "hits": int(dec.sum()), "calibration": cal.as_dict(),
+        per_instance[inst] = {"model": _model_label(model), "category": t.category,
+                              "adapter_key": t.adapter_key, "data_config": t.data_config, "run_ap": t.run_ap,
+                              "hits": dec.likely + dec.possible, **dec.summary(),
+                              "reference_photos": list(source.dataset.instances[inst].train),
                               "localization": loc["reason"] or f"{len(loc['hits'])} photos localised"}
     hits = pa.Table.from_pylist(hit_rows, schema=HITS_SCHEMA)
-    long = {"path": [], "content_hash": [], "model": [], "instance": [], "score": [], "threshold": [],
-            "decision": []}
+    long: dict[str, list] = {k: [] for k in ("path", "content_hash", "model", "instance", "score", "rival",
+                                             "z", "margin", "tier", "decision")}
     okp = [p for p, g in zip(paths, ok) if g]
     okh = [h for h, g in zip(hashes, ok) if g]
     for j, (model, inst) in enumerate(pairs):
-        thr = calibrations[(model, inst)].threshold
-        s = S[ok, j]
+        dec = decisions[j]
         long["path"] += okp
         long["content_hash"] += okh
-        long["model"] += ["pretrained" if model == "pretrained" else "personalised"] * len(okp)
+        long["model"] += [_model_label(model)] * len(okp)
         long["instance"] += [inst] * len(okp)
-        long["score"] += s.tolist()
-        long["threshold"] += [thr] * len(okp)
-        long["decision"] += (s >= thr).tolist()
+        long["score"] += S[ok, j].tolist()
+        long["rival"] += R[ok, j].tolist()
+        long["z"] += dec.z[ok].tolist()
+        long["margin"] += dec.margin[ok].tolist()
+        long["tier"] += dec.tier[ok].tolist()
+        long["decision"] += (dec.tier[ok] != "").tolist()
     scores = pa.table(long)
     unreadable = pa.table({"path": [p for p, e in zip(paths, errors) if e is not None],
                            "error": [e for e in errors if e is not None]})
+    listing = prep.listing
     summary = {
-        "find_id": out_key, "out": out, "run": source.run_uri, "photos": collection.uri,
-        "model": opts.model, "runner": runner.name, "workers": len(workers),
+        "find_id": out.rstrip("/").rsplit("/", 1)[-1], "out": out, "run": source.run_uri,
+        "photos": collection.uri, "model": opts.model, "runner": runner.name, "workers": len(workers),
         "images_listed": listing.get("listed", len(paths)), "files_ignored": listing.get("ignored", 0),
         "images_scanned": int(ok.sum()), "unreadable": int((~ok).sum()),
         "unreadable_files": [{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None][:200],
-        "embeddings_computed": int(embedded), "embeddings_reused": int(ok.sum()) * len({m for m, _ in pairs}) - int(embedded),
+        "embeddings_computed": int(embedded),
+        "embeddings_reused": int(ok.sum()) * len(models) - int(embedded),
         "throughput_images_per_s": round(len(paths) / max(t_scan, 1e-9), 2),
-        "seconds": {"calibration": round(t_cal, 2), "scan": round(t_scan, 2), "localization": round(t_loc, 2),
+        "seconds": {"references": round(t_ref, 2), "scan": round(t_scan, 2), "localization": round(t_loc, 2),
                     "total": round(time.perf_counter() - t0, 2)},
-        "calibration": cal_info, "instances": per_instance,
-        "thresholds": {f"{m}:{i}": c.threshold for (m, i), c in calibrations.items()},
-        "driver_peak_rss_mb": round(driver_peak_mb(), 1), "cache_root": cache_root,
+        "calibration": {"rule": RULE, "guard_share": opts.guard,
+                        "reference_photos": int(len(next(iter(references.values()))[1])),
+                        "likely_z": LIKELY_Z, "likely_margin": LIKELY_M, "agree_z": AGREE_Z,
+                        "possible_z": POSSIBLE_Z},
+        "instances": per_instance,
+        "flagged": {inst: v["flag"] for inst, v in per_instance.items() if v["flag"]},
+        "background": {f"{_model_label(m)}:{i}": decisions[j].background.median
+                       for j, (m, i) in enumerate(pairs)},
+        "driver_peak_rss_mb": round(driver_peak_mb(), 1), "cache_root": prep.cache_root,
     }
-    from persrep.find.gallery import gallery_html
+    from persrep.find.gallery import gallery_html, hits_csv
 
     page = gallery_html(source, collection, summary, hits).encode()
     _track(opts, source, summary, page, say)
-    files = {"hits.parquet": _table_bytes(hits), "scores.parquet": _table_bytes(scores),
-             "unreadable.parquet": _table_bytes(unreadable), "find.html": page,
-             "summary.json": json.dumps(summary, indent=1, default=str).encode()}
-    if out_st.is_finished(out_stage, out_key):  # a re-run replaces the previous find
-        out_st.fs.delete_file(out_st.path(out_st.unit_rel(out_stage, out_key), MANIFEST))
-    out_st.publish(out_stage, out_key, files, {"kind": "find", "run": source.run_uri, "photos": collection.uri})
-    say(f"find: {sum(v['hits'] for v in per_instance.values())} hits; wrote {out}/hits.parquet and {out}/find.html")
+    files = {"hits.parquet": _table_bytes(hits), "hits.csv": hits_csv(hits),
+             "scores.parquet": _table_bytes(scores), "unreadable.parquet": _table_bytes(unreadable),
+             "find.html": page, "summary.json": json.dumps(summary, indent=1, default=str).encode()}
+    _publish(prep.out_storage, files, {"kind": "find", "run": source.run_uri, "photos": collection.uri})
+    n_likely = sum(v["likely"] for v in per_instance.values())
+    n_possible = sum(v["possible"] for v in per_instance.values())
+    say(f"find: {n_likely} likely and {n_possible} possible hits; wrote {out}/find.html and {out}/hits.csv")
     return FindResult(out, summary, hits, scores)
 
 
+def _publish(st: Storage, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+    """The outputs, then ``MANIFEST.json`` last; a re-run first removes the previous manifest."""
+    if st.exists(MANIFEST):
+        st.fs.delete_file(st.path(MANIFEST))
+    entries = {}
+    for name, data in files.items():
+        st.write_bytes(name, data)
+        entries[name] = {"sha256": sha256_bytes(data), "size": len(data)}
+    man = Manifest("finds", st.root.rstrip("/").rsplit("/", 1)[-1], entries, meta, time.time())
+    st.write_bytes(MANIFEST, man.to_json())
+
+
 HITS_SCHEMA = pa.schema([("path", pa.string()), ("instance", pa.string()), ("model", pa.string()),
-                         ("score", pa.float32()), ("threshold", pa.float32()), ("decision", pa.bool_()),
-                         ("rank", pa.int32()), ("top", pa.bool_()), ("borderline", pa.bool_()), ("box", pa.list_(pa.int32())),
-                         ("mask_rle", pa.string()), ("mask_size", pa.list_(pa.int32())),
-                         ("content_hash", pa.string())])
+                         ("tier", pa.string()), ("decision", pa.bool_()), ("score", pa.float32()),
+                         ("rival", pa.float32()), ("z", pa.float32()), ("margin", pa.float32()),
+                         ("rank", pa.int32()), ("top", pa.bool_()), ("borderline", pa.bool_()),
+                         ("box", pa.list_(pa.int32())), ("mask_rle", pa.string()),
+                         ("mask_size", pa.list_(pa.int32())), ("content_hash", pa.string())])
 
 
 def _track(opts: FindOptions, source: FindSource, summary: dict[str, Any], page: bytes, say: Say) -> None:
@@ -343,7 +437,7 @@ def _track(opts: FindOptions, source: FindSource, summary: dict[str, Any], page:
     tracker.log_metrics({"images_scanned": summary["images_scanned"], "unreadable": summary["unreadable"],
                          "throughput_images_per_s": summary["throughput_images_per_s"],
                          **{f"hits.{k}": v["hits"] for k, v in summary["instances"].items()},
-                         **{f"threshold.{k}": v["calibration"]["threshold"] for k, v in summary["instances"].items()}})
+                         **{f"likely.{k}": v["likely"] for k, v in summary["instances"].items()}})
     with tempfile.TemporaryDirectory(prefix="persrep-find-") as tmp:
         (Path(tmp) / "find.html").write_bytes(page)
         (Path(tmp) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

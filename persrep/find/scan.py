@@ -4,9 +4,11 @@
 (:class:`~persrep.find.models.Extractors`) and one :class:`~persrep.find.store.EmbeddingStore`
 per model. ``scanner(paths)`` reads each photo's bytes (here, in the worker), hashes them,
 decodes them, takes cached embeddings where the store has them, embeds the rest (and writes
-them to the store before returning), and scores each photo for each pair: max cosine to the
-instance's reference embeddings under that model. Unreadable photos come back as rows with an
-``error`` and no scores. The in-process loop and the Ray actor pool call the same method.
+them to the store before returning), and scores each photo for each pair: ``score`` = max cosine
+to the instance's reference embeddings under that model, ``rival`` = max cosine to the reference
+embeddings of every *other* instance of the run's data set under the same model (the competition
+of :mod:`persrep.find.calibrate`). Unreadable photos come back as rows with an ``error`` and no
+scores. The in-process loop and the Ray actor pool call the same method.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from persrep.evaluation.classification import instance_scores
+from persrep.evaluation.features import cosine_similarity_matrix
 from persrep.find.collection import Collection, load_image
 from persrep.find.models import Extractors, ModelSpec, extractor_key
 from persrep.find.store import EmbeddingStore
 from persrep.storage import Storage
 
-__all__ = ["ScanPlan", "Scanner", "OUTPUT_SCHEMA"]
+__all__ = ["ScanPlan", "Scanner", "OUTPUT_SCHEMA", "score_pairs"]
 
 OUTPUT_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string()),
                            ("error", pa.string()), ("scores", pa.list_(pa.float32())),
+                           ("rivals", pa.list_(pa.float32())),
                            ("embedded", pa.int32()), ("worker", pa.string())])
 
 
@@ -39,7 +42,8 @@ class ScanPlan:
     collection: Collection
     cache_root: str
     pairs: list[tuple[str, str]]  # (model name, instance): one score column each
-    references: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    # model name -> (reference embeddings [R, D] of EVERY instance of the data set, owner of each row)
+    references: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
     batch_size: int = 32
     share_trunk: bool = True
 
@@ -48,6 +52,28 @@ class ScanPlan:
         keys = {t.instance: t.adapter_key for t in self.source.targets}
         names = sorted({m for m, _ in self.pairs})
         return [ModelSpec(n, None if n == "pretrained" else keys[n]) for n in names]
+
+
+def score_pairs(emb: dict[str, np.ndarray], references: dict[str, tuple[np.ndarray, list[str]]],
+                pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, rivals)``, each ``[N, len(pairs)]``: per pair (model, instance), the photos' max
+    cosine to the instance's references and to the best other instance's references (-1 if none)."""
+    n = len(next(iter(emb.values())))
+    scores = np.zeros((n, len(pairs)), dtype=np.float32)
+    rivals = np.full((n, len(pairs)), -1.0, dtype=np.float32)
+    per_model: dict[str, dict[str, np.ndarray]] = {}
+    for model in sorted({m for m, _ in pairs}):
+        ref, owners = references[model]
+        owners_arr = np.asarray(owners)
+        sims = cosine_similarity_matrix(emb[model], ref)
+        per_model[model] = {o: sims[:, owners_arr == o].max(axis=1) for o in dict.fromkeys(owners)}
+    for j, (model, inst) in enumerate(pairs):
+        by_owner = per_model[model]
+        scores[:, j] = by_owner[inst]
+        others = [v for o, v in by_owner.items() if o != inst]
+        if others:
+            rivals[:, j] = np.max(np.stack(others), axis=0)
+    return scores, rivals
 
 
 class Scanner:
@@ -84,19 +110,19 @@ class Scanner:
         loaded = [load_image(self.plan.collection, p) for p in paths]
         good = [item for item in loaded if item.image is not None]
         scores = np.zeros((len(good), len(self.plan.pairs)), dtype=np.float32)
+        rivals = np.zeros_like(scores)
         embedded = 0
         if good:
             emb, embedded = self.embeddings(good)
-            for j, pair in enumerate(self.plan.pairs):
-                scores[:, j] = instance_scores(emb[pair[0]], self.plan.references[pair])
+            scores, rivals = score_pairs(emb, self.plan.references, self.plan.pairs)
         rows, k = [], 0
         for item in loaded:
             if item.image is None:
                 rows.append({"path": item.path, "content_hash": item.content_hash, "error": item.error,
-                             "scores": None, "embedded": 0, "worker": self.worker})
+                             "scores": None, "rivals": None, "embedded": 0, "worker": self.worker})
             else:
                 rows.append({"path": item.path, "content_hash": item.content_hash, "error": None,
-                             "scores": scores[k].tolist(), "embedded": 0, "worker": self.worker})
+                             "scores": scores[k].tolist(), "rivals": rivals[k].tolist(), "embedded": 0, "worker": self.worker})
                 k += 1
         if rows:
             rows[0]["embedded"] = embedded
