@@ -154,6 +154,8 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="scratch directory for the storage roots")
     ap.add_argument("--data", default=str(SHARED / "grocery_produce"))
     ap.add_argument("--baseline-tree", help="checkout of the main to compare with (variant 'main')")
+    ap.add_argument("--baseline-run", help="a finished run of the baseline tree with the baseline command "
+                    "(read instead of run again)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="lever variants to run (comma-separated)")
     ap.add_argument("--subset", type=int, default=1, help="levers on every n-th instance (sorted names)")
     ap.add_argument("--levers-root", default="levers", help="storage root (under --work) the lever variants share")
@@ -173,7 +175,13 @@ def main() -> int:
     variants = result.setdefault("variants", {})
     if args.baseline_tree:
         tree = Path(args.baseline_tree).resolve()
-        variants["main"] = run_variant("main", tree, work / "main", data, ["generator.auto_masks=true"], None)
+        if args.baseline_run:  # the baseline's finished run (made by that tree with this command)
+            run_dir = Path(args.baseline_run).resolve()
+            cmd = base_command(tree, data, run_dir.parents[1], run_dir.name) + ["generator.auto_masks=true"]
+            variants["main"] = {"command": " ".join(cmd[2:]), "tree": str(tree), "run_dir": str(run_dir),
+                                **read_run(run_dir)}
+        else:
+            variants["main"] = run_variant("main", tree, work / "main", data, ["generator.auto_masks=true"], None)
         variants["main"]["commit"] = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                                                     capture_output=True, text=True).stdout.strip()
         _save(out_path, result)
