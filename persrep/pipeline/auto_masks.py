@@ -108,7 +108,7 @@ def low_confidence_notes(ctx: Any, units: list[dict[str, Any]]) -> list[str]:
         boxes = [i for i, src in enumerate(sources) if src == "box_fallback"]
         if boxes:
             notes.append(f"auto masks of {u.instance}: no object found in train image(s) {boxes}, a "
-                         f"centred box stands in (masks/{u.key}/); give train_masks/ for a better cut-out")
+                         "centred box stands in; give train_masks/ for a better cut-out")
         low = [i for i in low if i not in boxes]
         if low:
             notes.append(f"auto masks of {u.instance}: train image(s) {low} have confidence < "
