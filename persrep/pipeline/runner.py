@@ -287,8 +287,10 @@ def pretrained_eval_units(ctx: RunContext) -> list[EvaluationUnit]:
     if not ev.evaluate_pretrained:
         return []
     common = {"negatives_source": ctx.settings.personalization.negatives}
+    # the pretrained backbone has no adapter to scale: evaluation.adapter_scale stays out of its key
+    ev_key = {k: v for k, v in result_settings(ev, "evaluation").items() if k != "adapter_scale"}
     return [EvaluationUnit("pretrained", bs, content_key(
-        "eval-pretrained", bs, result_settings(ev, "evaluation"), ctx.dataset_key, sorted(ctx.instances)),
+        "eval-pretrained", bs, ev_key, ctx.dataset_key, sorted(ctx.instances)),
         {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
          "caption_source": "-", "adapter_key": "-", "positives_used": "-", "n_positives": -1, **common})
         for bs in ctx.settings.personalization.backbones]
