@@ -171,7 +171,12 @@ def main() -> int:
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
     result.update({"data": str(data.name), "instances": len(names), "subset_rule": f"every {args.subset}-th of the sorted instance names",
-                   "subset": subset or names, "cpus": os.cpu_count()})
+                   "subset": subset or names, "cpus": os.cpu_count(),
+                   "notes": ["s_per_instance = the job's total stage seconds / instances; meaningful for 'main' and "
+                             "'final' (whole runs on their own roots); lever variants share a root (masks, synthesis, "
+                             "pretrained evaluation reused), inference-only variants re-evaluate only",
+                             "every figure x100; means over instances; an instance without adapter counts as pretrained",
+                             "lever_deltas_vs_*: difference of the (personalised - pretrained) means, same instances"]})
     variants = result.setdefault("variants", {})
     if args.baseline_tree:
         tree = Path(args.baseline_tree).resolve()
