@@ -169,3 +169,20 @@ def test_levers_at_their_neutral_values_leave_unit_keys_as_before():
     on = load_settings("local", ["personalization.hard_negatives.recolour=8", "evaluation.adapter_scale=0.5"])
     assert result_settings(on.personalization, "personalization")["hard_negatives"]["recolour"] == 8
     assert result_settings(on.evaluation, "evaluation")["adapter_scale"] == 0.5
+
+
+def test_adapter_scale_leaves_the_pretrained_evaluation_key_alone(tmp_path):
+    from dataclasses import replace
+
+    from persrep.pipeline.context import prepare_run
+    from persrep.pipeline.runner import pretrained_eval_units
+
+    small = ["data.toy.categories=1", "data.toy.instances_per_category=1", "data.toy.image_size=32",
+             "data.toy.test_per_scene=1", "data.toy.dense_per_instance=0", "tracking.enabled=false",
+             f"storage.root={tmp_path}"]
+    ctx = prepare_run(load_settings("local", small))
+    plain = pretrained_eval_units(ctx)
+    scaled = pretrained_eval_units(replace(ctx, settings=load_settings("local", [*small, "evaluation.adapter_scale=0.5"])))
+    assert [u.key for u in plain] == [u.key for u in scaled]
+    other = pretrained_eval_units(replace(ctx, settings=load_settings("local", [*small, "evaluation.global_feature=cls+mean"])))
+    assert [u.key for u in plain] != [u.key for u in other]  # a setting that changes pretrained scores still does
