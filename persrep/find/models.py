@@ -28,7 +28,7 @@ from persrep.config import content_key
 from persrep.contrastive.train import ADAPTER
 from persrep.models.backbones import Backbone, build_backbone, eval_transform
 from persrep.models.prefix import global_from_map, prefix_split, run_prefix, run_tail
-from persrep.models.lora import (AdapterFormatError, identity_mismatches, load_adapter,
+from persrep.models.lora import (AdapterFormatError, identity_mismatches, load_adapter, scale_lora,
                                  lora_state_dict, read_adapter_metadata)
 
 __all__ = ["ModelSpec", "extractor_key", "Extractors", "device"]
@@ -99,9 +99,8 @@ class Extractors:
                     raise AdapterFormatError(
                         f"adapter {spec.adapter_key} ({spec.name}) does not share the LoRA layout or "
                         f"base of adapter {first.adapter_key}: {'; '.join(problems) or 'lora differs'}")
-                scale = adapter_scale(self.source)  # as the run evaluated them (models/lora.load_adapter)
-                self.states[spec.name] = {k: v * scale if ".lora_B." in k and scale != 1.0 else v
-                                          for k, v in load_file(str(path)).items()}
+                # scaled as the run evaluated them (evaluation.adapter_scale)
+                self.states[spec.name] = scale_lora(load_file(str(path)), adapter_scale(self.source))
         zero = {k: (torch.zeros_like(v) if "lora_B" in k else v.clone())
                 for k, v in lora_state_dict(self.backbone).items()}
         self.states["pretrained"] = zero

@@ -149,13 +149,26 @@ def identity_mismatches(expected: dict[str, Any], actual: dict[str, Any]) -> lis
     return problems
 
 
+def check_scale(scale: float) -> None:
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"adapter scale {scale}: need 0 <= scale <= 1")
+
+
+def scale_lora(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """An adapter's tensors with every LoRA update ``B @ A`` multiplied by ``scale`` (``lora_B``
+    scaled): what :func:`load_adapter` and ``persrep find`` apply for ``evaluation.adapter_scale``."""
+    check_scale(scale)
+    if scale == 1.0:
+        return tensors
+    return {k: v * scale if ".lora_B." in k else v for k, v in tensors.items()}
+
+
 def load_adapter(backbone: Backbone, path: str | os.PathLike, scale: float = 1.0) -> Backbone:
     """Apply the adapter in ``path`` to a freshly built base; fail if it was made for another
     base (checked before anything is changed). ``scale`` < 1 weakens the adapter: every LoRA
     update ``B @ A`` is multiplied by it (``evaluation.adapter_scale``, WiSE-FT-style
     interpolation between the pretrained weights at 0 and the trained adapter at 1)."""
-    if not 0.0 <= scale <= 1.0:
-        raise ValueError(f"adapter scale {scale}: need 0 <= scale <= 1")
+    check_scale(scale)
     meta = read_adapter_metadata(path)
     problems = identity_mismatches(meta["base_identity"], backbone.identity)
     if problems:
@@ -173,8 +186,7 @@ def load_adapter(backbone: Backbone, path: str | os.PathLike, scale: float = 1.0
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise AdapterFormatError(f"adapter {path}: tensors do not fit the LoRA layers "
                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    if scale != 1.0:
-        tensors = {k: v * scale if ".lora_B." in k else v for k, v in tensors.items()}
+    tensors = scale_lora(tensors, scale)
     try:
         set_peft_model_state_dict(backbone.model, tensors)
     except RuntimeError as exc:  # shape mismatches
