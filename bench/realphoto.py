@@ -52,6 +52,10 @@ VARIANTS: dict[str, list[str]] = {
     "recolour": [*_L, "personalization.hard_negatives.recolour=64"],
     "real_share": [*_L, "personalization.real_positive_share=0.5"],
     "crops": [*_L, "personalization.crop_scale=[0.35,1.0]"],
+    # real positives: a larger share, and twice the steps with them
+    "real_share75": [*_L, "personalization.real_positive_share=0.75"],
+    "real_share_steps80": ["personalization.max_steps=80", "personalization.channels_last=true",
+                           "personalization.real_positive_share=0.5"],
     "wise": [*_L, "evaluation.adapter_scale=0.5"],
     "steps80": ["personalization.max_steps=80", "personalization.channels_last=true"],
     # evaluate with the feature training optimises (pretrained rows change with it too)
