@@ -396,3 +396,19 @@ def test_first_screen_renders_the_verdict_in_headless_chromium(tmp_path):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "report_first_screen.png")
+
+
+def test_mask_column_says_which_instances_got_a_box_fallback():
+    """The per-instance table's mask cell: the lowest confidence, marked below the threshold, and how
+    many train photos got the labelled centred box (auto masks found nothing there)."""
+    from persrep.report.sections import instance_section
+    from persrep.report.verdict import instance_table
+
+    frame = hand_results()
+    table = instance_table(frame, {"apple": 0.9, "banana": 0.0, "cherry": 0.3}, {"banana": 2})
+    assert dict(zip(table["instance"], table["mask_boxes"])) == {"cherry": 0, "apple": 0, "banana": 2, "durian": 0}
+    html_parts, md_parts = instance_section(table, threshold=0.5, failures={}, one_backbone=True)
+    text, md = "".join(html_parts), "\n".join(md_parts)
+    rows = {r[0]: r for r in _instance_rows(text)}
+    assert rows["banana"][-2] == "0.00 · 2 box ⚠" and rows["apple"][-2] == "0.90" and rows["cherry"][-2] == "0.30 ⚠"
+    assert "2 of the train photos got a centred box" in text and "0.00 · 2 box ⚠" in md

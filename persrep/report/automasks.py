@@ -22,6 +22,12 @@ class AutoMask:
     instance: str
     key: str
     confidence: list[float] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # per train image: how its mask was made
+
+    @property
+    def boxes(self) -> int:
+        """Train images whose mask is the labelled centred box (nothing was found there)."""
+        return sum(s == "box_fallback" for s in self.sources)
 
     @property
     def lowest(self) -> float:
@@ -53,10 +59,11 @@ class AutoMasks:
         for u in found:
             inst = u["label"].split(":", 1)[1]
             try:
-                conf = self.storage.manifest(STAGE, u["key"]).meta.get("confidence") or []
+                meta = self.storage.manifest(STAGE, u["key"]).meta
             except Exception:  # noqa: BLE001 - the unit was deleted since: no confidence to show
-                conf = []
-            self.masks[inst] = AutoMask(inst, u["key"], [float(c) for c in conf])
+                meta = {}
+            conf, sources = meta.get("confidence") or [], meta.get("sources") or []
+            self.masks[inst] = AutoMask(inst, u["key"], [float(c) for c in conf], [str(x) for x in sources])
 
     def __bool__(self) -> bool:
         return bool(self.masks)
@@ -64,6 +71,10 @@ class AutoMasks:
     def lowest(self) -> dict[str, float]:
         """instance -> the lowest confidence of its train images' masks."""
         return {i: m.lowest for i, m in self.masks.items() if m.confidence}
+
+    def boxes(self) -> dict[str, int]:
+        """instance -> how many of its train images got the centred-box fallback (only those with any)."""
+        return {i: m.boxes for i, m in self.masks.items() if m.boxes}
 
     def mask(self, instance: str, index: int) -> np.ndarray | None:
         """The predicted mask of train image ``index`` (bool array), None when unreadable."""

@@ -156,7 +156,7 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     tasks = _tasks(head_rows) if len(head_rows) else []
     one_backbone = frame["backbone"].nunique() <= 1
     auto = _auto_masks(run)
-    table = instance_table(frame, auto.lowest() if auto else None)
+    table = instance_table(frame, auto.lowest() if auto else None, auto.boxes() if auto else None)
     groups, info_notes = sort_notes(list(s.get("notes") or []), instances)
     h: list[str] = []   # html body parts
     md: list[str] = [f"# {title}", ""]

@@ -230,10 +230,14 @@ def instance_section(table: pd.DataFrame, *, threshold: float | None, failures: 
             ok = c is not None and isinstance(c, (int, float)) and math.isfinite(c)
             low = ok and threshold is not None and c < threshold
             text = f"{c:.2f}" if ok else "–"
+            boxes = int(r.get("mask_boxes") or 0)
+            box = f" · {boxes} box" if boxes else ""  # photos where nothing was found: a centred box
+            why = (f"below {threshold:g}: check the mask" if low else "") + (
+                f"{'; ' if low else ''}{boxes} of the train photos got a centred box (nothing was found)" if boxes else "")
             tail.append(f'<td class="num{" lowconf" if low else ""}"'
-                        + (f' title="below {threshold:g}: check the mask"' if low else "") + f">{text}"
+                        + (f' title="{html.escape(why)}"' if why else "") + f">{text}{box}"
                         + (" ⚠" if low else "") + "</td>")
-            mdc.append(text + (" ⚠" if low else ""))
+            mdc.append(text + box + (" ⚠" if low else ""))
         for c in extra:
             v = str(r.get(c) or "")
             v = "" if v == "nan" else v

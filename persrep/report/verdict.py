@@ -48,7 +48,8 @@ def _optional(frame: pd.DataFrame) -> list[str]:
             and (frame[c].notna() & (frame[c].astype(str).str.strip() != "")).any()]
 
 
-def instance_table(frame: pd.DataFrame, mask_confidence: dict[str, float] | None = None) -> pd.DataFrame:
+def instance_table(frame: pd.DataFrame, mask_confidence: dict[str, float] | None = None,
+                   mask_boxes: dict[str, int] | None = None) -> pd.DataFrame:
     """Rows (backbone, data_config, instance) with ``<task>_pretrained``, ``<task>_personalised``,
     ``<task>_delta`` (x1, not x100), ``gain`` (mean delta over the tasks), ``positives_used``,
     ``n_positives`` (when the results carry it), the optional columns and ``mask_confidence``
@@ -98,6 +99,8 @@ def instance_table(frame: pd.DataFrame, mask_confidence: dict[str, float] | None
     table = pd.DataFrame(out)
     if mask_confidence:
         table["mask_confidence"] = table["instance"].map(lambda i: mask_confidence.get(i, math.nan))
+        # train photos whose mask is the labelled box fallback (nothing found): 0 when none
+        table["mask_boxes"] = table["instance"].map(lambda i: int((mask_boxes or {}).get(i, 0)))
     table["_failed"] = table["status"] != "ok"
     table["_key"] = -table["gain"].fillna(-np.inf)
     return (table.sort_values(["_failed", "_key", "instance", "backbone", "data_config"], kind="stable")
