@@ -1,8 +1,5 @@
-"""The base of every unit of work: a frozen dataclass with a ``key`` (its identity in storage).
-
-``unit["key"]`` / ``unit.get("key")`` read a field, for callers written against the former dict
-units (sweeps, tests, other engineers' code); new code reads attributes.
-"""
+"""The base of every unit of work: a frozen dataclass with a ``key`` (its identity in storage),
+and the error of a unit whose output may not be used."""
 
 from __future__ import annotations
 
@@ -10,15 +7,19 @@ from typing import Any
 
 
 class Unit:
-    """Base of the frozen unit dataclasses: ``unit["field"]`` / ``unit.get("field")`` read a field."""
+    """Base of the frozen unit dataclasses (one per stage, in ``persrep.pipeline.stages``)."""
 
     key: str
 
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return getattr(self, name)
-        except AttributeError:
-            raise KeyError(name) from None
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return getattr(self, name, default)
+class UnitRejected(RuntimeError):
+    """A unit ran, but its output may not be used. Not retried: the same inputs give the same rows.
+
+    ``details`` is the failure record (counts, score distribution, every distinct error), kept in
+    the run's summary."""
+
+    retryable = False
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.details = dict(details or {})
