@@ -68,7 +68,7 @@ def tiny_train(ctx, unit, progress, steps=None):
     """Read the unit's inputs as training does, report ``STEPS`` steps (a checkpoint at the
     last two) to Tune, publish."""
     from persrep.generation import shards
-    from persrep.pipeline.areas import ADAPTERS
+    from persrep.pipeline.units import ADAPTERS
 
     n_pos = shards.read_unit(ctx.storage, unit.positives_key, columns=["index", "kept"]).num_rows \
         if unit.positives_key else 0
@@ -90,7 +90,7 @@ def tiny_eval(ctx, unit):
     import pyarrow as pa
 
     from persrep.generation.shards import table_bytes
-    from persrep.pipeline.areas import EVALUATIONS
+    from persrep.pipeline.units import EVALUATIONS
 
     if ctx.storage.is_finished(EVALUATIONS, unit.key):
         return {"status": "skipped", "key": unit.key}
@@ -185,7 +185,7 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
     from persrep.distributed.synthesis import SynthesisStage
     from persrep.distributed.tune_stage import PersonalizationStage, experiment_name, trial_resources
     from persrep.pipeline.context import RunContext
-    from persrep.pipeline.executor import Resources
+    from persrep.pipeline.resource_plan import Resources
     from persrep.pipeline.stages.evaluation import adapter_eval_unit
     from persrep.pipeline.stages.personalization import plan_personalize_units
     from persrep.pipeline.stages.synthesis import plan_synthesis_units

@@ -52,7 +52,7 @@ def _publish_job(srv: CountingS3Server, n: int):
     from persrep.pipeline.context import RunContext
     from persrep.pipeline.stages.personalization import plan_personalize_units
     from persrep.pipeline.stages.synthesis import plan_synthesis_units
-    from persrep.pipeline.areas import ADAPTERS
+    from persrep.pipeline.units import ADAPTERS
     from persrep.storage import Storage
 
     settings = load_settings("local", [f"storage.root=s3://counted/job{n}", f"storage.s3_endpoint={srv.endpoint}",

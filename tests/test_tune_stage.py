@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from persrep.config import load_settings
 from persrep.generation.plan import data_configs
 from persrep.pipeline.context import prepare_run
-from persrep.pipeline.areas import ADAPTERS
 from persrep.pipeline.stages.personalization import PersonalizeUnit
+from persrep.pipeline.units import ADAPTERS
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -386,7 +386,7 @@ def _raise_runtime_error(ctx, unit):
 @pytest.mark.ray
 def test_ray_tasks_reject_deterministic_failures_and_retry_others(hooks_by_value):
     from persrep.distributed.ray_executor import RayExecutor
-    from persrep.pipeline.executor import Resources
+    from persrep.pipeline.resource_plan import Resources
 
     said: list[str] = []
     ex = RayExecutor(2, said.append)

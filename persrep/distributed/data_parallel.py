@@ -40,8 +40,8 @@ import numpy as np
 
 from persrep.contrastive.losses import triplet_accuracy
 from persrep.contrastive.train import ADAPTER, CHECKPOINT, batch_indices, load_checkpoint, total_steps
-from persrep.pipeline.areas import ADAPTERS
 from persrep.pipeline.stages.personalization import PersonalizeUnit, publish_adapter, training_data
+from persrep.pipeline.units import ADAPTERS
 
 
 def shard_positions(batch: int, world: int) -> list[np.ndarray]:

@@ -16,9 +16,10 @@ from typing import Any
 import ray
 
 from persrep.distributed.session import cluster_gpus, node_shapes
-from persrep.pipeline.executor import Executor, Outcome, Resources, StageRunner, failed_outcome, short_error
+from persrep.pipeline.executor import Executor, Outcome, StageRunner, failed_outcome, short_error
 from persrep.pipeline.memory import NodeShape
 from persrep.pipeline.progress import Progress, as_progress
+from persrep.pipeline.resource_plan import Resources
 from persrep.storage import StorageUnavailableError
 
 

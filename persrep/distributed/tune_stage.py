@@ -54,13 +54,13 @@ from persrep.config import content_key
 from persrep.contrastive.train import CHECKPOINT
 from persrep.distributed.session import cluster_gpus
 from persrep.distributed.tune_common import mlflow_callback, root_cause, tune_storage
-from persrep.pipeline.areas import ADAPTERS
 from persrep.pipeline.executor import Outcome, StageJob, StageRunner
 from persrep.pipeline.instance_data import scratch_dir
 from persrep.pipeline.progress import Progress, as_progress
 from persrep.pipeline.resource_plan import ResourcePlan
 from persrep.pipeline.retry import POLICY
 from persrep.pipeline.stages.personalization import PersonalizeUnit
+from persrep.pipeline.units import ADAPTERS
 from persrep.tracking.store import tracking_env_restored
 
 STAGE = "personalization"

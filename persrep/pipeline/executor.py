@@ -23,16 +23,14 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from persrep.pipeline.areas import STAGE_AREAS
 from persrep.pipeline.memory import GIB, NodeShape
 from persrep.pipeline.progress import Progress, as_progress
+from persrep.pipeline.resource_plan import LazyPlan, ResourcePlan, Resources, plan_resources
 from persrep.pipeline.retry import POLICY, RetryPolicy
+from persrep.pipeline.units import STAGE_AREAS
 from persrep.storage import StorageUnavailableError
-
-if TYPE_CHECKING:
-    from persrep.pipeline.resource_plan import ResourcePlan
 
 
 @dataclass
@@ -53,13 +51,6 @@ class StageOutcomes(list):
     def __init__(self, outcomes: Sequence[Outcome] = (), stats: dict[str, Any] | None = None):
         super().__init__(outcomes)
         self.stats: dict[str, Any] = dict(stats or {})
-
-
-@dataclass
-class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0
-    memory: float = 0.0  # bytes of host memory the unit reserves (Ray's `memory` resource); 0 = none
 
 
 def failed_outcome(label: str, exc: BaseException, attempts: int, seconds: float,
@@ -87,7 +78,7 @@ class StageJob:
     units: list[Any]
     labels: list[str]
     progress: Progress
-    plan: Callable[[], "ResourcePlan"]
+    plan: Callable[[], ResourcePlan]
     resource_stage: str = ""  # whose reservation a unit takes (default: ``stage``)
     tracker: Any = None  # the run's tracker (its parent run's tags for trials)
 
@@ -124,6 +115,15 @@ class Executor:
 
     def before_compute(self) -> None:
         """What must happen once before the first unit computes (nothing by default)."""
+
+    def resource_plan(self, ctx: Any, progress: Callable[[str], None]) -> LazyPlan:
+        """The run's resource plan (:func:`persrep.pipeline.resource_plan.plan_resources`): made
+        now, or, while this executor is not ``started``, the first time a stage run asks for it
+        (when some unit is left to compute)."""
+        plan = LazyPlan(lambda: plan_resources(ctx, self, progress))
+        if self.started:
+            plan()
+        return plan
 
     def map(self, fn: Callable[[Any, Any], dict[str, Any]], ctx: Any, units: Sequence[Any],
             labels: Sequence[str], resources: Resources, stage: str) -> list[Outcome]:

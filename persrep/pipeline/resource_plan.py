@@ -11,12 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from persrep.pipeline.memory import count_units, plan_stages, stage_requests
+from persrep.pipeline.memory import NodeShape, count_units, plan_stages, stage_requests
 
-if TYPE_CHECKING:
-    from persrep.pipeline.executor import Executor, Resources
+
+@dataclass
+class Resources:
+    """What one unit reserves where it runs."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory: float = 0.0  # bytes of host memory the unit reserves (Ray's `memory` resource); 0 = none
+
+
+class Nodes(Protocol):
+    """What the plan asks of an executor (``persrep.pipeline.executor.Executor`` declares both)."""
+
+    sequential: bool
+
+    def node_shapes(self) -> list[NodeShape]: ...
 
 
 @dataclass(frozen=True)
@@ -38,14 +52,12 @@ class ResourcePlan:
     def memory_of(self, stage: str) -> int:
         return int(self.memory.get(stage, 0))
 
-    def unit(self, stage: str) -> "Resources":
+    def unit(self, stage: str) -> Resources:
         """What one unit of ``stage`` reserves."""
-        from persrep.pipeline.executor import Resources
-
         return Resources(cpus=self.cpus, gpus=self.gpus, memory=self.memory_of(stage))
 
 
-def plan_resources(ctx: Any, executor: "Executor", say: Callable[[str], None]) -> ResourcePlan:
+def plan_resources(ctx: Any, executor: Nodes, say: Callable[[str], None]) -> ResourcePlan:
     """Before compute: estimate each heavy unit's memory (persrep.pipeline.memory), check that it
     fits on some node (else one line, exit 2), print the plan, and return the reservations every
     stage requests."""

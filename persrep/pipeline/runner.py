@@ -15,7 +15,6 @@ from persrep.pipeline.context import RunContext, prepare_run
 from persrep.pipeline.executor import Executor, LocalExecutor
 from persrep.pipeline.planned import StageScope
 from persrep.pipeline.progress import Progress, as_progress
-from persrep.pipeline.resource_plan import LazyPlan, plan_resources
 from persrep.pipeline.results import RunSummary, write_results
 from persrep.pipeline.sequence import STAGES, run_stages
 
@@ -33,11 +32,8 @@ def run_pipeline(settings: Settings, progress: Progress | Callable[[str], None] 
     for note in ctx.notes:
         say(note)
     executor = executor or LocalExecutor(settings.resources.max_retries, say)
-    # the resource plan: now, or (a lazy executor, its cluster not started) when a unit is left to compute
-    plan = LazyPlan(lambda: plan_resources(ctx, executor, say))
-    lazy = not executor.started
-    if not lazy:
-        plan()
+    lazy = not executor.started  # its cluster not started: the plan waits for a unit to compute
+    plan = executor.resource_plan(ctx, say)
     summary = RunSummary(ctx.run_id, notes=list(ctx.notes))
     if tracker.degraded and tracker.warning:
         summary.notes.append(f"tracking degraded: {tracker.warning}")

@@ -21,7 +21,6 @@ from typing import Any
 from persrep.config import content_key
 from persrep.generation import shards
 from persrep.generation.plan import data_configs
-from persrep.pipeline.areas import GENERATOR_AREA
 from persrep.pipeline.context import RunContext, preflight_models
 from persrep.pipeline.executor import Executor
 from persrep.pipeline.resource_plan import ResourcePlan
@@ -30,6 +29,7 @@ from persrep.pipeline.sequence import run_data_stages
 from persrep.pipeline.stages.captions import ensure_captions
 from persrep.pipeline.stages.generator_prep import plan_generator_units
 from persrep.pipeline.stages.synthesis import plan_synthesis_units
+from persrep.pipeline.units import GENERATOR_AREA
 from persrep.sweep.space import SweepSpace
 
 Progress = Callable[[str], None]

@@ -22,9 +22,9 @@ from typing import Any
 
 from persrep.evaluation.records import ALL_SCENES
 from persrep.pipeline.context import RunContext
-from persrep.pipeline.areas import ADAPTERS, EVALUATIONS
 from persrep.pipeline.stages.evaluation import adapter_eval_unit, read_rows, run_evaluation_unit
 from persrep.pipeline.stages.personalization import plan_personalize_units, run_personalize_unit
+from persrep.pipeline.units import ADAPTERS, EVALUATIONS
 from persrep.storage import StorageError
 from persrep.sweep.data import DataOption, option_context
 from persrep.sweep.space import SweepSpace

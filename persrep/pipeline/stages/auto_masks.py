@@ -20,12 +20,11 @@ from typing import Any
 from PIL import Image
 
 from persrep.config import content_key
-from persrep.hashing import image_fingerprint
 from persrep.generation.shards import png_bytes
-from persrep.pipeline.areas import MASK_AREA
+from persrep.hashing import image_fingerprint
 from persrep.pipeline.executor import Outcome
 from persrep.pipeline.planned import PlannedStage, StageScope
-from persrep.pipeline.units import Unit
+from persrep.pipeline.units import MASK_AREA, Unit
 from persrep.segmentation.base import get_segmenter
 from persrep.segmentation.instance_masks import PROCEDURE, predict_instance_masks
 

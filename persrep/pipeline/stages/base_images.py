@@ -14,9 +14,9 @@ from typing import Any
 from PIL import Image
 
 from persrep.config import Settings
-from persrep.pipeline.areas import BASE_IMAGE_AREA
 from persrep.pipeline.planned import PlannedStage, StageScope
 from persrep.pipeline.shared_images import SharedImagesUnit, backgrounds_unit, class_images_unit, draw_images
+from persrep.pipeline.units import BASE_IMAGE_AREA
 
 STAGE = BASE_IMAGE_AREA
 

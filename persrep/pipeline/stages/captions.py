@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from persrep.config import content_key
-from persrep.pipeline.areas import CAPTION_AREA
 from persrep.pipeline.context import RunContext
 from persrep.pipeline.planned import PlannedStage, StageScope
-from persrep.pipeline.units import Unit
+from persrep.pipeline.units import CAPTION_AREA, Unit
 
 STAGE = CAPTION_AREA
 CAPTIONS_FILE = "captions.json"

@@ -19,12 +19,11 @@ import pyarrow.parquet as pq
 from persrep.config import BackboneSettings, content_key
 from persrep.generation import shards
 from persrep.keys import result_settings
-from persrep.pipeline.areas import ADAPTERS, EVALUATIONS
 from persrep.pipeline.context import RunContext
 from persrep.pipeline.executor import Outcome
 from persrep.pipeline.planned import PlannedStage, StageScope
 from persrep.pipeline.stages.personalization import PersonalizeUnit
-from persrep.pipeline.units import Unit
+from persrep.pipeline.units import ADAPTERS, EVALUATIONS, Unit
 from persrep.storage import Storage
 
 

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from persrep.generation.base import GeneratorArtifact, generator_caps, generator_class, get_generator
-from persrep.pipeline.areas import GENERATOR_AREA
 from persrep.pipeline.context import RunContext
 from persrep.pipeline.executor import Outcome
 from persrep.pipeline.instance_data import instance_data, scratch_dir
 from persrep.pipeline.planned import PlannedStage, StageScope
 from persrep.pipeline.shared_images import CLASS_IMAGES, class_images_unit
-from persrep.pipeline.units import Unit
+from persrep.pipeline.units import GENERATOR_AREA, Unit
 from persrep.storage import Storage
 
 

@@ -23,13 +23,12 @@ from persrep.generation.base import generator_caps
 from persrep.generation.plan import POSITIVES, DataConfig, RowGroup, data_configs
 from persrep.generation.shards import read_unit
 from persrep.keys import result_settings
-from persrep.pipeline.areas import ADAPTERS
 from persrep.pipeline.context import RunContext
 from persrep.pipeline.executor import Outcome
 from persrep.pipeline.instance_data import instance_data, scratch_dir
 from persrep.pipeline.planned import PlannedStage, StageScope
 from persrep.pipeline.stages.synthesis import synthesis_outcome, synthesis_verdict
-from persrep.pipeline.units import Unit, UnitRejected
+from persrep.pipeline.units import ADAPTERS, Unit, UnitRejected
 from persrep.storage import Storage
 
 
