@@ -127,11 +127,9 @@ def main() -> int:
     from persrep.distributed.synthesis import SynthesisStage
     from persrep.generation.shards import read_unit
     from persrep.pipeline.context import prepare_run
-    from persrep.pipeline.stages.generator_prep import plan_generator_units
-    from persrep.pipeline.stages.synthesis import plan_synthesis_units
     from persrep.pipeline.stages.base_images import plan_shared_units, run_shared_unit
-    from persrep.pipeline.stages.generator_prep import run_generator_unit
-    from persrep.pipeline.stages.synthesis import run_synthesis_unit
+    from persrep.pipeline.stages.generator_prep import plan_generator_units, run_generator_unit
+    from persrep.pipeline.stages.synthesis import plan_synthesis_units, run_synthesis_unit
 
     overrides = [*OVERRIDES, *args.overrides, f"storage.root={args.work}"]
     settings = load_settings("local", overrides)

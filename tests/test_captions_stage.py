@@ -8,12 +8,12 @@ import pytest
 
 from persrep.config import ConfigError, load_settings
 from persrep.generation import shards
-from persrep.pipeline.stages.captions import STAGE, caption_key, llm_captions, plan_caption_units
 from persrep.pipeline.context import prepare_run
 from persrep.pipeline.executor import LocalExecutor
 from persrep.pipeline.results import RunSummary
-from persrep.pipeline.stages.synthesis import plan_synthesis_units
 from persrep.pipeline.sequence import run_data_stages
+from persrep.pipeline.stages.captions import STAGE, caption_key, llm_captions, plan_caption_units
+from persrep.pipeline.stages.synthesis import plan_synthesis_units
 from tiny_lm import CHAIN, WORDS, chain_lm
 
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
@@ -42,7 +42,7 @@ def test_llm_needs_a_model():
 def test_captions_stage_feeds_negatives_and_is_reused(tmp_path, chain_dir):
     ctx = _ctx(tmp_path / "runs", chain_dir, "generator.types=[real_only]", "personalization.negatives=generated")
     units = plan_caption_units(ctx)
-    assert [u["category"] for u in units] == ["bottle", "mug"]
+    assert [u.category for u in units] == ["bottle", "mug"]
     summary = RunSummary("t")
     out = run_data_stages(ctx, LocalExecutor(0), summary, lambda m: None)
     assert summary.stages["captions"]["done"] == 2 and not summary.failures
@@ -116,7 +116,7 @@ def test_caption_units_run_as_ray_tasks_like_any_unit(tmp_path, chain_dir, ray_l
         import json
 
         published = json.loads(ctx.storage.read_unit_file(STAGE, u.key, CAPTIONS_FILE))
-        assert published == {u["category"]: local[u["category"]]}
+        assert published == {u.category: local[u.category]}
 
 
 def test_sweep_plans_llm_options_after_generating_their_captions(tmp_path, chain_dir):
@@ -165,6 +165,6 @@ def test_relative_model_dir_is_resolved_on_the_driver(tmp_path, chain_dir, monke
     monkeypatch.chdir(tmp_path)
     ctx = _ctx(tmp_path / "runs", "models/chain", "generator.types=[real_only]", "personalization.negatives=in_pool")
     units = plan_caption_units(ctx)
-    assert all(u["model"] == str(tmp_path / "models" / "chain") for u in units)
+    assert all(u.model == str(tmp_path / "models" / "chain") for u in units)
     os.chdir(tmp_path / "runs")  # a worker elsewhere
     assert run_caption_unit(ctx, units[0])["status"] == "done"

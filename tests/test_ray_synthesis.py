@@ -121,8 +121,8 @@ def world(s3_server, ray_local):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/x"
     ctx = prepare_run(tiny_settings(root), run_id="t")
-    from persrep.pipeline.stages.generator_prep import plan_generator_units
     from persrep.pipeline.stages.base_images import plan_shared_units, run_shared_unit
+    from persrep.pipeline.stages.generator_prep import plan_generator_units
 
     for u in plan_shared_units(ctx.settings, ctx.instances):  # DreamBooth's class images, as the pipeline
         run_shared_unit(ctx, u)
@@ -354,8 +354,8 @@ CLUSTER_SCRIPT = textwrap.dedent('''
     from ray.cluster_utils import Cluster
     sys.path.insert(0, sys.argv[1])
     import test_ray_synthesis as T
-    from persrep.pipeline.context import prepare_run
     from persrep.distributed.synthesis import SynthesisStage
+    from persrep.pipeline.context import prepare_run
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):

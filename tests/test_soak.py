@@ -78,7 +78,7 @@ def _payload(root: Path, unit: str) -> dict[str, str]:
 
 
 def _unit_key(unit) -> str:
-    return unit["key"] if isinstance(unit, dict) else unit.key
+    return unit.key
 
 
 class RaisingHook:
