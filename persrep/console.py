@@ -269,7 +269,7 @@ class Console(Progress):
             self.print_out(f"RETRIED {r['stage']} {r['unit']}: {r['attempts']} attempts, {r['status']}")
         for f in summary.failures:
             where = (f" (traceback: {summary.run_uri}/{failure_file(f['unit'])})"
-                     if summary.run_uri and f["unit"] in getattr(summary, "traces", {}) else "")
+                     if summary.run_uri and f["unit"] in summary.traces else "")
             self.print_out(f"FAILED {f['stage']} {f['unit']}: {f['error']}{where}")
 
     # -- capturing everyone else's output -------------------------------------------------------
