@@ -221,7 +221,7 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
         n_rows = sum(len(u.rows) for u in syn_units)
         with Phase("synthesis", endpoint, prefix, len(syn_units)) as ph:
             outs = SynthesisStage(ctx, say, sampler_factory=tiny_sampler, use_gpus=True,
-                                       no_progress_timeout_s=600).run(syn_units)
+                                  no_progress_timeout_s=600).run(syn_units)
         assert all(o.status in ("done", "skipped") for o in outs), [o.error for o in outs if o.status == "failed"][:3]
         st = outs.stats
         res["synthesis"] = ph.record(rows=n_rows, driver_cpu_ms_per_row=round(1000 * ph.cpu / max(1, n_rows), 3),
@@ -239,7 +239,7 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
         if "personalization" in stages:
             with Phase("personalization", endpoint, prefix, n, keys=True) as ph:
                 pz = PersonalizationStage(ctx, say, unit_fn=tiny_train,
-                                               max_concurrent_trials=concurrent).run(pz_units, labels)
+                                          max_concurrent_trials=concurrent).run(pz_units, labels)
             assert all(o.status in ("done", "skipped") for o in pz), \
                 [o.error for o in pz if o.status == "failed"][:3]
             res["personalization"] = ph.record(done=sum(o.status == "done" for o in pz),

@@ -201,7 +201,7 @@ def test_resume_generates_only_missing_units_and_rerun_generates_nothing(fresh):
     ctx.storage.write_bytes(f"synthesis/{half.key}/part-00000.parquet", b"truncated by a crash")
     said: list[str] = []
     outs = SynthesisStage(ctx, said.append, max_retries=0, use_gpus=False, num_actors=2,
-                               no_progress_timeout_s=120).run(units)
+                          no_progress_timeout_s=120).run(units)
     published_before = {u.key for u in units[::3]}
     assert [o.status for o in outs] == ["skipped" if u.key in published_before else "done" for u in units]
     assert outs.stats["rows"] == sum(len(u.rows) for u in units if u.key not in published_before)
@@ -227,7 +227,7 @@ def test_actor_killed_mid_batch_loses_and_doubles_no_row(fresh, tmp_path):
     marker = tmp_path / "killed"
     factory = functools.partial(faulty_factory, seed=victim.seed, mode="exit", marker=str(marker))
     outs = SynthesisStage(ctx, None, max_retries=1, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120).run(units)
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     assert marker.exists(), "the fault was not triggered"
     assert [o.status for o in outs] == ["done"] * len(units), [(o.label, o.error) for o in outs]
     got = unit_rows(ctx.storage, units)
@@ -251,7 +251,7 @@ def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_p
     marker = tmp_path / "calls"
     factory = functools.partial(faulty_factory, seed=bad.seed, mode="raise", marker=str(marker))
     outs = SynthesisStage(ctx, None, max_retries=0, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120).run(units)
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     # the unit is published (its rows are data) but failed: a row error is beyond max_row_errors=0
     assert [o.status for o in outs] == ["failed" if u is unit else "done" for u in units]
     bad_out = outs[units.index(unit)]
@@ -286,7 +286,7 @@ def test_a_generator_that_cannot_load_fails_its_unit_only_after_retries(fresh):
     factory = functools.partial(faulty_factory, seed=-1, mode="load", marker="mug_1")
     said: list[str] = []
     outs = SynthesisStage(ctx, said.append, max_retries=1, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120).run(units)
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     by_key = {u.key: o for u, o in zip(units, outs)}
     failed = [o for o in outs if o.status == "failed"]
     # every unit of instance mug_1 (cut_paste and dreambooth positives) fails: two passes, then reported
@@ -309,7 +309,7 @@ def test_a_generator_that_fails_deterministically_fails_its_unit_once(fresh):
     factory = functools.partial(faulty_factory, seed=-1, mode="reject", marker="mug_1")
     said: list[str] = []
     outs = SynthesisStage(ctx, said.append, max_retries=2, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120).run(units)
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     failed = [o for o in outs if o.status == "failed"]
     assert {o.label for o in failed} == {u.group for u in units if u.instance == "mug_1"}
     assert all(o.attempts == 1 and "\n" not in o.error for o in failed)
@@ -338,7 +338,7 @@ def test_filtered_units_keep_every_attempt_in_the_in_process_order(fresh):
     want = unit_rows(ctx.storage, units)
     clear_synthesis(ctx.storage)
     outs = SynthesisStage(ctx, None, max_retries=0, use_gpus=False, num_actors=2,
-                               no_progress_timeout_s=120).run(units)
+                          no_progress_timeout_s=120).run(units)
     assert [o.status for o in outs] == ["done"] * len(units)
     got = unit_rows(ctx.storage, units)
     attempts = sum(len(v) for v in want.values())

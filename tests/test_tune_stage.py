@@ -126,7 +126,7 @@ def test_all_units_done_published_loadable_then_skipped(toy_data, tmp_path, ray_
     parent = tracker.start_parent("job")
     lines: list[str] = []
     outs = PersonalizationStage(ctx, lines.append, 1, tracking_tags=tracker.parent_run_tags(),
-                                     mlflow=tracker.tune_callback_kwargs()).run(units)
+                                mlflow=tracker.tune_callback_kwargs()).run(units)
     assert [o.status for o in outs] == ["done"] * 4, [(o.label, o.error) for o in outs]
     assert [o.label for o in outs] == [f"real_only:tf_efficientnet_lite0:{u.instance}" for u in units]
     assert all(o.attempts == 1 and o.value["key"] == u.key for o, u in zip(outs, units))
@@ -176,7 +176,7 @@ def test_trial_raising_once_is_retried_and_reports_two_attempts(toy_data, tmp_pa
     units = [u for u in _units(ctx) if u.instance == "mug_0"]
     lines: list[str] = []
     out = PersonalizationStage(ctx, lines.append, max_retries=1,
-                                    step_hook=FailOnce(tmp_path, {"mug_0"}, step=2)).run(units)[0]
+                               step_hook=FailOnce(tmp_path, {"mug_0"}, step=2)).run(units)[0]
     assert (tmp_path / "mug_0.failed").exists()
     assert out.status == "done" and out.attempts == 2 and out.error is None, out
     assert ctx.storage.is_finished(ADAPTERS, units[0].key)
