@@ -60,7 +60,7 @@ def _load() -> list[float]:
 
 def _units(ctx) -> list[Any]:
     from persrep.generation.plan import data_configs
-    from persrep.pipeline.work import PersonalizeUnit
+    from persrep.pipeline.stages.personalization import PersonalizeUnit
 
     units = []
     for cfg in data_configs(ctx.settings):
@@ -87,11 +87,11 @@ def plain_loop(ctx, unit, work: Path, threads: int) -> dict[str, Any]:
 
 
 def tune_run(ctx, units, cpus_per_trial: float) -> dict[str, Any]:
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
 
     ctx.settings.resources.cpus_per_trial = cpus_per_trial
     t0 = time.perf_counter()
-    outs = run_personalization_stage(ctx, units, None, 0, max_concurrent_trials=len(units))
+    outs = PersonalizationStage(ctx, None, 0, max_concurrent_trials=len(units)).run(units)
     wall = time.perf_counter() - t0
     bad = [(o.label, o.error) for o in outs if o.status != "done"]
     if bad:

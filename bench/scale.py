@@ -68,7 +68,7 @@ def tiny_train(ctx, unit, progress, steps=None):
     """Read the unit's inputs as training does, report ``STEPS`` steps (a checkpoint at the
     last two) to Tune, publish."""
     from persrep.generation import shards
-    from persrep.pipeline.work import ADAPTERS
+    from persrep.pipeline.units import ADAPTERS
 
     n_pos = shards.read_unit(ctx.storage, unit.positives_key, columns=["index", "kept"]).num_rows \
         if unit.positives_key else 0
@@ -90,13 +90,13 @@ def tiny_eval(ctx, unit):
     import pyarrow as pa
 
     from persrep.generation.shards import table_bytes
-    from persrep.pipeline.work import EVALUATIONS
+    from persrep.pipeline.units import EVALUATIONS
 
-    if ctx.storage.is_finished(EVALUATIONS, unit["key"]):
-        return {"status": "skipped", "key": unit["key"]}
-    table = pa.table({"instance": [unit.get("instance", "all")], "metric": ["ap"], "value": [0.5]})
-    ctx.storage.publish(EVALUATIONS, unit["key"], {"results.parquet": table_bytes(table)}, {"kind": unit["kind"]})
-    return {"status": "done", "key": unit["key"]}
+    if ctx.storage.is_finished(EVALUATIONS, unit.key):
+        return {"status": "skipped", "key": unit.key}
+    table = pa.table({"instance": [unit.instance or "all"], "metric": ["ap"], "value": [0.5]})
+    ctx.storage.publish(EVALUATIONS, unit.key, {"results.parquet": table_bytes(table)}, {"kind": unit.kind})
+    return {"status": "done", "key": unit.key}
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -182,11 +182,13 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
              concurrent: int, stages: set[str], report_every: int | None) -> dict[str, Any]:
     from persrep.config import load_settings
     from persrep.distributed.ray_executor import RayExecutor
-    from persrep.distributed.synthesis import run_synthesis_stage
-    from persrep.distributed.tune_stage import experiment_name, run_personalization_stage, trial_resources
+    from persrep.distributed.synthesis import SynthesisStage
+    from persrep.distributed.tune_stage import PersonalizationStage, experiment_name, trial_resources
     from persrep.pipeline.context import RunContext
-    from persrep.pipeline.executor import Resources
-    from persrep.pipeline.runner import adapter_eval_unit, plan_personalize_units, plan_synthesis_units
+    from persrep.pipeline.resource_plan import Resources
+    from persrep.pipeline.stages.evaluation import adapter_eval_unit
+    from persrep.pipeline.stages.personalization import plan_personalize_units
+    from persrep.pipeline.stages.synthesis import plan_synthesis_units
     from persrep.storage import Storage
 
     prefix = f"n{n}-{os.urandom(3).hex()}"
@@ -218,8 +220,8 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
         res["plan_synthesis_s"] = round(time.perf_counter() - t, 3)
         n_rows = sum(len(u.rows) for u in syn_units)
         with Phase("synthesis", endpoint, prefix, len(syn_units)) as ph:
-            outs = run_synthesis_stage(ctx, syn_units, say, sampler_factory=tiny_sampler, use_gpus=True,
-                                       no_progress_timeout_s=600)
+            outs = SynthesisStage(ctx, say, sampler_factory=tiny_sampler, use_gpus=True,
+                                  no_progress_timeout_s=600).run(syn_units)
         assert all(o.status in ("done", "skipped") for o in outs), [o.error for o in outs if o.status == "failed"][:3]
         st = outs.stats
         res["synthesis"] = ph.record(rows=n_rows, driver_cpu_ms_per_row=round(1000 * ph.cpu / max(1, n_rows), 3),
@@ -236,8 +238,8 @@ def simulate(n: int, rows: int, endpoint: str, bucket: str, gpus: int, keep: int
         labels = [f"{u.config.label}:{u.backbone.name}:{u.instance}" for u in pz_units]
         if "personalization" in stages:
             with Phase("personalization", endpoint, prefix, n, keys=True) as ph:
-                pz = run_personalization_stage(ctx, pz_units, say, labels=labels, unit_fn=tiny_train,
-                                               max_concurrent_trials=concurrent)
+                pz = PersonalizationStage(ctx, say, unit_fn=tiny_train,
+                                          max_concurrent_trials=concurrent).run(pz_units, labels)
             assert all(o.status in ("done", "skipped") for o in pz), \
                 [o.error for o in pz if o.status == "failed"][:3]
             res["personalization"] = ph.record(done=sum(o.status == "done" for o in pz),

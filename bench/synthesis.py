@@ -124,12 +124,12 @@ def main() -> int:
     from PIL import Image
 
     from persrep.config import load_settings
-    from persrep.distributed.synthesis import run_synthesis_stage
+    from persrep.distributed.synthesis import SynthesisStage
     from persrep.generation.shards import read_unit
     from persrep.pipeline.context import prepare_run
-    from persrep.pipeline.runner import plan_generator_units, plan_synthesis_units
-    from persrep.pipeline.shared_images import plan_shared_units, run_shared_unit
-    from persrep.pipeline.work import run_generator_unit, run_synthesis_unit
+    from persrep.pipeline.stages.base_images import plan_shared_units, run_shared_unit
+    from persrep.pipeline.stages.generator_prep import plan_generator_units, run_generator_unit
+    from persrep.pipeline.stages.synthesis import plan_synthesis_units, run_synthesis_unit
 
     overrides = [*OVERRIDES, *args.overrides, f"storage.root={args.work}"]
     settings = load_settings("local", overrides)
@@ -182,7 +182,7 @@ def main() -> int:
         mon = Sampler(ray_state=True)
         mon.start()
         t = time.perf_counter()
-        outs = run_synthesis_stage(ctx, units, log, max_retries=1)
+        outs = SynthesisStage(ctx, log, max_retries=1).run(units)
         ray_s = time.perf_counter() - t
         ray_mem = mon.finish()
         stats = outs.stats

@@ -1,17 +1,20 @@
 """The job's terminal: progress bars per stage, per-instance status tables, one-line failures.
 
-The pipeline reports through one callback, ``say(message)``. :class:`Console` is that callback for
-``persrep run`` / ``ray_jobs/run_all.py`` and turns the pipeline's messages into what a person
-wants to watch, reading the pipeline's line protocol (every executor writes the same lines):
+The pipeline reports through a :class:`persrep.pipeline.progress.Progress`: typed events
+(``on_stage_start``, ``on_unit``, ``on_retry``, ``on_stage_end``) and plain messages
+(``progress(message)``). :class:`Console` is the Progress of ``persrep run`` /
+``ray_jobs/run_all.py`` and turns them into what a person wants to watch. Each event is handled
+as its line of the line protocol would be (the same lines are read when a message arrives as
+text, e.g. from a component that only has a ``say`` function):
 
 - ``stage NAME: N units [(how)]`` opens a stage: a progress bar (units done / total, failures,
   ETA) on a terminal, or, when the output is not a TTY (CI, ``ray job submit`` logs, a file),
   a plain progress line at every quarter of the stage and at most every ``plain_every_s`` s;
 - ``NAME: i/N LABEL -> STATUS [after k attempts]`` advances it (LABEL ends with the instance);
 - ``NAME: retrying LABEL (attempt k): REASON`` prints a ``RETRIED`` line with the one-line reason;
-- ``stage NAME: ... in T s`` closes the stage; the runner then hands the stage's outcomes to
-  :meth:`Console.stage_outcomes`, which prints the per-instance status table (rows: instance,
-  columns: the rest of the unit label, cells: done / skipped / FAILED, with attempts).
+- ``stage NAME: ... in T s`` closes the stage; ``on_stage_end`` then prints the stage's
+  per-instance status table (:meth:`Console.stage_outcomes`; rows: instance, columns: the rest of
+  the unit label, cells: done / skipped / FAILED, with attempts).
 
 Other messages print as they come when no stage is open (data set, cluster, notes); inside a
 stage they are details and go to the log only, except warnings. Messages that start with
@@ -37,6 +40,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from persrep.pipeline.progress import Progress
 
 STAGE_START = re.compile(r"^stage (?P<stage>\w+): (?P<n>\d+) units\b")
 STAGE_END = re.compile(r"^stage (?P<stage>\w+): \d+ done, .* in [\d.]+ s$")
@@ -85,8 +90,8 @@ class _Stage:
         return (time.monotonic() - self.t0) / self.done * max(0, self.total - self.done)
 
 
-class Console:
-    """The ``say`` callback of a job, writing to the terminal (see the module docstring)."""
+class Console(Progress):
+    """The progress of a job, written to the terminal (see the module docstring)."""
 
     def __init__(self, verbose: bool = False, interactive: bool | None = None,
                  plain_every_s: float = 30.0):
@@ -174,6 +179,26 @@ class Console:
         else:
             self.line(msg)
 
+    # -- the typed events (persrep.pipeline.progress.Progress) --------------------------------
+    def on_stage_start(self, stage: str, n_units: int, how: str = "") -> None:
+        self._open(stage, n_units, f"stage {stage}: {n_units} units{f' ({how})' if how else ''}")
+
+    def on_unit(self, stage: str, i: int, n: int, label: str, status: str, attempts: int = 1) -> None:
+        if self.stage is not None and stage == self.stage.name:
+            self._advance(status, i, n)
+            self._log(f"{stage}: {i}/{n} {label} -> {status}" + (f" after {attempts} attempts" if attempts > 1 else ""))
+        else:
+            super().on_unit(stage, i, n, label, status, attempts)
+
+    def on_retry(self, stage: str, label: str, attempt: int, reason: str) -> None:
+        self.line(f"RETRIED {stage} {label} (attempt {attempt}): {reason}")
+
+    def on_stage_end(self, stage: str, counts: dict[str, int], seconds: float, outcomes: Sequence[Any]) -> None:
+        self._close()
+        self.line(f"stage {stage}: {counts['done']} done, {counts['skipped']} skipped (finished earlier), "
+                  f"{counts['failed']} failed in {seconds:.1f} s")
+        self.stage_outcomes(stage, outcomes)
+
     def _open(self, name: str, total: int, msg: str) -> None:
         self._close()
         self.line(msg)
@@ -212,7 +237,7 @@ class Console:
         self.stage = None
 
     def stage_outcomes(self, stage: str, outcomes: Sequence[Any]) -> None:
-        """The per-instance status table of a finished stage (called by the runner)."""
+        """The per-instance status table of a finished stage (``on_stage_end``)."""
         if not outcomes:
             return
         rows, cols = status_table(outcomes, self.aliases)
@@ -244,7 +269,7 @@ class Console:
             self.print_out(f"RETRIED {r['stage']} {r['unit']}: {r['attempts']} attempts, {r['status']}")
         for f in summary.failures:
             where = (f" (traceback: {summary.run_uri}/{failure_file(f['unit'])})"
-                     if summary.run_uri and f["unit"] in getattr(summary, "traces", {}) else "")
+                     if summary.run_uri and f["unit"] in summary.traces else "")
             self.print_out(f"FAILED {f['stage']} {f['unit']}: {f['error']}{where}")
 
     # -- capturing everyone else's output -------------------------------------------------------

@@ -77,20 +77,21 @@ def test_a_run_without_masks_names_the_command_and_auto_masks_runs_as_keyed_unit
     again = run_pipeline(s, run_id="second")
     assert again.stages.get("auto_masks", {"done": 0})["done"] == 0
     assert all(c["done"] == 0 for c in again.stages.values()), again.stages
-    from persrep.pipeline.auto_masks import plan_mask_units
+    from persrep.pipeline.stages.auto_masks import plan_mask_units
+
     ctx1 = prepare_run(s)
     ctx2 = prepare_run(_settings(root, maskless_toy, "generator.auto_masks=true", "segmentation.margin=0.1"))
     k1, k2 = plan_mask_units(ctx1), plan_mask_units(ctx2)
-    assert {u["key"] for u in k1} == {u.name for u in units}
-    assert not {u["key"] for u in k1} & {u["key"] for u in k2}
+    assert {u.key for u in k1} == {u.name for u in units}
+    assert not {u.key for u in k1} & {u.key for u in k2}
 
 
 def test_persam_filter_records_the_predicted_mask_and_score_on_each_row(tmp_path, maskless_toy):
     """Filtering the paper's way with a tiny random-weight SAM: the plumbing, not the quality."""
     from persrep.config import SegmentationSettings
     from persrep.generation.filtering import make_scorer
-    from persrep.pipeline import work
-    from persrep.pipeline.runner import plan_synthesis_units
+    from persrep.pipeline.instance_data import instance_data
+    from persrep.pipeline.stages.synthesis import plan_synthesis_units, run_synthesis_unit
     from persrep.segmentation import Reference, get_segmenter
 
     root = tmp_path / "root"
@@ -100,12 +101,12 @@ def test_persam_filter_records_the_predicted_mask_and_score_on_each_row(tmp_path
     ctx = prepare_run(s)
     assert any("filter: segmenter persam" in n for n in ctx.notes)
     unit = next(u for u in plan_synthesis_units(ctx, {}) if u.generator == "cut_paste")
-    out = work.run_synthesis_unit(ctx, unit)
+    out = run_synthesis_unit(ctx, unit)
     assert out["status"] == "done" and out["errors"] == 0
     table = shards.read_unit(ctx.storage, unit.key, kept_only=False).to_pylist()
     assert len(table) == 3 and all(r["filter_score"] is not None and r["mask"] for r in table)
     # the recorded mask is PerSAM's prediction for the stored image (reference: the auto masks)
-    inst = work.instance_data(ctx, unit.instance)
+    inst = instance_data(ctx, unit.instance)
     seg = get_segmenter("persam", SegmentationSettings(model="tiny", init="box"))
     ref = Reference(inst.train_images, inst.train_masks)
     for r in table:

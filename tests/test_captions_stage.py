@@ -8,10 +8,12 @@ import pytest
 
 from persrep.config import ConfigError, load_settings
 from persrep.generation import shards
-from persrep.pipeline.captions_stage import STAGE, caption_key, llm_captions, plan_caption_units
 from persrep.pipeline.context import prepare_run
 from persrep.pipeline.executor import LocalExecutor
-from persrep.pipeline.runner import RunSummary, plan_synthesis_units, run_data_stages
+from persrep.pipeline.results import RunSummary
+from persrep.pipeline.sequence import run_data_stages
+from persrep.pipeline.stages.captions import STAGE, caption_key, llm_captions, plan_caption_units
+from persrep.pipeline.stages.synthesis import plan_synthesis_units
 from tiny_lm import CHAIN, WORDS, chain_lm
 
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
@@ -40,7 +42,7 @@ def test_llm_needs_a_model():
 def test_captions_stage_feeds_negatives_and_is_reused(tmp_path, chain_dir):
     ctx = _ctx(tmp_path / "runs", chain_dir, "generator.types=[real_only]", "personalization.negatives=generated")
     units = plan_caption_units(ctx)
-    assert [u["category"] for u in units] == ["bottle", "mug"]
+    assert [u.category for u in units] == ["bottle", "mug"]
     summary = RunSummary("t")
     out = run_data_stages(ctx, LocalExecutor(0), summary, lambda m: None)
     assert summary.stages["captions"]["done"] == 2 and not summary.failures
@@ -63,7 +65,7 @@ def test_captions_stage_feeds_negatives_and_is_reused(tmp_path, chain_dir):
 
 def test_positive_rows_use_category_captions_and_keys_follow_settings(tmp_path, chain_dir):
     ctx = _ctx(tmp_path / "runs", chain_dir, "generator.types=[dreambooth]", "personalization.negatives=generated")
-    from persrep.pipeline.captions_stage import run_caption_unit
+    from persrep.pipeline.stages.captions import run_caption_unit
 
     for u in plan_caption_units(ctx):
         run_caption_unit(ctx, u)
@@ -92,7 +94,7 @@ def test_failed_category_is_named_and_its_rows_left_out(tmp_path, chain_dir):
     out = run_data_stages(ctx, LocalExecutor(0), summary, lambda m: None)
     assert summary.stages["captions"]["failed"] == 2
     assert all("2 of 3 valid after 1 rounds" in f["error"] for f in summary.failures), summary.failures
-    assert not out.synthesized and not any(ctx.storage.is_finished(STAGE, u["key"]) for u in plan_caption_units(ctx))
+    assert not out.synthesized and not any(ctx.storage.is_finished(STAGE, u.key) for u in plan_caption_units(ctx))
 
 
 @pytest.mark.ray
@@ -102,7 +104,7 @@ def test_caption_units_run_as_ray_tasks_like_any_unit(tmp_path, chain_dir, ray_l
     the published captions equal the in-process ones (same key, same seeded text)."""
     from persrep.captions.generate import generate_captions
     from persrep.distributed.ray_executor import RayExecutor
-    from persrep.pipeline.captions_stage import CAPTIONS_FILE
+    from persrep.pipeline.stages.captions import CAPTIONS_FILE
 
     ctx = _ctx(tmp_path / "runs", chain_dir, "generator.types=[real_only]",
                "personalization.negatives=in_pool", "resources.gpus_per_trial=0")
@@ -113,8 +115,8 @@ def test_caption_units_run_as_ray_tasks_like_any_unit(tmp_path, chain_dir, ray_l
     for u in plan_caption_units(ctx):
         import json
 
-        published = json.loads(ctx.storage.read_unit_file(STAGE, u["key"], CAPTIONS_FILE))
-        assert published == {u["category"]: local[u["category"]]}
+        published = json.loads(ctx.storage.read_unit_file(STAGE, u.key, CAPTIONS_FILE))
+        assert published == {u.category: local[u.category]}
 
 
 def test_sweep_plans_llm_options_after_generating_their_captions(tmp_path, chain_dir):
@@ -140,7 +142,7 @@ def test_sweep_plans_llm_options_after_generating_their_captions(tmp_path, chain
     llm = options[1]
     assert sorted(g.split(":")[0] + ":" + g.split(":")[-1] for g in llm.synthesis_keys) == [
         "neg:bottle", "neg:mug", "pos:bottle_0", "pos:bottle_1", "pos:mug_0", "pos:mug_1"]
-    assert all(ctx.storage.is_finished(STAGE, u["key"]) for u in plan_caption_units(
+    assert all(ctx.storage.is_finished(STAGE, u.key) for u in plan_caption_units(
         replace_settings(ctx, space.settings_for({"synthesis.caption_sources": "llm"}))))
     assert [o.synthesis_keys for o in resolve_data(space, ctx)] == [o.synthesis_keys for o in options]
 
@@ -157,12 +159,12 @@ def test_relative_model_dir_is_resolved_on_the_driver(tmp_path, chain_dir, monke
     import os
     import shutil
 
-    from persrep.pipeline.captions_stage import run_caption_unit
+    from persrep.pipeline.stages.captions import run_caption_unit
 
     shutil.copytree(chain_dir, tmp_path / "models" / "chain")
     monkeypatch.chdir(tmp_path)
     ctx = _ctx(tmp_path / "runs", "models/chain", "generator.types=[real_only]", "personalization.negatives=in_pool")
     units = plan_caption_units(ctx)
-    assert all(u["model"] == str(tmp_path / "models" / "chain") for u in units)
+    assert all(u.model == str(tmp_path / "models" / "chain") for u in units)
     os.chdir(tmp_path / "runs")  # a worker elsewhere
     assert run_caption_unit(ctx, units[0])["status"] == "done"

@@ -152,3 +152,28 @@ def test_job_terminal_is_short_and_complete(tmp_path):
         assert noise not in both, noise
     text = log.read_text()
     assert "Started a local Ray instance" in text and "stage personalization" in text
+
+
+def test_progress_events_are_the_line_protocol_the_console_reads():
+    """persrep.pipeline.progress: typed events; SayProgress writes them as the lines Console parses."""
+    from persrep.console import STAGE_END, STAGE_START, UNIT_DONE, UNIT_RETRY
+    from persrep.pipeline.executor import Executor, LocalExecutor
+    from persrep.pipeline.progress import SayProgress, as_progress
+
+    lines: list[str] = []
+    p = as_progress(lines.append)
+    assert isinstance(p, SayProgress) and as_progress(p) is p
+    p.on_stage_start("synthesis", 3, "Ray Data")
+    p.on_unit("synthesis", 1, 3, "pos:cfg:mug_0", "done")
+    p.on_unit("synthesis", 2, 3, "pos:cfg:mug_1", "failed", attempts=2)
+    p.on_retry("synthesis", "pos:cfg:mug_1", 2, "RuntimeError: lost")
+    p.on_stage_end("synthesis", {"done": 1, "skipped": 1, "failed": 1}, 1.25, [])
+    p("data: toy")
+    assert lines == ["stage synthesis: 3 units (Ray Data)", "synthesis: 1/3 pos:cfg:mug_0 -> done",
+                     "synthesis: 2/3 pos:cfg:mug_1 -> failed after 2 attempts",
+                     "synthesis: retrying pos:cfg:mug_1 (attempt 2): RuntimeError: lost",
+                     "stage synthesis: 1 done, 1 skipped (finished earlier), 1 failed in 1.2 s", "data: toy"]
+    assert STAGE_START.match(lines[0]) and UNIT_DONE.match(lines[1]) and UNIT_DONE.match(lines[2])
+    assert UNIT_RETRY.match(lines[3]) and STAGE_END.match(lines[4])
+    ex = LocalExecutor()  # the declared contract: nothing probed
+    assert isinstance(ex, Executor) and ex.started and ex.sequential and ex.stage_runner("synthesis") is None

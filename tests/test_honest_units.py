@@ -8,7 +8,7 @@ import pytest
 
 from persrep.config import load_settings
 from persrep.pipeline import run_pipeline
-from persrep.pipeline.verdict import FIX_FILTER, synthesis_verdict
+from persrep.pipeline.stages.synthesis import FIX_FILTER, synthesis_verdict
 
 TINY = ["data.toy.categories=1", "data.toy.instances_per_category=2", "data.toy.image_size=64",
         "data.toy.test_per_scene=2", "data.toy.negatives_per_category=6", "data.toy.dense_per_instance=0",

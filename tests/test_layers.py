@@ -259,3 +259,29 @@ def test_test_modules_share_helpers_through_helper_modules():
             bad += [f"{path.name} imports {n}" for n in names
                     if n.split(".")[0].startswith("test_") and n.split(".")[0] != path.stem]
     assert not bad, "move shared test helpers into tests/helpers.py or tests/worlds.py: " + "; ".join(bad)
+
+
+# The orchestrator: one module per stage, the stage list, the runner (issue 28)
+STAGE_MODULES = tuple(f"persrep.pipeline.stages.{s}" for s in (
+    "auto_masks", "captions", "base_images", "generator_prep", "synthesis", "personalization", "evaluation"))
+SWEEPS = ("persrep.sweep", "persrep.distributed.sweep", "persrep.distributed.sweep_job")
+
+
+def test_the_orchestrator_does_not_import_distributed():
+    """persrep/pipeline/ runs without Ray: it never imports persrep/distributed/ (nor Ray)."""
+    eager, lazy, external = import_graph()
+    bad = sorted(f"{m} -> {x}" for m in eager if _under(m, ("persrep.pipeline",))
+                 for x in eager[m] | lazy[m] if _under(x, ("persrep.distributed",)))
+    assert not bad, f"persrep/pipeline/ imports persrep/distributed/: {bad}"
+    assert not [m for m in external if _under(m, ("persrep.pipeline",)) and "ray" in external[m]]
+
+
+def test_one_module_per_stage_and_sweeps_import_stages_not_the_runner():
+    files = module_files()
+    assert all(m in files for m in STAGE_MODULES), [m for m in STAGE_MODULES if m not in files]
+    eager, lazy, _ = import_graph()
+    top = ("persrep.pipeline.runner", "persrep.pipeline.sequence")
+    bad = sorted(f"{m} -> {x}" for m in eager if _under(m, STAGE_MODULES + SWEEPS)
+                 for x in eager[m] | lazy[m] if x == "persrep.pipeline.runner"
+                 or (_under(m, STAGE_MODULES) and x in top))
+    assert not bad, f"stage modules and sweeps import the runner (or a stage the stage list): {bad}"

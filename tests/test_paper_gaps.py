@@ -82,7 +82,8 @@ def _data_stages(settings):
     """Stages 0-2 (base images, generator prep, synthesis) in-process, as the pipeline runs them."""
     from persrep.pipeline.context import prepare_run
     from persrep.pipeline.executor import LocalExecutor
-    from persrep.pipeline.runner import RunSummary, run_data_stages
+    from persrep.pipeline.results import RunSummary
+    from persrep.pipeline.sequence import run_data_stages
 
     ctx = prepare_run(settings)
     summary = RunSummary(ctx.run_id)

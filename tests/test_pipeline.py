@@ -44,9 +44,9 @@ def test_pipeline_in_process_then_resume(tmp_path):
 def test_failed_unit_is_retried_then_reported(tmp_path):
     calls = {"n": 0}
 
-    from persrep.pipeline import work
+    from persrep.pipeline.stages import personalization
 
-    real = work.run_personalize_unit
+    real = personalization.run_personalize_unit
 
     def flaky(ctx, unit):
         calls["n"] += 1
@@ -55,14 +55,11 @@ def test_failed_unit_is_retried_then_reported(tmp_path):
         return real(ctx, unit)
 
     s = _settings(tmp_path / "root", "generator.types=[real_only]")
-    import persrep.pipeline.runner as runner
-
-    orig = runner.run_personalize_unit
-    runner.run_personalize_unit = flaky
+    personalization.run_personalize_unit = flaky
     try:
         summary = run_pipeline(s, executor=LocalExecutor(max_retries=1))
     finally:
-        runner.run_personalize_unit = orig
+        personalization.run_personalize_unit = real
     assert summary.exit_code == 1
     assert summary.failures == [{"stage": "personalization", "unit": "real_only:tf_efficientnet_lite0:mug_0",
                                  "error": "RuntimeError: simulated worker failure", "attempts": 2}]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from persrep.pipeline.work import open_sampler as ORIGINAL_SAMPLER  # before any test monkeypatches it
+from persrep.pipeline.stages.synthesis import open_sampler as ORIGINAL_SAMPLER  # before any test monkeypatches it
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,8 @@ def tiny_settings(root: str, *extra: str):
 def plan_units(ctx, ready=None):
     """The synthesis units exactly as ``run_pipeline`` builds them: the pipeline's own planners
     (``ready``: the trained generators; default: every one planned, as the world trained them)."""
-    from persrep.pipeline.runner import plan_generator_units, plan_synthesis_units
+    from persrep.pipeline.stages.generator_prep import plan_generator_units
+    from persrep.pipeline.stages.synthesis import plan_synthesis_units
 
     if ready is None:
         ready = {(u.generator, u.instance): u.key for u in plan_generator_units(ctx)}
@@ -111,7 +112,8 @@ def world(s3_server, ray_local):
     import ray
 
     from persrep.pipeline.context import prepare_run
-    from persrep.pipeline.work import run_generator_unit, run_synthesis_unit
+    from persrep.pipeline.stages.generator_prep import run_generator_unit
+    from persrep.pipeline.stages.synthesis import run_synthesis_unit
 
     t0 = time.perf_counter()
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -119,8 +121,8 @@ def world(s3_server, ray_local):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/x"
     ctx = prepare_run(tiny_settings(root), run_id="t")
-    from persrep.pipeline.runner import plan_generator_units
-    from persrep.pipeline.shared_images import plan_shared_units, run_shared_unit
+    from persrep.pipeline.stages.base_images import plan_shared_units, run_shared_unit
+    from persrep.pipeline.stages.generator_prep import plan_generator_units
 
     for u in plan_shared_units(ctx.settings, ctx.instances):  # DreamBooth's class images, as the pipeline
         run_shared_unit(ctx, u)
@@ -161,11 +163,11 @@ def _exactly_once(rows: dict[str, list[dict]], units) -> None:
 
 # -- tests ------------------------------------------------------------------------------------
 def test_rows_equal_in_process_and_each_generator_loads_once_per_actor(fresh):
-    from persrep.distributed.synthesis import run_synthesis_stage
+    from persrep.distributed.synthesis import SynthesisStage
 
     ctx, units = fresh["ctx"], fresh["units"]
     said: list[str] = []
-    outs = run_synthesis_stage(ctx, units, said.append, max_retries=1, no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, said.append, max_retries=1, no_progress_timeout_s=120).run(units)
     assert [o.status for o in outs] == ["done"] * len(units), [(o.label, o.error) for o in outs]
     assert [o.label for o in outs] == [u.group for u in units]
     got = unit_rows(ctx.storage, units)
@@ -187,8 +189,8 @@ def test_rows_equal_in_process_and_each_generator_loads_once_per_actor(fresh):
 
 
 def test_resume_generates_only_missing_units_and_rerun_generates_nothing(fresh):
-    from persrep.distributed.synthesis import run_synthesis_stage
-    from persrep.pipeline.work import run_synthesis_unit
+    from persrep.distributed.synthesis import SynthesisStage
+    from persrep.pipeline.stages.synthesis import run_synthesis_unit
 
     ctx, units = fresh["ctx"], fresh["units"]
     # a run killed midway: some units published, one left half-written (a shard, no manifest)
@@ -198,8 +200,8 @@ def test_resume_generates_only_missing_units_and_rerun_generates_nothing(fresh):
     half = units[1]
     ctx.storage.write_bytes(f"synthesis/{half.key}/part-00000.parquet", b"truncated by a crash")
     said: list[str] = []
-    outs = run_synthesis_stage(ctx, units, said.append, max_retries=0, use_gpus=False, num_actors=2,
-                               no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, said.append, max_retries=0, use_gpus=False, num_actors=2,
+                          no_progress_timeout_s=120).run(units)
     published_before = {u.key for u in units[::3]}
     assert [o.status for o in outs] == ["skipped" if u.key in published_before else "done" for u in units]
     assert outs.stats["rows"] == sum(len(u.rows) for u in units if u.key not in published_before)
@@ -211,21 +213,21 @@ def test_resume_generates_only_missing_units_and_rerun_generates_nothing(fresh):
     assert len(served) <= st["loads"] <= st["actors"] * len(served)
     # the same settings again: nothing to generate, and it says so
     said.clear()
-    again = run_synthesis_stage(ctx, units, said.append, max_retries=0)
+    again = SynthesisStage(ctx, said.append, max_retries=0).run(units)
     assert [o.status for o in again] == ["skipped"] * len(units)
     assert again.stats["loads"] == 0 and again.stats["passes"] == 0
     assert any("nothing to generate" in m for m in said)
 
 
 def test_actor_killed_mid_batch_loses_and_doubles_no_row(fresh, tmp_path):
-    from persrep.distributed.synthesis import run_synthesis_stage
+    from persrep.distributed.synthesis import SynthesisStage
 
     ctx, units = fresh["ctx"], fresh["units"]
     victim = next(u for u in units if u.generator == "dreambooth").rows[1]
     marker = tmp_path / "killed"
     factory = functools.partial(faulty_factory, seed=victim.seed, mode="exit", marker=str(marker))
-    outs = run_synthesis_stage(ctx, units, None, max_retries=1, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, None, max_retries=1, use_gpus=False, num_actors=2,
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     assert marker.exists(), "the fault was not triggered"
     assert [o.status for o in outs] == ["done"] * len(units), [(o.label, o.error) for o in outs]
     got = unit_rows(ctx.storage, units)
@@ -238,17 +240,18 @@ def test_actor_killed_mid_batch_loses_and_doubles_no_row(fresh, tmp_path):
 
 
 def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_path, monkeypatch):
-    from persrep.distributed.synthesis import run_synthesis_stage
-    from persrep.pipeline import work
-    from persrep.pipeline.verdict import FIX_ERRORS, UnitRejected
+    from persrep.distributed.synthesis import SynthesisStage
+    from persrep.pipeline.stages import synthesis as work
+    from persrep.pipeline.stages.synthesis import FIX_ERRORS
+    from persrep.pipeline.units import UnitRejected
 
     ctx, units = fresh["ctx"], fresh["units"]
     unit = next(u for u in units if u.generator == "cut_paste")
     bad = unit.rows[1]
     marker = tmp_path / "calls"
     factory = functools.partial(faulty_factory, seed=bad.seed, mode="raise", marker=str(marker))
-    outs = run_synthesis_stage(ctx, units, None, max_retries=0, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, None, max_retries=0, use_gpus=False, num_actors=2,
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     # the unit is published (its rows are data) but failed: a row error is beyond max_row_errors=0
     assert [o.status for o in outs] == ["failed" if u is unit else "done" for u in units]
     bad_out = outs[units.index(unit)]
@@ -276,14 +279,14 @@ def test_a_row_that_raises_is_recorded_alone_and_matches_in_process(fresh, tmp_p
 
 
 def test_a_generator_that_cannot_load_fails_its_unit_only_after_retries(fresh):
-    from persrep.distributed.synthesis import run_synthesis_stage
+    from persrep.distributed.synthesis import SynthesisStage
 
     ctx, units = fresh["ctx"], fresh["units"]
     broken = next(u for u in units if u.generator == "dreambooth" and u.instance == "mug_1")
     factory = functools.partial(faulty_factory, seed=-1, mode="load", marker="mug_1")
     said: list[str] = []
-    outs = run_synthesis_stage(ctx, units, said.append, max_retries=1, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, said.append, max_retries=1, use_gpus=False, num_actors=2,
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     by_key = {u.key: o for u, o in zip(units, outs)}
     failed = [o for o in outs if o.status == "failed"]
     # every unit of instance mug_1 (cut_paste and dreambooth positives) fails: two passes, then reported
@@ -300,13 +303,13 @@ def test_a_generator_that_cannot_load_fails_its_unit_only_after_retries(fresh):
 def test_a_generator_that_fails_deterministically_fails_its_unit_once(fresh):
     """Issue #29: a load failure the retry policy rejects (an empty train mask) is not tried again
     in a later pass: its units fail after one attempt, in one line; the others are done."""
-    from persrep.distributed.synthesis import run_synthesis_stage
+    from persrep.distributed.synthesis import SynthesisStage
 
     ctx, units = fresh["ctx"], fresh["units"]
     factory = functools.partial(faulty_factory, seed=-1, mode="reject", marker="mug_1")
     said: list[str] = []
-    outs = run_synthesis_stage(ctx, units, said.append, max_retries=2, use_gpus=False, num_actors=2,
-                               sampler_factory=factory, no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, said.append, max_retries=2, use_gpus=False, num_actors=2,
+                          sampler_factory=factory, no_progress_timeout_s=120).run(units)
     failed = [o for o in outs if o.status == "failed"]
     assert {o.label for o in failed} == {u.group for u in units if u.instance == "mug_1"}
     assert all(o.attempts == 1 and "\n" not in o.error for o in failed)
@@ -320,8 +323,8 @@ def test_filtered_units_keep_every_attempt_in_the_in_process_order(fresh):
     the Ray stage writes the same attempts, scores and order as ``run_synthesis_unit``."""
     import dataclasses
 
-    from persrep.distributed.synthesis import run_synthesis_stage
-    from persrep.pipeline.work import run_synthesis_unit
+    from persrep.distributed.synthesis import SynthesisStage
+    from persrep.pipeline.stages.synthesis import run_synthesis_unit
 
     base = fresh["ctx"]
     settings = tiny_settings(fresh["root"], "synthesis.filter.enabled=true", "synthesis.filter.scorer=embedding",
@@ -334,8 +337,8 @@ def test_filtered_units_keep_every_attempt_in_the_in_process_order(fresh):
             run_synthesis_unit(ctx, u)
     want = unit_rows(ctx.storage, units)
     clear_synthesis(ctx.storage)
-    outs = run_synthesis_stage(ctx, units, None, max_retries=0, use_gpus=False, num_actors=2,
-                               no_progress_timeout_s=120)
+    outs = SynthesisStage(ctx, None, max_retries=0, use_gpus=False, num_actors=2,
+                          no_progress_timeout_s=120).run(units)
     assert [o.status for o in outs] == ["done"] * len(units)
     got = unit_rows(ctx.storage, units)
     attempts = sum(len(v) for v in want.values())
@@ -351,8 +354,8 @@ CLUSTER_SCRIPT = textwrap.dedent('''
     from ray.cluster_utils import Cluster
     sys.path.insert(0, sys.argv[1])
     import test_ray_synthesis as T
+    from persrep.distributed.synthesis import SynthesisStage
     from persrep.pipeline.context import prepare_run
-    from persrep.distributed.synthesis import run_synthesis_stage
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):
@@ -363,7 +366,7 @@ CLUSTER_SCRIPT = textwrap.dedent('''
         nodes = len([n for n in ray.nodes() if n["Alive"]])
         ctx = prepare_run(T.tiny_settings(sys.argv[2]), run_id="cluster")
         units = T.plan_units(ctx)
-        outs = run_synthesis_stage(ctx, units, print, max_retries=1, no_progress_timeout_s=120)
+        outs = SynthesisStage(ctx, print, max_retries=1, no_progress_timeout_s=120).run(units)
         print("RESULT " + json.dumps({"nodes": nodes, "status": [o.status for o in outs],
                                       "stats": {k: v for k, v in outs.stats.items() if k != "load_ids"},
                                       "seconds": time.perf_counter() - t0}))

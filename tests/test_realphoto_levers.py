@@ -175,7 +175,7 @@ def test_adapter_scale_leaves_the_pretrained_evaluation_key_alone(tmp_path):
     from dataclasses import replace
 
     from persrep.pipeline.context import prepare_run
-    from persrep.pipeline.runner import pretrained_eval_units
+    from persrep.pipeline.stages.evaluation import pretrained_eval_units
 
     small = ["data.toy.categories=1", "data.toy.instances_per_category=1", "data.toy.image_size=32",
              "data.toy.test_per_scene=1", "data.toy.dense_per_instance=0", "tracking.enabled=false",

@@ -21,7 +21,7 @@ import pytest
 from persrep.config import load_settings
 from persrep.pipeline import run_pipeline
 from persrep.pipeline.executor import LocalExecutor
-from persrep.pipeline.retry import POLICY, is_retryable
+from persrep.pipeline.retry import POLICY
 from persrep.storage import MANIFEST, CorruptUnitError, StorageError, StorageUnavailableError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,7 +46,7 @@ def _no_positives() -> Exception:
 
 
 def test_policy_rejects_what_the_same_inputs_raise_again():
-    from persrep.pipeline.verdict import UnitRejected
+    from persrep.pipeline.units import UnitRejected
 
     rejected = [_no_positives(), ValueError("cut_paste mug_0: train mask 2 is empty"), _shape_error(),
                 KeyError("positives_key"), IndexError("list index out of range"), TypeError("bad type"),
@@ -55,8 +55,8 @@ def test_policy_rejects_what_the_same_inputs_raise_again():
     retried = [RuntimeError("simulated worker failure"), RuntimeError("CUDA out of memory. Tried to allocate"),
                OSError("connection reset"), StorageUnavailableError("s3 endpoint down"),
                StorageError("cannot read s3://b/x"), MemoryError(), TimeoutError("timed out")]
-    assert [is_retryable(e) for e in rejected] == [False] * len(rejected)
-    assert [is_retryable(e) for e in retried] == [True] * len(retried)
+    assert [POLICY.retryable(e) for e in rejected] == [False] * len(rejected)
+    assert [POLICY.retryable(e) for e in retried] == [True] * len(retried)
     line = POLICY.line(_shape_error())
     assert line.startswith("RuntimeError: mat1 and mat2 shapes cannot be multiplied") and "not retried" in line
     assert "\n" not in line
@@ -69,10 +69,11 @@ def reference(tmp_path_factory):
 
 # stage -> (storage area of its units, module and name of the unit function the runner calls, error)
 STAGES = {
-    "synthesis": ("synthesis", "persrep.pipeline.runner", "run_synthesis_unit",
+    "synthesis": ("synthesis", "persrep.pipeline.stages.synthesis", "run_synthesis_unit",
                   lambda: ValueError("cut_paste mug_0: train mask 2 is empty")),
-    "personalization": ("adapters", "persrep.pipeline.runner", "run_personalize_unit", _no_positives),
-    "evaluation": ("evaluations", "persrep.pipeline.runner", "run_evaluation_unit", _shape_error),
+    "personalization": ("adapters", "persrep.pipeline.stages.personalization", "run_personalize_unit",
+                        _no_positives),
+    "evaluation": ("evaluations", "persrep.pipeline.stages.evaluation", "run_evaluation_unit", _shape_error),
 }
 
 
@@ -117,7 +118,7 @@ def test_a_deterministic_failure_is_attempted_once_and_reported_in_one_line(stag
 
 
 def test_a_transient_failure_in_the_same_place_is_still_retried(reference, tmp_path, monkeypatch):
-    import persrep.pipeline.runner as runner
+    import persrep.pipeline.stages.personalization as runner
 
     root = tmp_path / "root"
     shutil.copytree(reference["root"], root)
@@ -133,7 +134,7 @@ def test_a_transient_failure_in_the_same_place_is_still_retried(reference, tmp_p
 
 def test_summary_leaves_out_a_backbone_without_adapters_and_says_why(reference, tmp_path, monkeypatch):
     """Every adapter of the run's backbone rejected: no ``nan / +nan / 0/n`` rows, one line why."""
-    import persrep.pipeline.runner as runner
+    import persrep.pipeline.stages.personalization as runner
 
     root = tmp_path / "root"
     shutil.copytree(reference["root"], root)

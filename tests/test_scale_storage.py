@@ -50,8 +50,9 @@ def _publish_job(srv: CountingS3Server, n: int):
     from persrep.generation import shards
     from persrep.generation.base import SampleRow
     from persrep.pipeline.context import RunContext
-    from persrep.pipeline.runner import plan_personalize_units, plan_synthesis_units
-    from persrep.pipeline.work import ADAPTERS
+    from persrep.pipeline.stages.personalization import plan_personalize_units
+    from persrep.pipeline.stages.synthesis import plan_synthesis_units
+    from persrep.pipeline.units import ADAPTERS
     from persrep.storage import Storage
 
     settings = load_settings("local", [f"storage.root=s3://counted/job{n}", f"storage.s3_endpoint={srv.endpoint}",
@@ -74,14 +75,14 @@ def _publish_job(srv: CountingS3Server, n: int):
 
 
 def _rerun_counts(srv: CountingS3Server, n: int) -> dict[str, dict[str, int]]:
-    from persrep.distributed.synthesis import run_synthesis_stage
-    from persrep.distributed.tune_stage import run_personalization_stage
-    from persrep.pipeline.runner import plan_personalize_units
+    from persrep.distributed.synthesis import SynthesisStage
+    from persrep.distributed.tune_stage import PersonalizationStage
+    from persrep.pipeline.stages.personalization import plan_personalize_units
 
     ctx, syn, pz = _publish_job(srv, n)
     out = {}
     srv.counts.reset(prefix=f"job{n}")
-    outs = run_synthesis_stage(ctx, syn)
+    outs = SynthesisStage(ctx).run(syn)
     assert [o.status for o in outs] == ["skipped"] * len(syn)
     out["synthesis"] = srv.counts.snapshot()["ops"]
     srv.counts.reset(prefix=f"job{n}")
@@ -89,7 +90,7 @@ def _rerun_counts(srv: CountingS3Server, n: int) -> dict[str, dict[str, int]]:
     assert [u.key for u in planned] == [u.key for u in pz]
     out["plan"] = srv.counts.snapshot()["ops"]
     srv.counts.reset(prefix=f"job{n}")
-    outs = run_personalization_stage(ctx, pz)
+    outs = PersonalizationStage(ctx).run(pz)
     assert [o.status for o in outs] == ["skipped"] * len(pz)
     out["personalization"] = srv.counts.snapshot()["ops"]
     out["units"] = {"synthesis": len(syn), "plan": len(pz), "personalization": len(pz)}
@@ -147,16 +148,14 @@ def test_fractional_gpus_per_tune_trial():
     """Several ViT-B trials per GPU in the paper config, without shrinking other stages' GPUs."""
     from persrep.config import load_settings
     from persrep.distributed.tune_stage import trial_resources
-    from persrep.pipeline.context import RunContext
-    from persrep.pipeline.runner import unit_resources
+    from persrep.pipeline.resource_plan import ResourcePlan
 
     s = load_settings("local", ["resources.gpus_per_tune_trial=0.25", "resources.cpus_per_trial=0.5"])
     assert trial_resources(s, gpus_in_cluster=2) == {"cpu": 0.5, "gpu": 0.25}
     assert trial_resources(s, gpus_in_cluster=0) == {"cpu": 0.5}  # CPU-only cluster: no GPU asked
     paper = load_settings("paper", [])
     assert trial_resources(paper, gpus_in_cluster=8)["gpu"] == 0.25
-    ctx = RunContext(paper, None, "", {}, "", "r")
-    assert unit_resources(ctx, "generator_prep").gpus == 1.0  # DreamBooth keeps a whole GPU
+    assert ResourcePlan.unplanned(paper).unit("generator_prep").gpus == 1.0  # DreamBooth keeps a whole GPU
 
 
 def test_synthesis_cold_start_itemised_from_actor_clocks():

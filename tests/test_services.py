@@ -121,7 +121,7 @@ class OwnS3:
 
 
 def test_s3_endpoint_down_mid_run_stops_clearly_then_rerun_resumes(tmp_path, monkeypatch, capsys):
-    import persrep.pipeline.runner as runner
+    import persrep.pipeline.stages.personalization as runner
 
     s3 = OwnS3()
     s3.start()

@@ -153,7 +153,7 @@ def preflight(overrides: list[str]) -> None:
     """What a run does before its first unit: validation, tracking, ``prepare_run``, the memory plan."""
     from persrep.pipeline.context import prepare_run
     from persrep.pipeline.executor import LocalExecutor
-    from persrep.pipeline.runner import plan_resources
+    from persrep.pipeline.resource_plan import plan_resources
     from persrep.tracking import Tracker
 
     settings = load_settings("local", overrides)

@@ -49,8 +49,9 @@ SEED = 20261125
 ROUNDS = 6
 RUNTIME_FAULTS = ["raise_before_once", "raise_after_once", "raise_until_given_up", "kill_driver"]
 STORAGE_FAULTS = ["half_written", "flipped_byte", "deleted_file", "torn_manifest"]
-HOOKED = {"synthesis": "run_synthesis_unit", "personalization": "run_personalize_unit",
-          "evaluation": "run_evaluation_unit"}
+HOOKED = {"synthesis": ("synthesis", "run_synthesis_unit"),
+          "personalization": ("personalization", "run_personalize_unit"),
+          "evaluation": ("evaluation", "run_evaluation_unit")}  # stage -> (its module in pipeline.stages, unit function)
 
 
 def _digest(path: Path) -> str:
@@ -77,7 +78,7 @@ def _payload(root: Path, unit: str) -> dict[str, str]:
 
 
 def _unit_key(unit) -> str:
-    return unit["key"] if isinstance(unit, dict) else unit.key
+    return unit.key
 
 
 class RaisingHook:
@@ -130,7 +131,7 @@ def _results(root: Path, run_id: str) -> pd.DataFrame:
 
 
 def test_soak_faults_injected_survived_and_no_unit_lost(tmp_path, monkeypatch):
-    import persrep.pipeline.runner as runner
+    import importlib
 
     rng = random.Random(SEED)
     root = tmp_path / "root"
@@ -174,10 +175,11 @@ def test_soak_faults_injected_survived_and_no_unit_lost(tmp_path, monkeypatch):
         else:
             stage = rng.choice(sorted(HOOKED)) if r == 0 else rng.choice(["personalization", "evaluation"])
             n_units = {"synthesis": 4, "personalization": 8, "evaluation": 9}[stage]
-            hook = RaisingHook(getattr(runner, HOOKED[stage]), rng.randint(1, n_units),
+            module = importlib.import_module(f"persrep.pipeline.stages.{HOOKED[stage][0]}")
+            hook = RaisingHook(getattr(module, HOOKED[stage][1]), rng.randint(1, n_units),
                                after=kind == "raise_after_once", sticky=kind == "raise_until_given_up")
             with monkeypatch.context() as m:
-                m.setattr(runner, HOOKED[stage], hook)
+                m.setattr(module, HOOKED[stage][1], hook)
                 summary = run(settings, f"r{r}-faulty", retries=rng.randint(0, 1) if hook.sticky else 1)
             ok &= hook.raised >= 1
             if hook.sticky:  # given up on: reported, then the re-run completes it

@@ -153,7 +153,7 @@ def test_altered_file_with_its_time_kept_is_refused_when_read_and_unpublished(tm
     (not retried) and unpublishes the unit, so the re-run recomputes it."""
     import os
 
-    from persrep.pipeline.verdict import is_retryable
+    from persrep.pipeline.retry import POLICY
 
     st = Storage(str(tmp_path / "root"))
     st.publish("synthesis", "k", {"part-00000.parquet": b"rows" * 50})
@@ -164,7 +164,7 @@ def test_altered_file_with_its_time_kept_is_refused_when_read_and_unpublished(tm
     assert st.is_intact("synthesis", "k")
     with pytest.raises(CorruptUnitError, match="checksum mismatch.*re-run to recompute it") as exc:
         st.read_unit_file("synthesis", "k", "part-00000.parquet")
-    assert not is_retryable(exc.value) and len(str(exc.value).splitlines()) == 1
+    assert not POLICY.retryable(exc.value) and len(str(exc.value).splitlines()) == 1
     assert not st.is_finished("synthesis", "k")
 
 

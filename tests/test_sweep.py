@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -215,10 +214,11 @@ def test_sweep_memory_plan_reserves_the_largest_point(toy_ctx, tmp_path, monkeyp
                     "personalization.batch_size": {"grid": [4, 16]}}
     space = load_space(_write(tmp_path, doc), [f"storage.root={toy_ctx.storage.root}"])
     options = resolve_data(space, toy_ctx)
-    ctx = replace(toy_ctx, memory={})
+    ctx = toy_ctx
     said: list[str] = []
     node = NodeShape(cpus=8, gpus=0, memory_gb=64)
-    trial = plan_sweep_resources(ctx, space, options, 8, [node], said.append)
+    planned = plan_sweep_resources(ctx, space, options, 8, [node], said.append)
+    trial = planned.trial_memory
     heaviest = space.settings_for({"generator.types": ["dreambooth"], "personalization.backbones": [big],
                                    "personalization.batch_size": 16})
     expect = max(estimate_stage(heaviest, t).bytes for t in ("personalization", "evaluation"))
@@ -226,17 +226,17 @@ def test_sweep_memory_plan_reserves_the_largest_point(toy_ctx, tmp_path, monkeyp
                                    "personalization.batch_size": 4})
     assert trial == expect > estimate_stage(lightest, "personalization").bytes
     # the data phase: DreamBooth's prep is the largest generator unit (cut-and-paste has none)
-    assert ctx.memory["generator_prep"] == estimate_stage(heaviest, "generator_prep").bytes > 0
-    assert ctx.memory["synthesis"] > 0
+    assert planned.data.memory_of("generator_prep") == estimate_stage(heaviest, "generator_prep").bytes > 0
+    assert planned.data.memory_of("synthesis") > 0
     assert any(line.startswith("plan sweep trials: 8 trial(s)") for line in said), said
     assert any(line.startswith("plan generator_prep:") for line in said), said
     # a large space: each dimension's heaviest corner, combined, finds the same point
     import persrep.sweep.resources as sweep_resources
 
     monkeypatch.setattr(sweep_resources, "FULL_PRODUCT", 1)
-    assert plan_sweep_resources(replace(toy_ctx, memory={}), space, options, 8, [node], said.append) == expect
+    assert plan_sweep_resources(toy_ctx, space, options, 8, [node], said.append).trial_memory == expect
     with pytest.raises(InsufficientResourcesError, match="personalization|evaluation"):
-        plan_sweep_resources(replace(toy_ctx, memory={}), space, options, 8,
+        plan_sweep_resources(toy_ctx, space, options, 8,
                              [NodeShape(cpus=8, gpus=0, memory_gb=expect / 1024 ** 3 * 0.5)], said.append)
 
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from persrep.config import load_settings
 from persrep.generation.plan import data_configs
 from persrep.pipeline.context import prepare_run
-from persrep.pipeline.work import ADAPTERS, PersonalizeUnit
+from persrep.pipeline.stages.personalization import PersonalizeUnit
+from persrep.pipeline.units import ADAPTERS
 
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -114,7 +115,7 @@ class FailOnce:
 def test_all_units_done_published_loadable_then_skipped(toy_data, tmp_path, ray_local):
     from persrep.config import TrackingSettings
     from persrep.contrastive.train import personalised_backbone
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
     from persrep.models.backbones import build_backbone
     from persrep.tracking import Tracker
 
@@ -124,8 +125,8 @@ def test_all_units_done_published_loadable_then_skipped(toy_data, tmp_path, ray_
     tracker = Tracker(TrackingSettings(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="tune-stage")).connect()
     parent = tracker.start_parent("job")
     lines: list[str] = []
-    outs = run_personalization_stage(ctx, units, lines.append, 1, tracking_tags=tracker.parent_run_tags(),
-                                     mlflow=tracker.tune_callback_kwargs())
+    outs = PersonalizationStage(ctx, lines.append, 1, tracking_tags=tracker.parent_run_tags(),
+                                mlflow=tracker.tune_callback_kwargs()).run(units)
     assert [o.status for o in outs] == ["done"] * 4, [(o.label, o.error) for o in outs]
     assert [o.label for o in outs] == [f"real_only:tf_efficientnet_lite0:{u.instance}" for u in units]
     assert all(o.attempts == 1 and o.value["key"] == u.key for o, u in zip(outs, units))
@@ -162,20 +163,20 @@ def test_all_units_done_published_loadable_then_skipped(toy_data, tmp_path, ray_
 
     # a re-run trains nothing: every unit is skipped up front (no trial at all)
     lines.clear()
-    again = run_personalization_stage(ctx, units, lines.append, 1)
+    again = PersonalizationStage(ctx, lines.append, 1).run(units)
     assert [o.status for o in again] == ["skipped"] * 4
     assert lines == ["personalization: 4 of 4 units already published; 0 to train as Tune trials"]
 
 
 @pytest.mark.ray
 def test_trial_raising_once_is_retried_and_reports_two_attempts(toy_data, tmp_path, hooks_by_value):
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
 
     ctx = _ctx(toy_data, tmp_path / "root")
     units = [u for u in _units(ctx) if u.instance == "mug_0"]
     lines: list[str] = []
-    out = run_personalization_stage(ctx, units, lines.append, max_retries=1,
-                                    step_hook=FailOnce(tmp_path, {"mug_0"}, step=2))[0]
+    out = PersonalizationStage(ctx, lines.append, max_retries=1,
+                               step_hook=FailOnce(tmp_path, {"mug_0"}, step=2)).run(units)[0]
     assert (tmp_path / "mug_0.failed").exists()
     assert out.status == "done" and out.attempts == 2 and out.error is None, out
     assert ctx.storage.is_finished(ADAPTERS, units[0].key)
@@ -186,19 +187,19 @@ def test_trial_raising_once_is_retried_and_reports_two_attempts(toy_data, tmp_pa
 
 @pytest.mark.ray
 def test_failed_unit_is_reported_then_relaunch_resumes_the_experiment(toy_data, tmp_path, hooks_by_value):
-    from persrep.distributed.tune_stage import experiment_name, run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage, experiment_name
 
     ctx = _ctx(toy_data, tmp_path / "root")
     units = [u for u in _units(ctx) if u.instance in ("mug_0", "mug_1")]
     hook = FailOnce(tmp_path, set(), step=2, always={"mug_1"})
-    outs = run_personalization_stage(ctx, units, max_retries=0, step_hook=hook)
+    outs = PersonalizationStage(ctx, max_retries=0, step_hook=hook).run(units)
     assert [o.status for o in outs] == ["done", "failed"]
     assert outs[1].attempts == 1 and outs[1].error == "RuntimeError: injected permanent failure in mug_1"
     assert not ctx.storage.is_finished(ADAPTERS, units[1].key)
 
     # relaunch with the fault gone: the same experiment is restored and its errored trial resumes
     lines: list[str] = []
-    again = run_personalization_stage(ctx, units, lines.append, max_retries=0)
+    again = PersonalizationStage(ctx, lines.append, max_retries=0).run(units)
     assert [o.status for o in again] == ["skipped", "done"]
     assert any("resuming Tune experiment" in ln and experiment_name(units) in ln for ln in lines), lines
     assert again[1].attempts == 2  # the failed attempt of the first launch, then this one
@@ -207,13 +208,13 @@ def test_failed_unit_is_reported_then_relaunch_resumes_the_experiment(toy_data, 
 
 @pytest.mark.ray
 def test_killed_trial_resumes_from_tune_checkpoint_bitwise(toy_data, tmp_path, hooks_by_value):
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
 
     extra = ["personalization.max_steps=6", "personalization.checkpoint_every=2"]
     # uninterrupted reference, the same way (a trial with the same threads and device)
     ref = _ctx(toy_data, tmp_path / "ref", *extra)
     unit_ref = [u for u in _units(ref) if u.instance == "bottle_0"]
-    assert run_personalization_stage(ref, unit_ref)[0].status == "done"
+    assert PersonalizationStage(ref).run(unit_ref)[0].status == "done"
 
     ctx = _ctx(toy_data, tmp_path / "root", *extra)
     unit = [u for u in _units(ctx) if u.instance == "bottle_0"]
@@ -223,7 +224,7 @@ def test_killed_trial_resumes_from_tune_checkpoint_bitwise(toy_data, tmp_path, h
     # is wiped too, so only the ray.tune.Checkpoint can bring the retry back to step 4
     hook = FailOnce(tmp_path, {"bottle_0"}, step=5, kill=True, wipe_scratch=scratch)
     lines: list[str] = []
-    out = run_personalization_stage(ctx, unit, lines.append, max_retries=1, step_hook=hook)[0]
+    out = PersonalizationStage(ctx, lines.append, max_retries=1, step_hook=hook).run(unit)[0]
     assert (tmp_path / "bottle_0.failed").exists()  # the kill did happen
     assert out.status == "done" and out.attempts == 2, (out, lines)
     assert out.value["restored_from_tune_checkpoint"] == 4
@@ -245,14 +246,14 @@ def test_data_parallel_matches_single_process_and_survives_a_worker_failure(toy_
     import numpy as np
 
     from persrep.contrastive.train import personalised_backbone, train_one_instance
-    from persrep.distributed.data_parallel import train_data_parallel
-    from persrep.pipeline.work import training_data
+    from persrep.distributed.data_parallel import DataParallel, train_data_parallel
+    from persrep.pipeline.stages.personalization import training_data
 
     ctx = _ctx(toy_data, tmp_path / "root", "personalization.lora.dropout=0", "personalization.max_steps=4",
                "personalization.batch_size=5", "personalization.checkpoint_every=2")
     unit = _units(ctx)[0]
     marker = tmp_path / "dp.failed"
-    value = train_data_parallel(ctx, unit, 2, False, cpus_per_worker=0.5, max_failures=1,
+    value = train_data_parallel(ctx, unit, DataParallel(2, False, cpus_per_worker=0.5, max_failures=1),
                                 _fault={"fail_at_step": 3, "fail_marker": str(marker)})
     assert marker.exists()  # the injected failure happened
     assert value["status"] == "done" and value["data_parallel_workers"] == 2
@@ -272,28 +273,28 @@ def test_data_parallel_matches_single_process_and_survives_a_worker_failure(toy_
     with torch.no_grad():
         feats = personalised_backbone(unit.backbone, ctx.storage.path(ADAPTERS, unit.key, "adapter.safetensors"))
         assert torch.isfinite(feats.global_features(x, "cls+mean")).all()
-    assert train_data_parallel(ctx, unit, 2, False, cpus_per_worker=0.5)["status"] == "skipped"
+    assert train_data_parallel(ctx, unit, DataParallel(2, False, cpus_per_worker=0.5))["status"] == "skipped"
 
 
 @pytest.mark.ray
 def test_data_parallel_needing_more_gpus_than_the_cluster_fails_fast(toy_data, tmp_path, ray_local):
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
 
     ctx = _ctx(toy_data, tmp_path / "root")  # ray_local has one (fake) GPU
     with pytest.raises(ValueError, match="data_parallel_workers=2 needs 2 GPUs, the cluster has 1"):
-        run_personalization_stage(ctx, _units(ctx)[:1], data_parallel_workers=2)
+        PersonalizationStage(ctx, data_parallel_workers=2).run(_units(ctx)[:1])
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_stage_runs_a_data_parallel_trial(toy_data, tmp_path, ray_local):
     """Train inside Tune: the trial fits a 2-worker TorchTrainer; Train's metrics reach Tune."""
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
 
     ctx = _ctx(toy_data, tmp_path / "root", "personalization.max_steps=4", "personalization.checkpoint_every=2",
                "resources.cpus_per_actor=0.5", "resources.gpus_per_trial=0")
     units = _units(ctx)[:1]
-    out = run_personalization_stage(ctx, units, data_parallel_workers=2)[0]
+    out = PersonalizationStage(ctx, data_parallel_workers=2).run(units)[0]
     assert out.status == "done" and out.attempts == 1, out
     assert out.value["data_parallel_workers"] == 2 and out.value["last_reported_step"] == 4
     assert ctx.storage.verify_unit(ADAPTERS, units[0].key).meta["metrics"]["data_parallel_workers"] == 2
@@ -362,12 +363,12 @@ class RaiseNoPositives:
 def test_deterministic_trial_failure_is_not_retried_by_tune(toy_data, tmp_path, hooks_by_value):
     """Issue #29: a trial whose unit raises an error the retry policy rejects reports it as its
     result (one attempt, one line) instead of raising, so FailureConfig does not restart it."""
-    from persrep.distributed.tune_stage import run_personalization_stage
+    from persrep.distributed.tune_stage import PersonalizationStage
 
     ctx = _ctx(toy_data, tmp_path / "root")
     units = [u for u in _units(ctx) if u.instance == "mug_0"]
     lines: list[str] = []
-    out = run_personalization_stage(ctx, units, lines.append, max_retries=2, step_hook=RaiseNoPositives())[0]
+    out = PersonalizationStage(ctx, lines.append, max_retries=2, step_hook=RaiseNoPositives()).run(units)[0]
     assert out.status == "failed" and out.attempts == 1, out
     assert out.error.startswith("TripletError: no positives for mug_0") and "\n" not in out.error
     assert not any("retrying" in ln for ln in lines), lines
@@ -385,7 +386,7 @@ def _raise_runtime_error(ctx, unit):
 @pytest.mark.ray
 def test_ray_tasks_reject_deterministic_failures_and_retry_others(hooks_by_value):
     from persrep.distributed.ray_executor import RayExecutor
-    from persrep.pipeline.executor import Resources
+    from persrep.pipeline.resource_plan import Resources
 
     said: list[str] = []
     ex = RayExecutor(2, said.append)

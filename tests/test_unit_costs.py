@@ -9,7 +9,7 @@ import pytest
 
 from persrep.config import load_settings
 from persrep.pipeline import run_pipeline
-from persrep.pipeline.executor import LocalExecutor, StageHooks
+from persrep.pipeline.executor import Executor, LocalExecutor
 from persrep.pipeline.unit_stats import Measured, stage_costs
 
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.image_size=64",
@@ -26,18 +26,19 @@ def _settings(root):
     return load_settings("local", [*TINY, f"storage.root={root}"])
 
 
-class Counting(StageHooks):
+class Counting(Executor):
     """An executor that records which units reach it (wraps a real one; declares the inner
-    executor's stage hooks, as executors do: persrep.pipeline.executor.StageHooks)."""
+    executor's stage runners, as executors do: persrep.pipeline.executor.Executor.stage_runner)."""
 
     def __init__(self, inner):
         self.inner, self.mapped = inner, []
-        for name in ("synthesis_stage", "run_personalization"):
-            if hasattr(inner, name):
-                setattr(self, name, getattr(inner, name))
+        self.sequential, self.max_retries = inner.sequential, inner.max_retries
 
     def node_shapes(self):
         return self.inner.node_shapes()
+
+    def stage_runner(self, stage):
+        return self.inner.stage_runner(stage)
 
     def map(self, fn, ctx, units, labels, resources, stage):
         self.mapped += [(stage, label) for label in labels]

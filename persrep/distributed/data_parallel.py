@@ -3,7 +3,7 @@
 For a backbone too slow for one GPU (ViT-B at 224 px, thousands of triplets) the unit's global
 batch is split over ``num_workers`` processes, DDP all-reduces the gradients of the LoRA
 parameters (the only trainable ones; the frozen base is never synchronised), and rank 0 publishes
-the adapter exactly as :func:`persrep.pipeline.work.run_personalize_unit` does (same files, same
+the adapter exactly as :func:`persrep.pipeline.stages.personalization.run_personalize_unit` does (same files, same
 metadata), so evaluation cannot tell the two apart.
 
 Same optimisation problem as :func:`persrep.contrastive.train.train_one_instance`, not an
@@ -32,6 +32,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ import numpy as np
 
 from persrep.contrastive.losses import triplet_accuracy
 from persrep.contrastive.train import ADAPTER, CHECKPOINT, batch_indices, load_checkpoint, total_steps
-from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, publish_adapter, training_data
+from persrep.pipeline.stages.personalization import PersonalizeUnit, publish_adapter, training_data
+from persrep.pipeline.units import ADAPTERS
 
 
 def shard_positions(batch: int, world: int) -> list[np.ndarray]:
@@ -158,18 +160,33 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs in every Ray Train work
         publish_adapter(ctx, unit, path.read_bytes(), metrics, history["loss"], seconds, start)
 
 
-def train_data_parallel(ctx: Any, unit: PersonalizeUnit, num_workers: int, use_gpu: bool = False, *,
-                        cpus_per_worker: float | None = None, name: str | None = None,
-                        storage_path: str | None = None, storage_filesystem: Any = None,
-                        max_failures: int | None = None, callbacks: Sequence[Any] | None = None,
-                        report_every: int | None = None,
-                        _fault: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train and publish one unit over ``num_workers`` Ray Train workers; the unit's outcome dict.
+@dataclass(frozen=True)
+class DataParallel:
+    """How one unit trains data-parallel: ``num_workers`` Ray Train workers (one GPU each with
+    ``use_gpu``, else ``cpus_per_worker`` CPUs), the Train run's ``name`` (default ``dp-<unit
+    key>``: a relaunch resumes) and storage (default: the Tune storage of the run), its
+    ``max_failures`` (default ``resources.max_retries``), ``callbacks`` (inside a Tune trial:
+    ``ray.tune.integration.ray_train.TuneReportCallback()``) and ``report_every``."""
 
-    Skips a published unit. ``name`` defaults to ``dp-<unit key>``: a relaunch resumes. Call from
-    a driver with Ray initialised, or from inside a Tune trial (pass
-    ``callbacks=[ray.tune.integration.ray_train.TuneReportCallback()]``).
+    num_workers: int
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    name: str | None = None
+    storage_path: str | None = None
+    storage_filesystem: Any = None
+    max_failures: int | None = None
+    callbacks: Sequence[Any] = ()
+    report_every: int | None = None
+
+
+def train_data_parallel(ctx: Any, unit: PersonalizeUnit, how: DataParallel,
+                        _fault: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and publish one unit data-parallel (``how``); the unit's outcome dict.
+
+    Skips a published unit. Call from a driver with Ray initialised, or from inside a Tune trial.
     """
+    num_workers, use_gpu, cpus_per_worker = how.num_workers, how.use_gpu, how.cpus_per_worker
+    storage_path, storage_filesystem = how.storage_path, how.storage_filesystem
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -186,7 +203,7 @@ def train_data_parallel(ctx: Any, unit: PersonalizeUnit, num_workers: int, use_g
                                                                res.cpus_per_actor)}
     if use_gpu:
         per_worker["GPU"] = 1.0
-    config = {"ctx": ctx, "unit": unit, "use_gpu": use_gpu, "report_every": report_every, **(_fault or {})}
+    config = {"ctx": ctx, "unit": unit, "use_gpu": use_gpu, "report_every": how.report_every, **(_fault or {})}
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         _train_loop, train_loop_config=config,
@@ -194,12 +211,12 @@ def train_data_parallel(ctx: Any, unit: PersonalizeUnit, num_workers: int, use_g
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=name or f"dp-{unit.key}", storage_path=storage_path,
+            name=how.name or f"dp-{unit.key}", storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(
-                max_failures=res.max_retries if max_failures is None else max_failures),
+                max_failures=res.max_retries if how.max_failures is None else how.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=list(callbacks or [])))
+            callbacks=list(how.callbacks)))
     result = trainer.fit()
     meta = ctx.storage.verify_unit(ADAPTERS, unit.key).meta
     value = {"status": "done", "key": unit.key, "seconds": meta.get("seconds", time.perf_counter() - t0),

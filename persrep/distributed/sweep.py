@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from persrep.pipeline.context import RunContext, prepare_run
 from persrep.sweep.data import DataOption, generate_data, resolve_data
 from persrep.sweep.results import (SweepResult, TrialRecord, best_trial, format_trials,
                                    trials_frame, write_outputs)
-from persrep.sweep.resources import plan_sweep_resources
+from persrep.sweep.resources import SweepResources, plan_sweep_resources
 from persrep.sweep.space import SweepError, SweepSpace
 from persrep.sweep.trial import OBJECTIVE, run_trial
 from persrep.tracking.store import tracking_env_restored
@@ -197,7 +197,7 @@ def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: 
 
         executor = RayExecutor(base.resources.max_retries, say)
     # before compute: what data units and trials reserve; one that fits nowhere is refused here
-    trial_memory = plan_sweep_resources(ctx, space, options, n_trials, executor.node_shapes(), say)
+    resources = plan_sweep_resources(ctx, space, options, n_trials, executor.node_shapes(), say)
     exp_name = _free_name(ctx, f"{space.name}-{ctx.run_id}")
     parent = tracker.start_parent(f"sweep-{exp_name}", base, tags={
         "persrep.kind": "sweep", "persrep.sweep": exp_name, "persrep.space": space.path,
@@ -210,7 +210,7 @@ def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: 
                                                         for k, d in space.dims.items()})})
     tracker.log_text(space.text, "space.yaml")
     try:
-        result = _run(space, ctx, options, executor, tracker, exp_name, n_trials, trial_memory, say)
+        result = _run(_SweepJob(space, ctx, options, executor, tracker, exp_name, n_trials, resources, say))
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -220,14 +220,30 @@ def run_sweep(space: SweepSpace, progress: Progress | None = None, *, executor: 
     return result
 
 
-def _run(space: SweepSpace, ctx: RunContext, options: list[DataOption], executor: Any, tracker: Any,
-         exp_name: str, n_trials: int, trial_memory: int, say: Progress) -> SweepResult:
+@dataclass(frozen=True)
+class _SweepJob:
+    """One launch of a sweep, validated and planned: what :func:`_run` runs."""
+
+    space: SweepSpace
+    ctx: RunContext
+    options: list[DataOption]
+    executor: Any
+    tracker: Any
+    exp_name: str
+    n_trials: int
+    resources: SweepResources
+    say: Progress
+
+
+def _run(job: _SweepJob) -> SweepResult:
     import pandas as pd
 
     from persrep.distributed.session import cluster_gpus
     from persrep.distributed.tune_stage import trial_resources
 
-    data = generate_data(ctx, space, options, executor, say)
+    space, ctx, options, tracker, exp_name, n_trials, say = (job.space, job.ctx, job.options, job.tracker,
+                                                            job.exp_name, job.n_trials, job.say)
+    data = generate_data(ctx, space, options, job.executor, say, job.resources.data)
     say(data.line())
     tracker.log_metrics({f"data.{k}": float(v) for k, v in
                          {"planned_synthesis": data.planned["synthesis"],
@@ -249,7 +265,7 @@ def _run(space: SweepSpace, ctx: RunContext, options: list[DataOption], executor
     by_label = {o.label: o for o in options}
     trainable = tune.with_resources(
         tune.with_parameters(sweep_trial, ctx=ctx, space=space, options=by_label),
-        trial_resources(settings, cluster_gpus(), memory_bytes=trial_memory))
+        trial_resources(settings, cluster_gpus(), memory_bytes=job.resources.trial_memory))
     search_alg: Any
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch

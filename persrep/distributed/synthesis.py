@@ -1,7 +1,8 @@
 """The synthesis stage on Ray Data: one row table, an actor pool that keeps generators loaded.
 
-:func:`run_synthesis_stage` (a :class:`SynthesisStage`) is what the runner calls for stage 2 when it runs on Ray, instead of
-one Ray task per unit. It produces exactly what :func:`persrep.pipeline.work.run_synthesis_unit`
+:class:`SynthesisStage` runs the stage (``RayExecutor`` declares :class:`RayDataSynthesis`, its stage
+runner, for the synthesis stage) instead of one Ray task per unit. It produces exactly what
+:func:`persrep.pipeline.stages.synthesis.run_synthesis_unit`
 produces for each unit (same rows, same pixels, same parquet layout and manifest), so
 :func:`persrep.generation.shards.read_unit` and every later stage read either.
 
@@ -30,7 +31,7 @@ How it runs
    number of batches. Every output row carries the id of the load that drew it, so the driver
    counts loads exactly (including reloads after an actor restart) and reports them per instance.
 5. Within a batch the actor replicates ``run_synthesis_unit``'s row logic: sample the chunk (through
-   :func:`persrep.pipeline.work.draw_chunk`, the same body, filter included); if the chunk raises, each row is
+   :func:`persrep.pipeline.stages.synthesis.draw_chunk`, the same body, filter included); if the chunk raises, each row is
    retried alone, and a row that still raises is recorded with its error, its batch-mates complete.
    A generator that cannot be loaded fails its unit (nothing published, retried in the next pass),
    as a raising ``run_synthesis_unit`` would; unless the retry policy (``persrep.pipeline.retry``)
@@ -85,11 +86,13 @@ import pyarrow as pa
 
 from persrep.generation import shards
 from persrep.generation.base import SampleRow
-from persrep.pipeline.executor import Outcome, failed_outcome, short_error
-from persrep.pipeline.verdict import UnitRejected
-from persrep.pipeline.work import SynthesisUnit, synthesis_outcome
+from persrep.pipeline.executor import Outcome, StageJob, StageOutcomes, StageRunner, failed_outcome, short_error
+from persrep.pipeline.progress import Progress, as_progress
+from persrep.pipeline.resource_plan import ResourcePlan
+from persrep.pipeline.retry import POLICY
+from persrep.pipeline.stages.synthesis import SynthesisUnit, synthesis_outcome
+from persrep.pipeline.units import UnitRejected
 
-Progress = Callable[[str], None]
 SamplerFactory = Callable[[Any, SynthesisUnit], Any]
 
 ROW_FIELDS = [f.name for f in fields(SampleRow)]
@@ -107,12 +110,6 @@ EXTRA_SCHEMA = pa.schema([
 ])
 OUTPUT_SCHEMA = pa.schema(list(shards.SCHEMA) + [f for f in EXTRA_SCHEMA])
 EXTRA_NAMES = set(EXTRA_SCHEMA.names) - set(shards.SCHEMA.names)
-
-
-class StageOutcomes(list):
-    """``list[Outcome]`` (one per unit, in input order) plus ``stats`` for the whole stage."""
-
-    stats: dict[str, Any]
 
 
 @dataclass
@@ -164,15 +161,13 @@ class SynthesisWorker:
             return self.cache[key]
         if key in self.failed:  # one load attempt per actor and pass: the unit fails and is retried
             raise RuntimeError(self.failed[key])
-        from persrep.pipeline.work import open_sampler, unit_scorer
+        from persrep.pipeline.stages.synthesis import open_sampler, unit_scorer
 
         t_load = time.time()
         try:
             sampler = (self.factory or open_sampler)(self.ctx, unit)
             scorer = unit_scorer(self.ctx, unit)
         except Exception as exc:  # fails the unit (recorded by the caller), not the actor
-            from persrep.pipeline.retry import POLICY
-
             self.failed[key] = short_error(exc) if POLICY.retryable(exc) else POLICY.line(exc)
             if not POLICY.retryable(exc):
                 self.rejected.add(key)
@@ -206,8 +201,8 @@ class SynthesisWorker:
                 gkey = (unit.generator, unit.generator_key or "", unit.instance)
                 fatal = self.failed.get(gkey) or short_error(exc)
                 for r, sr in zip(part, sample_rows):
-                    out.append(self._extra(shards.record(None, sr, unit.key, error=fatal), r, 0, True,
-                                           False, fatal, "", gkey in self.rejected))
+                    out.append(self._extra(shards.record(None, sr, unit.key, error=fatal), r,
+                                           _RowTag(0, True, False, fatal, "", gkey in self.rejected)))
                 continue
             out += self._draw(sampler, scorer, unit.key, part, sample_rows, load_id)
         if self.cold is not None and out:  # the actor's first batch: its cold start rides on one row
@@ -219,7 +214,7 @@ class SynthesisWorker:
     def _draw(self, sampler, scorer, key: str, part: list[dict[str, Any]], sample_rows: list[SampleRow],
               load_id: str) -> list[dict[str, Any]]:
         """``run_synthesis_unit``'s inner loop for one chunk (or part of one): the same body."""
-        from persrep.pipeline.work import draw_chunk
+        from persrep.pipeline.stages.synthesis import draw_chunk
 
         flt = self.ctx.settings.synthesis.filter
 
@@ -234,7 +229,7 @@ class SynthesisWorker:
                 attempt = seen[src["pos"]]
                 seen[src["pos"]] += 1
                 last_at[src["pos"]] = len(tagged)
-                tagged.append(self._extra(rec, src, attempt, False, fallback, None, load_id))
+                tagged.append(self._extra(rec, src, _RowTag(attempt, False, fallback, None, load_id)))
             for i in last_at.values():
                 tagged[i]["last"] = True
             return tagged
@@ -244,11 +239,22 @@ class SynthesisWorker:
             return tag(parts[0], part, False)
         return [rec for src, recs in zip(part, parts) for rec in tag(recs, [src], True)]
 
-    def _extra(self, rec: dict[str, Any], src: dict[str, Any], attempt: int, last: bool, fallback: bool,
-               fatal: str | None, load_id: str, rejected: bool = False) -> dict[str, Any]:
-        return {**rec, "unit_key": src["unit_key"], "pos": src["pos"], "attempt": attempt, "last": last,
-                "fallback": fallback, "fatal": fatal, "load_id": load_id, "actor": self.incarnation,
-                "node": self.node, "cold": None, "rejected": rejected}
+    def _extra(self, rec: dict[str, Any], src: dict[str, Any], tag: "_RowTag") -> dict[str, Any]:
+        return {**rec, "unit_key": src["unit_key"], "pos": src["pos"], "attempt": tag.attempt, "last": tag.last,
+                "fallback": tag.fallback, "fatal": tag.fatal, "load_id": tag.load_id, "actor": self.incarnation,
+                "node": self.node, "cold": None, "rejected": tag.rejected}
+
+
+@dataclass(frozen=True)
+class _RowTag:
+    """The bookkeeping a worker adds to one output row (EXTRA_SCHEMA), besides where it ran."""
+
+    attempt: int
+    last: bool = False
+    fallback: bool = False  # its chunk was drawn row by row
+    fatal: str | None = None  # its unit's generator could not be loaded
+    load_id: str = ""
+    rejected: bool = False  # that failure is one the retry policy rejects
 
 
 def needs_diffusion(settings: Any) -> bool:
@@ -329,8 +335,9 @@ def row_blocks(units: Sequence[SynthesisUnit], batch_size: int) -> list[pa.Table
 
 
 def pool_shape(ctx: Any, n_blocks: int, num_actors: int | None = None,
-               use_gpus: bool | None = None) -> tuple[int, dict[str, float]]:
-    """(actors, per-actor resources): one actor per GPU, else one per CPU at fractional CPUs."""
+               use_gpus: bool | None = None, memory: int = 0) -> tuple[int, dict[str, float]]:
+    """(actors, per-actor resources): one actor per GPU, else one per CPU at fractional CPUs;
+    ``memory``: the bytes an actor reserves (the run's plan), 0 for none."""
     import ray
 
     res = ctx.settings.resources
@@ -349,7 +356,6 @@ def pool_shape(ctx: Any, n_blocks: int, num_actors: int | None = None,
         cpus = cluster.get("CPU", 1)  # one actor per CPU, fewer when an actor asks for more than one
         n = num_actors or max(1, int(min(cpus, cpus // max(res.cpus_per_actor, 1e-6))))
         per = {"num_gpus": 0.0, "num_cpus": res.cpus_per_actor}
-    memory = getattr(ctx, "memory", {}).get("synthesis", 0)
     if memory > 0:  # the run's plan (persrep.pipeline.memory): only as many actors as fit
         from persrep.distributed.session import node_shapes
         from persrep.pipeline.memory import GIB, concurrency
@@ -370,19 +376,6 @@ def _order_key(batch_size: int, fallback_chunks: set[int]):
     return key
 
 
-def run_synthesis_stage(ctx: Any, units: list[SynthesisUnit], progress: Progress | None = None,
-                        max_retries: int | None = None, *, num_actors: int | None = None,
-                        use_gpus: bool | None = None, cache_size: int = 2,
-                        sampler_factory: SamplerFactory | None = None,
-                        no_progress_timeout_s: float = 1800.0,
-                        torch_threads: int | None = None,
-                        before_work: Callable[[], None] | None = None) -> StageOutcomes:
-    """Draw every unpublished unit's rows on a Ray Data actor pool; publish each unit when complete
-    (:class:`SynthesisStage` with these options)."""
-    return SynthesisStage(ctx, progress, max_retries, num_actors, use_gpus, cache_size, sampler_factory,
-                          no_progress_timeout_s, torch_threads, before_work).run(units)
-
-
 @dataclass
 class SynthesisStage:
     """The synthesis stage on Ray Data: its options as state, ``run(units)`` the stage.
@@ -392,14 +385,15 @@ class SynthesisStage:
     (its generator could not be loaded, or it was still missing after ``max_retries`` extra passes).
     ``.stats`` has the stage's totals (rows, errors, generator loads, actors, passes, ...).
     ``num_actors`` / ``use_gpus`` override the pool sizing; ``sampler_factory(ctx, unit)``
-    replaces :func:`persrep.pipeline.work.open_sampler` (tests inject faults through it).
+    replaces :func:`persrep.pipeline.stages.synthesis.open_sampler` (tests inject faults through it).
     ``torch_threads``: intra-op threads per actor (default: the actor's whole CPUs, at least 1).
-    ``before_work()`` runs once there is a unit to draw, before Ray is used (the job's memory plan
-    and cluster start: a stage with every unit published needs neither).
+    ``plan()`` runs once there is a unit to draw, before Ray is used, and returns the run's
+    resource plan (the job's cluster start and memory plan: a stage with every unit published
+    needs neither; without it an actor reserves no memory).
     """
 
     ctx: Any
-    progress: Progress | None = None
+    progress: Progress | Callable[[str], None] | None = None
     max_retries: int | None = None  # None: resources.max_retries
     num_actors: int | None = None
     use_gpus: bool | None = None
@@ -407,13 +401,14 @@ class SynthesisStage:
     sampler_factory: SamplerFactory | None = None
     no_progress_timeout_s: float = 1800.0
     torch_threads: int | None = None
-    before_work: Callable[[], None] | None = None
+    plan: Callable[[], ResourcePlan] | None = None
+    _memory: int = field(default=0, init=False, repr=False)  # bytes per actor, from ``plan()``
 
     def run(self, units: list[SynthesisUnit]) -> StageOutcomes:
         from persrep.distributed.session import ensure_ray
 
         ctx = self.ctx
-        say = self.progress or (lambda _m: None)
+        say = as_progress(self.progress)
         max_retries = ctx.settings.resources.max_retries if self.max_retries is None else self.max_retries
         t_stage = time.perf_counter()
         keys = [u.key for u in units]
@@ -434,8 +429,8 @@ class SynthesisStage:
         if not states:
             say(f"synthesis: all {len(units)} units already published; nothing to generate")
             return _finish(units, outcomes, stats, t_stage, say)
-        if self.before_work is not None:
-            self.before_work()
+        if self.plan is not None:
+            self._memory = self.plan().memory_of("synthesis")
 
         load_ids: dict[str, set[str]] = defaultdict(set)  # "generator:instance" -> load ids
         actors: set[str] = set()
@@ -502,7 +497,7 @@ class SynthesisStage:
                     continue
                 error = st.fatal or pass_error or f"{len(u.rows) - len(st.final)} of {len(u.rows)} rows missing"
                 if pass_no < max_retries and not st.rejected:  # rejected: the same inputs fail again
-                    say(f"synthesis: retrying {u.group} (attempt {st.attempts + 1}): {error}")
+                    say.on_retry("synthesis", u.group, st.attempts + 1, error)
                     pending.append(u.key)
                 else:
                     outcomes[u.key] = Outcome(u.group, "failed", {}, error, st.attempts, time.perf_counter() - t_stage)
@@ -521,7 +516,7 @@ class SynthesisStage:
         ctx, no_progress_timeout_s = self.ctx, self.no_progress_timeout_s
         syn = ctx.settings.synthesis
         blocks = row_blocks(todo, syn.batch_size)
-        n, per = pool_shape(ctx, len(blocks), self.num_actors, self.use_gpus)
+        n, per = pool_shape(ctx, len(blocks), self.num_actors, self.use_gpus, self._memory)
         stats["actors"] = max(stats["actors"], n)
         stats["batches"] += len(blocks)
         retries = max(1, max_retries)
@@ -612,7 +607,7 @@ def _checked(ctx: Any, u: SynthesisUnit, status: str, meta: dict[str, Any] | Non
 
 
 def _finish(units, outcomes, stats, t_stage, say) -> StageOutcomes:
-    result = StageOutcomes(outcomes[u.key] for u in units)
+    result = StageOutcomes([outcomes[u.key] for u in units])
     stats["seconds"] = round(time.perf_counter() - t_stage, 2)
     stats["done"] = sum(o.status == "done" for o in result)
     stats["failed"] = sum(o.status == "failed" for o in result)
@@ -624,3 +619,15 @@ def _finish(units, outcomes, stats, t_stage, say) -> StageOutcomes:
         f"{stats['rows']} rows, {stats['errors']} row errors; {stats['loads']} generator loads on "
         f"{stats['actors']} actor(s) in {stats['seconds']:.1f} s")
     return result
+
+
+@dataclass
+class RayDataSynthesis(StageRunner):
+    """The executor's stage runner for synthesis: every unit on one Ray Data actor pool
+    (:class:`SynthesisStage` with the job's progress and resource plan)."""
+
+    max_retries: int
+    how: str = "Ray Data"
+
+    def run(self, job: StageJob) -> StageOutcomes:
+        return SynthesisStage(job.ctx, job.progress, self.max_retries, plan=job.plan).run(job.units)

@@ -1,13 +1,14 @@
 """Stage 3 (personalisation) on Ray Tune: one trial per unit, retries, checkpoints, progress.
 
-``run_personalization_stage`` is what the runner calls for stage 3 when it runs on Ray:
+:class:`PersonalizationStage` runs the stage; :class:`TunePersonalization` is the stage runner
+``RayExecutor`` declares for it:
 
 * units whose adapter is already published are skipped up front (no trial, no actor);
 * every remaining unit becomes one trial of a *function trainable* (``tune.with_resources``:
   ``resources.gpus_per_trial`` GPUs when the cluster has GPUs, else
   ``resources.cpus_per_trial`` CPUs, which may be fractional), at most
   ``resources.max_concurrent_trials`` at a time;
-* inside the trial the library's unit function (:func:`persrep.pipeline.work.run_personalize_unit`,
+* inside the trial the library's unit function (:func:`persrep.pipeline.stages.personalization.run_personalize_unit`,
   which skips or publishes atomically) trains the adapter; every step is reported with
   ``ray.tune.report`` (``loss``, ``triplet_accuracy``, ``step``) and every training checkpoint
   that ``train_one_instance`` writes is surfaced as a ``ray.tune.Checkpoint``;
@@ -53,9 +54,13 @@ from persrep.config import content_key
 from persrep.contrastive.train import CHECKPOINT
 from persrep.distributed.session import cluster_gpus
 from persrep.distributed.tune_common import mlflow_callback, root_cause, tune_storage
-from persrep.pipeline.executor import Outcome
-from persrep.pipeline.retry import is_retryable
-from persrep.pipeline.work import ADAPTERS, PersonalizeUnit, scratch_dir
+from persrep.pipeline.executor import Outcome, StageJob, StageRunner
+from persrep.pipeline.instance_data import scratch_dir
+from persrep.pipeline.progress import Progress, as_progress
+from persrep.pipeline.resource_plan import ResourcePlan
+from persrep.pipeline.retry import POLICY
+from persrep.pipeline.stages.personalization import PersonalizeUnit
+from persrep.pipeline.units import ADAPTERS
 from persrep.tracking.store import tracking_env_restored
 
 STAGE = "personalization"
@@ -221,9 +226,9 @@ class TrialReporter:
 
 def call_unit(ctx: Any, unit: PersonalizeUnit, progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """The library's unit function, reporting each training step (and checkpoint) to ``progress``."""
-    from persrep.pipeline import work
+    from persrep.pipeline.stages import personalization
 
-    return work.run_personalize_unit(ctx, unit, progress=progress)
+    return personalization.run_personalize_unit(ctx, unit, progress=progress)
 
 
 def _final_metrics(value: dict[str, Any]) -> dict[str, Any]:
@@ -235,25 +240,36 @@ def _final_metrics(value: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class TrialOptions:
+    """How a trial trains its unit: reports every ``report_every`` steps, ``step_hook`` after each,
+    ``data_parallel_workers`` > 1: a TorchTrainer over that many workers (on GPUs with
+    ``use_gpu``), ``unit_fn`` replaces :func:`call_unit` (the scale simulation's trivial trainer)."""
+
+    report_every: int = 1
+    step_hook: StepHook | None = None
+    data_parallel_workers: int = 0
+    use_gpu: bool = False
+    unit_fn: UnitFn | None = None
+
+
 def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[str, PersonalizeUnit] | None = None,
-                      report_every: int = 1, step_hook: StepHook | None = None,
-                      data_parallel_workers: int = 0, use_gpu: bool = False,
-                      unit_fn: UnitFn | None = None) -> None:
-    """The Tune function trainable: one personalisation unit (``unit_fn`` replaces
-    :func:`call_unit`: the scale simulation's trivial trainer)."""
+                      options: TrialOptions | None = None) -> None:
+    """The Tune function trainable: one personalisation unit."""
+    opts = options or TrialOptions()
     unit = (units or {}).get(config["unit"])
     # not this launch's to train (a restored experiment also holds trials of units published
     # since, e.g. before the driver was killed), or published meanwhile (another job)
     if unit is None or ctx.storage.is_finished(ADAPTERS, unit.key):
         tune.report(_final_metrics({"status": "skipped", "key": config["unit"]}))
         return
-    if data_parallel_workers > 1:
-        from persrep.distributed.data_parallel import train_data_parallel
+    if opts.data_parallel_workers > 1:
+        from persrep.distributed.data_parallel import DataParallel, train_data_parallel
         from ray.tune.integration.ray_train import TuneReportCallback
 
         try:
-            value = train_data_parallel(ctx, unit, data_parallel_workers, use_gpu,
-                                        callbacks=[TuneReportCallback()])
+            value = train_data_parallel(ctx, unit, DataParallel(opts.data_parallel_workers, opts.use_gpu,
+                                                                callbacks=(TuneReportCallback(),)))
         except Exception as exc:  # noqa: BLE001 - rejected (reported) or retried (raised)
             _reject_or_raise(exc)
             return
@@ -261,9 +277,9 @@ def personalize_trial(config: dict[str, Any], ctx: Any = None, units: Mapping[st
         return
     work = scratch_dir(ctx, "train", unit.key)
     restored = restore_into(tune.get_checkpoint(), work)
-    reporter = TrialReporter(unit, work / CHECKPOINT, report_every, step_hook)
+    reporter = TrialReporter(unit, work / CHECKPOINT, opts.report_every, opts.step_hook)
     try:
-        value = (unit_fn or call_unit)(ctx, unit, reporter)
+        value = (opts.unit_fn or call_unit)(ctx, unit, reporter)
     except Exception as exc:  # noqa: BLE001 - rejected (reported) or retried (raised)
         _reject_or_raise(exc)
         return
@@ -279,10 +295,8 @@ def _reject_or_raise(exc: Exception) -> None:
     raise again (``UnitRejected``, no positives, a shape, a missing key) is reported as the trial's
     final result, so Tune does not restart it; any other is raised, for ``FailureConfig`` to retry."""
     cause = getattr(exc, "cause", None) or exc  # Ray Train wraps a worker's error
-    if is_retryable(cause):
+    if POLICY.retryable(cause):
         raise exc
-    from persrep.pipeline.retry import POLICY
-
     tune.report(_final_metrics({"status": "failed", "error": POLICY.line(cause),
                                 "details": getattr(cause, "details", None) or {}}))
 
@@ -312,11 +326,14 @@ class _TrialRecord:
 @dataclass
 class _StageState:
     labels: dict[str, str]
-    progress: Callable[[str], None]
+    progress: Progress | Callable[[str], None]
     callbacks: list[Any]
     records: dict[str, _TrialRecord] = field(default_factory=dict)
     total: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.progress = as_progress(self.progress)
 
 
 # experiment name -> this driver's state (never pickled). Tuner.restore un-pickles the run config
@@ -417,7 +434,7 @@ class StageCallback(tune.Callback):
             rec.num_failures = trial.num_failures
             err = _trial_error(trial)
             rec.errors.append(err)
-            st.progress(f"{STAGE}: retrying {rec.label} (attempt {trial.num_failures + 1}): {err}")
+            st.progress.on_retry(STAGE, rec.label, trial.num_failures + 1, err)
         self._forward("on_trial_recover", info)
 
     def on_trial_complete(self, **info: Any) -> None:
@@ -446,23 +463,33 @@ class StageCallback(tune.Callback):
     def _done_line(st: _StageState, rec: _TrialRecord, status: str) -> None:
         with st.lock:
             n = sum(r.status != "running" for r in st.records.values())
-        st.progress(f"{STAGE}: {n}/{st.total} {rec.label} -> {status}"
-                    + (f" after {rec.num_failures + (status != 'failed')} attempts"
-                       if rec.num_failures else ""))
+        attempts = rec.num_failures + (status != "failed") if rec.num_failures else 1
+        st.progress.on_unit(STAGE, n, st.total, rec.label, status, attempts)
 
+    # the hooks StageCallback does not handle itself only pass through
+    def setup(self, **info: Any) -> None:
+        self._forward("setup", info)
 
-def _forwarder(hook: str) -> Callable[..., None]:
-    def forward(self: StageCallback, **info: Any) -> None:
-        self._forward(hook, info)
+    def on_step_begin(self, **info: Any) -> None:
+        self._forward("on_step_begin", info)
 
-    forward.__name__ = forward.__qualname__ = hook
-    return forward
+    def on_step_end(self, **info: Any) -> None:
+        self._forward("on_step_end", info)
 
+    def on_trial_restore(self, **info: Any) -> None:
+        self._forward("on_trial_restore", info)
 
-# the hooks StageCallback does not handle itself only pass through
-for _hook in FORWARDED_HOOKS:
-    if _hook not in vars(StageCallback):
-        setattr(StageCallback, _hook, _forwarder(_hook))
+    def on_trial_save(self, **info: Any) -> None:
+        self._forward("on_trial_save", info)
+
+    def on_trial_result(self, **info: Any) -> None:
+        self._forward("on_trial_result", info)
+
+    def on_checkpoint(self, **info: Any) -> None:
+        self._forward("on_checkpoint", info)
+
+    def on_experiment_end(self, **info: Any) -> None:
+        self._forward("on_experiment_end", info)
 
 
 def _prior_trials(exp_path: str, fs: Any) -> dict[str, str]:
@@ -472,30 +499,6 @@ def _prior_trials(exp_path: str, fs: Any) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - unreadable state: start afresh
         return {}
     return {t.config.get("unit"): t.status for t in analysis.trials if t.config.get("unit")}
-
-
-def run_personalization_stage(ctx: Any, units: Sequence[PersonalizeUnit],
-                              progress: Callable[[str], None] | None = None,
-                              max_retries: int | None = None,
-                              tracking_tags: Mapping[str, str] | None = None, *,
-                              callbacks: Sequence[Any] | None = None,
-                              mlflow: Mapping[str, Any] | None = None,
-                              labels: Sequence[str] | None = None,
-                              name: str | None = None,
-                              storage_path: str | None = None,
-                              storage_filesystem: Any = None,
-                              report_every: int | None = None,
-                              step_hook: StepHook | None = None,
-                              data_parallel_workers: int = 0,
-                              max_concurrent_trials: int | None = None,
-                              unit_fn: UnitFn | None = None,
-                              before_work: Callable[[], None] | None = None) -> list[Outcome]:
-    """Train every unpublished unit as one Ray Tune trial; one :class:`Outcome` per unit
-    (:class:`PersonalizationStage` with these options)."""
-    return PersonalizationStage(ctx, progress, max_retries, tracking_tags, callbacks, mlflow, name,
-                                storage_path, storage_filesystem, report_every, step_hook,
-                                data_parallel_workers, max_concurrent_trials, unit_fn,
-                                before_work).run(units, labels)
 
 
 @dataclass
@@ -509,12 +512,13 @@ class PersonalizationStage:
     after each step is reported (fault injection in tests, custom stopping). With
     ``data_parallel_workers > 1`` each trial fits a ``TorchTrainer`` over that many workers
     (:mod:`persrep.distributed.data_parallel`). Ray must be initialised, or be started by
-    ``before_work()``, which runs once there is a trial to start (the job's memory plan and
-    cluster start: a stage with every adapter published needs neither).
+    ``plan()``, which runs once there is a trial to start and returns the run's resource plan
+    (the job's cluster start and memory plan: a stage with every adapter published needs
+    neither; without it a trial reserves no memory).
     """
 
     ctx: Any
-    progress: Callable[[str], None] | None = None
+    progress: Progress | Callable[[str], None] | None = None
     max_retries: int | None = None  # None: resources.max_retries
     tracking_tags: Mapping[str, str] | None = None
     callbacks: Sequence[Any] | None = None
@@ -527,11 +531,11 @@ class PersonalizationStage:
     data_parallel_workers: int = 0
     max_concurrent_trials: int | None = None
     unit_fn: UnitFn | None = None
-    before_work: Callable[[], None] | None = None
+    plan: Callable[[], ResourcePlan] | None = None
 
     def run(self, units: Sequence[PersonalizeUnit], labels: Sequence[str] | None = None) -> list[Outcome]:
         """One :class:`Outcome` per unit, in order (``labels``: default the units' labels)."""
-        ctx, say = self.ctx, self.progress or (lambda _m: None)
+        ctx, say = self.ctx, as_progress(self.progress)
         settings = ctx.settings
         max_retries = settings.resources.max_retries if self.max_retries is None else self.max_retries
         labels = list(labels) if labels is not None else [u.label for u in units]
@@ -554,9 +558,8 @@ class PersonalizationStage:
             f"{len(todo)} to train as Tune trials")
 
         if todo:
-            if self.before_work is not None:
-                self.before_work()
-            records = self._trials(todo, label_of, say, max_retries, self.name or experiment_name(units))
+            memory = self.plan().memory_of(STAGE) if self.plan is not None else 0
+            records = self._trials(todo, label_of, say, max_retries, self.name or experiment_name(units), memory)
             by_key = {k: _outcome(ctx, k, label_of[k], records.get(k)) for k in todo}
             for i, u in enumerate(units):
                 if outcomes[i] is None:
@@ -564,9 +567,10 @@ class PersonalizationStage:
                     outcomes[i] = Outcome(labels[i], o.status, o.value, o.error, o.attempts, o.seconds, o.trace)
         return [o for o in outcomes if o is not None]
 
-    def _trials(self, todo: dict[str, PersonalizeUnit], label_of: dict[str, str], say: Callable[[str], None],
-                max_retries: int, name: str) -> dict[str, _TrialRecord]:
-        """Run ``todo`` as the trials of one Tune experiment (restored when it can be); their records."""
+    def _trials(self, todo: dict[str, PersonalizeUnit], label_of: dict[str, str], say: Progress,
+                max_retries: int, name: str, memory: int) -> dict[str, _TrialRecord]:
+        """Run ``todo`` as the trials of one Tune experiment (restored when it can be); their
+        records (``memory``: the bytes a trial reserves)."""
         ctx, settings = self.ctx, self.ctx.settings
         tracking_tags, callbacks, mlflow = self.tracking_tags, list(self.callbacks or []), self.mlflow
         dp_workers, step_hook = self.data_parallel_workers, self.step_hook
@@ -582,16 +586,15 @@ class PersonalizationStage:
             callbacks.append(mlflow_callback(mlflow, tracking_tags))
 
         gpus = cluster_gpus()
-        resources = trial_resources(settings, gpus, dp_workers, getattr(ctx, "memory", {}).get("personalization", 0))
+        resources = trial_resources(settings, gpus, dp_workers, memory)
         use_gpu = gpus > 0 and settings.resources.tune_trial_gpus > 0  # as trial_resources reserves
         if dp_workers > 1 and use_gpu and gpus < dp_workers:
             # Train would wait for the GPUs forever: say so now
             raise ValueError(f"data_parallel_workers={dp_workers} needs {dp_workers} GPUs, the cluster has "
                              f"{gpus:g}: lower it, or set resources.gpus_per_trial=0 (gpus_per_tune_trial unset) to train on CPUs")
         trainable = tune.with_resources(
-            tune.with_parameters(personalize_trial, ctx=ctx, units=todo, report_every=report_every,
-                                 step_hook=step_hook, data_parallel_workers=dp_workers, use_gpu=use_gpu,
-                                 unit_fn=self.unit_fn),
+            tune.with_parameters(personalize_trial, ctx=ctx, units=todo,
+                                 options=TrialOptions(report_every, step_hook, dp_workers, use_gpu, self.unit_fn)),
             resources)
 
         keys = sorted(todo)
@@ -659,3 +662,21 @@ def _outcome(ctx: Any, key: str, label: str, rec: _TrialRecord | None) -> Outcom
         return Outcome(label, value.get("status", "done"), value, None, rec.num_failures + 1, seconds)
     err = rec.errors[-1] if rec.errors else "trial failed"
     return Outcome(label, "failed", {}, err, max(1, rec.num_failures), seconds, rec.trace)
+
+
+@dataclass
+class TunePersonalization(StageRunner):
+    """The executor's stage runner for personalisation: one Ray Tune trial per unit
+    (:class:`PersonalizationStage` with the job's progress, labels, tracker tags and plan)."""
+
+    max_retries: int
+    step_hook: StepHook | None = None
+    how: str = "Ray Tune"
+
+    def run(self, job: StageJob) -> list[Outcome]:
+        tracker = job.tracker
+        return PersonalizationStage(
+            job.ctx, job.progress, self.max_retries,
+            tracker.parent_run_tags() if tracker is not None else None,
+            data_parallel_workers=job.ctx.settings.resources.data_parallel_workers, step_hook=self.step_hook,
+            plan=job.plan).run(job.units, job.labels)

@@ -11,7 +11,7 @@ by every instance of the category and every personalised generator type.
 
 Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a file, below),
 ``prompts`` (a list given in the settings, ``synthesis.prompts``, ``{category}`` filled in) and
-``llm`` (captions written per category by a language model: ``persrep/pipeline/captions_stage.py``
+``llm`` (captions written per category by a language model: ``persrep/pipeline/stages/captions.py``
 generates them before synthesis; ``build_rows`` gets them as ``llm_captions``).
 
 Captions files (reference format): a JSON object whose keys are instance names (the released

@@ -65,8 +65,8 @@ ERRORS_IN_MANIFEST = 20  # distinct row errors kept in a unit's manifest (all ar
 
 
 def unit_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """What a unit's rows add up to, for its manifest and its verdict (persrep.pipeline.verdict):
-    rows written (every filter attempt is a row), images requested (distinct row indices), kept,
+    """What a unit's rows add up to, for its manifest and its verdict
+    (persrep.pipeline.stages.synthesis.synthesis_verdict): rows written (every filter attempt is a row), images requested (distinct row indices), kept,
     row errors with the first distinct messages, and the filter's score distribution."""
     import numpy as np
 

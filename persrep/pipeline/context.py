@@ -3,7 +3,9 @@
 ``prepare_run`` fails in seconds, not after an hour: settings are already validated; here the
 storage root is probed, the data set is materialised (toy world, PODS parquet) and checked, the
 backbones' and the diffusion model's weights are located. The resulting :class:`RunContext` is
-small and picklable: executors ship it to workers, which reopen the data set from its path.
+small, picklable and frozen once built: executors ship it to workers, which reopen the data set
+from its path; what a unit reserves is the run's resource plan
+(``persrep.pipeline.resource_plan``), not part of the context.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ Progress = Callable[[str], None]
 DEEP_CHECK_LIMIT = 5000  # decode every image below this many; headers only above (PODS: 12k)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunContext:
     settings: Settings
     storage: Storage
@@ -34,7 +36,6 @@ class RunContext:
     dataset_key: str
     run_id: str
     notes: list[str] = field(default_factory=list)
-    memory: dict[str, int] = field(default_factory=dict)  # stage -> bytes a unit reserves (memory.py)
     _ds: InstanceDataset | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -42,10 +43,13 @@ class RunContext:
         state["_ds"] = None  # workers reopen it (cheap listing) instead of pickling a cache
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)  # frozen: no __setattr__ while unpickling
+
     @property
     def dataset(self) -> InstanceDataset:
-        if self._ds is None:
-            self._ds = open_dataset(self.data_path, self.settings.storage.s3_endpoint)
+        if self._ds is None:  # a cache of the listing, not state: set once, on first use
+            object.__setattr__(self, "_ds", open_dataset(self.data_path, self.settings.storage.s3_endpoint))
         return self._ds
 
     def resolve_data_path(self, value: str) -> str:
@@ -55,7 +59,8 @@ class RunContext:
     def shared_images(self, kind: str, category: str) -> list[Any] | None:
         """The category's published shared images of ``kind`` (``persrep.pipeline.shared_images``),
         or None when this run has no such unit: what generator factories read (``from_context``)."""
-        from persrep.pipeline.shared_images import read_shared_images, shared_unit
+        from persrep.pipeline.shared_images import shared_unit
+        from persrep.pipeline.stages.base_images import read_shared_images
 
         unit = shared_unit(kind, self.settings, category)
         return None if unit is None else read_shared_images(self.storage, unit.key)
@@ -197,15 +202,15 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     notes += preflight_segmenters(settings)
     say(f"data: {data_path} ({len(ds.instances)} instances, {n_images} images, "
         f"{len(names)} selected; checked in {time.perf_counter() - t0:.1f} s)")
+    if settings.personalization.negatives == "in_pool":  # the last note (the context is frozen once built)
+        notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
+                     "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
     ctx = RunContext(settings, storage, data_path, {n: ds.instances[n].category for n in names},
                      ds.listing_key, run_id or time.strftime("%Y%m%d-%H%M%S"), notes, _ds=ds)
     check_external_negatives(ctx)
     from persrep.pipeline.inputs import check_run_inputs
 
     check_run_inputs(settings, ctx.instances, ctx.resolve_data_path)  # captions, backgrounds, counts
-    if settings.personalization.negatives == "in_pool":
-        ctx.notes.append("WARNING: personalization.negatives=in_pool draws negatives from evaluated "
-                         "instances; classification gains are inflated by leakage (docs/PROTOCOL.md)")
     return ctx
 
 

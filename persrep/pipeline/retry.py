@@ -7,7 +7,7 @@ shape, a missing key, a corrupt input, a setting the unit cannot use) is *reject
 in one line, after one attempt. Retrying it only burns the time of ``max_retries`` more attempts
 (and, on Ray, holds a GPU meanwhile) before giving the same answer.
 
-Every executor asks :data:`POLICY` (through :func:`is_retryable`): the in-process loop
+Every executor asks the one :data:`POLICY` object: the in-process loop
 (``LocalExecutor``), Ray tasks (``RayExecutor``), Tune trials (``tune_stage.personalize_trial``:
 a rejected trial reports its failure instead of raising, so Tune does not restart it) and the
 Ray Data synthesis stage (a generator that cannot be loaded for a deterministic reason is not
@@ -60,6 +60,18 @@ class RetryPolicy:
             return False
         return True
 
+    def gives_up(self, exc: BaseException, attempt: int, max_retries: int) -> bool:
+        """Whether a unit that raised ``exc`` on ``attempt`` (1-based) is reported now: its
+        retries are spent, or another attempt would raise the same (rejected)."""
+        return attempt > max_retries or not self.retryable(exc)
+
+    def error(self, exc: BaseException) -> str:
+        """A failed unit's one-line error: the rejection's own line, or the type and first line."""
+        if not self.retryable(exc):
+            return self.line(exc)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {text}"[:300]
+
     def line(self, exc: BaseException) -> str:
         """A rejected failure's one line: the exception's own first line (a user error or a
         rejection already names the setting and the fix), else its type and first line."""
@@ -69,9 +81,4 @@ class RetryPolicy:
         return f"{type(exc).__name__}: {text}"[:480] + " (not retried: the same inputs raise it again)"
 
 
-POLICY = RetryPolicy()
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """:data:`POLICY`'s decision for ``exc``."""
-    return POLICY.retryable(exc)
+POLICY = RetryPolicy()  # the one policy: every executor and stage runner asks it

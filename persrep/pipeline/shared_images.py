@@ -1,4 +1,6 @@
-"""Base-model images shared by every instance of a category: keyed units drawn once.
+"""Base-model images shared by every instance of a category: which units a run needs, and their pixels.
+
+The stage that plans, draws and publishes them is ``persrep.pipeline.stages.base_images``.
 
 Two kinds, both drawn from the *un-personalised* base model and published under
 ``<root>/base_images/<key>/`` (``00000.png``, ... + ``MANIFEST.json`` last):
@@ -19,9 +21,7 @@ model's identity and the sampler (steps, scheduler, guidance, resolution); never
 
 from __future__ import annotations
 
-import io
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,7 +32,6 @@ from persrep.generation.base import any_generator
 from persrep.hashing import stable_seed
 from persrep.pipeline.units import Unit
 
-STAGE = "base_images"
 CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale
 CLASS_IMAGES, BACKGROUNDS = "class_images", "backgrounds"  # the kinds (generators' shared_inputs)
 
@@ -93,18 +92,7 @@ def shared_unit(kind: str, settings: Settings, category: str) -> SharedImagesUni
     return (class_images_unit if kind == CLASS_IMAGES else backgrounds_unit)(settings, category)
 
 
-def plan_shared_units(settings: Settings, instances: dict[str, str]) -> list[SharedImagesUnit]:
-    """Every shared unit the run needs: per category of the selected instances, each kind once."""
-    out = []
-    for category in sorted(set(instances.values())):
-        for make in (class_images_unit, backgrounds_unit):
-            unit = make(settings, category)
-            if unit is not None:
-                out.append(unit)
-    return out
-
-
-def _draw(settings: Settings, unit: SharedImagesUnit) -> list[Image.Image]:
+def draw_images(settings: Settings, unit: SharedImagesUnit) -> list[Image.Image]:
     if unit.kind == "class_images":
         from persrep.generation.dreambooth import class_images
 
@@ -122,32 +110,4 @@ def _draw(settings: Settings, unit: SharedImagesUnit) -> list[Image.Image]:
     images: list[Image.Image] = []
     for start in range(0, len(seeds), settings.synthesis.batch_size):
         images += source.many(seeds[start:start + settings.synthesis.batch_size], unit.sampler["resolution"])
-    return images
-
-
-def run_shared_unit(ctx: Any, unit: SharedImagesUnit) -> dict[str, Any]:
-    """Draw and publish one shared unit (skipped when already published intact)."""
-    if ctx.storage.is_intact(STAGE, unit.key):
-        return {"status": "skipped", "key": unit.key}
-    t0 = time.perf_counter()
-    files = {}
-    for i, image in enumerate(_draw(ctx.settings, unit)):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        files[f"{i:05d}.png"] = buf.getvalue()
-    meta = {"kind": unit.kind, "category": unit.category, "prompts": unit.prompts, "count": unit.count,
-            "seed": unit.seed, "sampler": unit.sampler, "seconds": time.perf_counter() - t0}
-    ctx.storage.publish(STAGE, unit.key, files, meta)
-    return {"status": "done", "key": unit.key, "images": len(files), "seconds": meta["seconds"]}
-
-
-def read_shared_images(storage: Any, key: str) -> list[Image.Image]:
-    """A published unit's images, in order (checksums verified)."""
-    man = storage.verify_unit(STAGE, key)
-    images = []
-    for name in sorted(f for f in man.files if f.endswith(".png")):
-        with Image.open(io.BytesIO(storage.read_unit_file(STAGE, key, name, man))) as im:
-            images.append(im.convert("RGB"))
-    if not images:
-        raise ValueError(f"shared images unit {storage.uri(STAGE, key)} has no images")
     return images

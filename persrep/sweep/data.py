@@ -1,7 +1,7 @@
 """A sweep's synthetic data: the distinct data configurations of a space, generated once.
 
 Every combination of the data keys' values gives settings whose generator prep and synthesis
-units are planned exactly as the pipeline plans them (``persrep.pipeline.runner``). Two
+units are planned exactly as the pipeline plans them (``persrep.pipeline.stages``). Two
 combinations that plan the same units and the same data configuration (e.g. ``real_only`` with
 CFG 4 and with CFG 5: real-only ignores CFG) are one :class:`DataOption`: their trials would train
 identical adapters, so the sweep offers Tune each distinct option once. Before the trials,
@@ -21,12 +21,15 @@ from typing import Any
 from persrep.config import content_key
 from persrep.generation import shards
 from persrep.generation.plan import data_configs
-from persrep.pipeline.captions_stage import ensure_captions
 from persrep.pipeline.context import RunContext, preflight_models
 from persrep.pipeline.executor import Executor
-from persrep.pipeline.runner import (RunSummary, plan_generator_units, plan_synthesis_units,
-                                     run_data_stages)
-from persrep.pipeline.work import GENERATORS
+from persrep.pipeline.resource_plan import ResourcePlan
+from persrep.pipeline.results import RunSummary
+from persrep.pipeline.sequence import run_data_stages
+from persrep.pipeline.stages.captions import ensure_captions
+from persrep.pipeline.stages.generator_prep import plan_generator_units
+from persrep.pipeline.stages.synthesis import plan_synthesis_units
+from persrep.pipeline.units import GENERATOR_AREA
 from persrep.sweep.space import SweepSpace
 
 Progress = Callable[[str], None]
@@ -100,7 +103,7 @@ def resolve_data(space: SweepSpace, ctx: RunContext) -> list[DataOption]:
             preflighted.add(pre)
         ensure_captions(c)  # synthesis keys depend on the captions' text: generate them first
         gen = plan_generator_units(c)
-        ready = {(u["generator"], u["instance"]): u["key"] for u in gen}
+        ready = {(u.generator, u.instance): u.key for u in gen}
         syn = plan_synthesis_units(c, ready)
         (config,) = data_configs(s)  # validated: one per trial
         pz = s.personalization.model_dump(mode="json")
@@ -110,7 +113,7 @@ def resolve_data(space: SweepSpace, ctx: RunContext) -> list[DataOption]:
             options[key].members.append(combo)
             continue
         options[key] = DataOption(config.label, key, dict(combo), [combo], config.label,
-                                  sorted({u["key"] for u in gen}), {u.group: u.key for u in syn})
+                                  sorted({u.key for u in gen}), {u.group: u.key for u in syn})
     out = list(options.values())
     _unique_labels(out, space.data_keys)
     return out
@@ -136,8 +139,9 @@ def _unique_labels(options: list[DataOption], data_keys: list[str]) -> None:
 
 
 def generate_data(ctx: RunContext, space: SweepSpace, options: list[DataOption], executor: Executor,
-                  say: Progress) -> DataReport:
-    """Generator prep + synthesis for every option's units, each distinct unit once."""
+                  say: Progress, plan: ResourcePlan | None = None) -> DataReport:
+    """Generator prep + synthesis for every option's units, each distinct unit once (``plan``: what
+    each unit reserves)."""
     import time
 
     t0 = time.perf_counter()
@@ -146,8 +150,8 @@ def generate_data(ctx: RunContext, space: SweepSpace, options: list[DataOption],
     syn_keys = sorted({k for o in options for k in o.synthesis_keys.values()})
     report.planned = {"generator_prep": len(gen_keys), "synthesis": len(syn_keys)}
     # what a re-run may skip: published and (where the storage checks it) matching its checksums
-    published = getattr(ctx.storage, "is_intact", ctx.storage.is_finished)
-    done_gen = {k for k in gen_keys if published(GENERATORS, k)}
+    published = ctx.storage.is_intact
+    done_gen = {k for k in gen_keys if published(GENERATOR_AREA, k)}
     done_syn = {k for k in syn_keys if published(shards.STAGE, k)}
     report.already = {"generator_prep": len(done_gen), "synthesis": len(done_syn)}
     handled: set[str] = done_gen | done_syn  # run_data_stages adds what it runs
@@ -156,7 +160,7 @@ def generate_data(ctx: RunContext, space: SweepSpace, options: list[DataOption],
             continue
         say(f"data: generating {o.label} ({len(o.unit_keys - handled)} units)")
         summary = RunSummary(ctx.run_id)
-        stages = run_data_stages(option_context(ctx, space, o.values), executor, summary, say, handled)
+        stages = run_data_stages(option_context(ctx, space, o.values), executor, summary, say, handled, plan)
         o.synthesis_keys = dict(stages.synthesized)
         for stage, counts in summary.stages.items():
             tot = report.stages.setdefault(stage, {})

@@ -10,7 +10,7 @@ or resolution; see :func:`_trial_points`). Without these reservations Ray schedu
 count alone and the OOM killer picks what runs.
 
 A unit or trial that fits on no node is refused here, in one line, before any compute; the plan
-lines are printed. The data phase's reservations go into ``ctx.memory``; the trial's figure is
+lines are printed. The data phase's reservations are a ``ResourcePlan`` (its units' requests); the trial's figure is
 returned for Tune's ``with_resources``.
 """
 
@@ -19,10 +19,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from persrep.pipeline.context import RunContext
 from persrep.pipeline.memory import NodeShape, StagePlan, estimate_stage, plan_stages, stage_requests
+from persrep.pipeline.resource_plan import ResourcePlan
 from persrep.sweep.space import SweepSpace
 
 DATA_STAGES = ("generator_prep", "synthesis")
@@ -53,9 +55,17 @@ def _largest(plans: Iterable[StagePlan]) -> StagePlan | None:
     return max(plans, key=lambda p: p.estimate.bytes, default=None)
 
 
+@dataclass(frozen=True)
+class SweepResources:
+    """A sweep's plan: what each data-phase unit reserves, and the bytes a trial reserves."""
+
+    data: ResourcePlan
+    trial_memory: int = 0
+
+
 def plan_sweep_resources(ctx: RunContext, space: SweepSpace, options: list[Any], n_trials: int,
-                         nodes: list[NodeShape], say: Callable[[str], None]) -> int:
-    """Plan the data phase (into ``ctx.memory``) and the trials; returns the bytes a trial reserves.
+                         nodes: list[NodeShape], say: Callable[[str], None]) -> SweepResources:
+    """Plan the data phase and the trials (the context is not changed).
 
     Raises :class:`persrep.pipeline.memory.InsufficientResourcesError` (one line, the fix) when a
     unit or a trial fits on no node."""
@@ -68,7 +78,7 @@ def plan_sweep_resources(ctx: RunContext, space: SweepSpace, options: list[Any],
         on_gpu = has_gpus and s.resources.gpus_per_trial > 0
         for p in plan_stages(s, counts, nodes, stage_requests(s, has_gpus), on_gpu):
             data_plans[p.stage].append(p)
-    memory = dict(ctx.memory)
+    memory: dict[str, int] = {}
     for stage, plans in data_plans.items():
         p = _largest(plans)
         if p is not None:
@@ -86,11 +96,11 @@ def plan_sweep_resources(ctx: RunContext, space: SweepSpace, options: list[Any],
         trial_plans += plan_stages(s, {t: n_trials for t in TRIAL_STAGES}, nodes,
                                    stage_requests(s, has_gpus), on_gpu)
     trial = _largest(trial_plans)
-    ctx.memory = memory
+    data = ResourcePlan.unplanned(ctx.settings).with_memory(memory)
     if trial is None:
-        return 0
+        return SweepResources(data, 0)
     gpu = f", {trial.gpus:g} GPU" if trial.gpus else ""
     say(f"plan sweep trials: {n_trials} trial(s), each {trial.cpus:g} CPU{gpu} and "
         f"{trial.estimate.describe()} ({trial.stage} is its largest step); up to {trial.per_node} at once "
         "on the largest node")
-    return trial.estimate.bytes
+    return SweepResources(data, trial.estimate.bytes)

@@ -137,7 +137,7 @@ def results_rows(storage: Storage, space: SweepSpace, frame: pd.DataFrame,
                  records: list[TrialRecord]) -> pd.DataFrame:
     """Every trial's per-instance evaluation rows (read from its published evaluation units)."""
     from persrep.evaluation.aggregate import results_frame
-    from persrep.pipeline.work import read_rows
+    from persrep.pipeline.stages.evaluation import read_rows
 
     params = frame.set_index("trial")
     out = []

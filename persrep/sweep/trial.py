@@ -22,9 +22,9 @@ from typing import Any
 
 from persrep.evaluation.records import ALL_SCENES
 from persrep.pipeline.context import RunContext
-from persrep.pipeline.runner import adapter_eval_unit, plan_personalize_units
-from persrep.pipeline.work import (ADAPTERS, EVALUATIONS, read_rows, run_evaluation_unit,
-                                   run_personalize_unit)
+from persrep.pipeline.stages.evaluation import adapter_eval_unit, read_rows, run_evaluation_unit
+from persrep.pipeline.stages.personalization import plan_personalize_units, run_personalize_unit
+from persrep.pipeline.units import ADAPTERS, EVALUATIONS
 from persrep.storage import StorageError
 from persrep.sweep.data import DataOption, option_context
 from persrep.sweep.space import SweepSpace
@@ -95,9 +95,9 @@ def run_trial(ctx: RunContext, space: SweepSpace, option: DataOption, trial_valu
         u = units[name]
         _idempotent(run_personalize_unit, tctx, u, ADAPTERS, u.key)
         ev = adapter_eval_unit(tctx, u)
-        _idempotent(run_evaluation_unit, tctx, ev, EVALUATIONS, ev["key"])
-        per[name] = metric_value(read_rows(tctx.storage, ev["key"]), space.task, space.metric_name)
-        eval_keys[name], adapter_keys[name] = ev["key"], u.key
+        _idempotent(run_evaluation_unit, tctx, ev, EVALUATIONS, ev.key)
+        per[name] = metric_value(read_rows(tctx.storage, ev.key), space.task, space.metric_name)
+        eval_keys[name], adapter_keys[name] = ev.key, u.key
         finite = [v for v in per.values() if math.isfinite(v)]
         result = {OBJECTIVE: sum(finite) / len(finite) if finite else float("nan"),
                   "instances_done": k, "instances_total": len(order),

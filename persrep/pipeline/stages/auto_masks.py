@@ -4,7 +4,7 @@ One unit per instance that lacks train masks, keyed by the segmenter's identity 
 change masks), the robust procedure (:mod:`persrep.segmentation.instance_masks`: a failed photo is
 re-segmented from the others, then boxed, never left empty) and the instance's train pixels, published at ``<root>/masks/<key>/`` (one PNG per
 train image + ``confidence.json``), manifest last. :func:`auto_masks_for` is what
-:func:`persrep.pipeline.work.instance_data` reads for such instances; it computes and publishes a
+:func:`persrep.pipeline.instance_data.instance_data` reads for such instances; it computes and publishes a
 missing unit itself, so a planner that needs an instance's masks before the stage ran (a sweep's
 data planning) gets the same unit, not a second copy.
 """
@@ -20,13 +20,15 @@ from typing import Any
 from PIL import Image
 
 from persrep.config import content_key
-from persrep.hashing import image_fingerprint
 from persrep.generation.shards import png_bytes
-from persrep.pipeline.units import Unit
+from persrep.hashing import image_fingerprint
+from persrep.pipeline.executor import Outcome
+from persrep.pipeline.planned import PlannedStage, StageScope
+from persrep.pipeline.units import MASK_AREA, Unit
 from persrep.segmentation.base import get_segmenter
 from persrep.segmentation.instance_masks import PROCEDURE, predict_instance_masks
 
-STAGE = "masks"
+STAGE = MASK_AREA
 
 
 def needs_auto_masks(ctx: Any, name: str) -> bool:
@@ -96,7 +98,7 @@ def auto_masks_for(ctx: Any, name: str, images: list[Image.Image]) -> list[Image
             for i in range(len(images))]
 
 
-def low_confidence_notes(ctx: Any, units: list[dict[str, Any]]) -> list[str]:
+def low_confidence_notes(ctx: Any, units: list[MaskUnit]) -> list[str]:
     """Run notes for published auto masks below ``segmentation.min_confidence``."""
     notes = []
     for u in units:
@@ -115,3 +117,13 @@ def low_confidence_notes(ctx: Any, units: list[dict[str, Any]]) -> list[str]:
                          f"{ctx.settings.segmentation.min_confidence} (masks/{u.key}/); check them "
                          "or give train_masks/ (persrep data masks)")
     return notes
+
+
+def planned(scope: StageScope) -> PlannedStage:
+    """Auto masks (``generator.auto_masks``): one unit per instance without train masks; notes
+    for masks of low confidence."""
+    def report(units: list[MaskUnit], _outs: list[Outcome]) -> None:
+        scope.summary.notes.extend(low_confidence_notes(scope.ctx, units))
+
+    return PlannedStage("auto_masks", lambda: plan_mask_units(scope.ctx), run_mask_unit,
+                        lambda u: f"masks:{u.instance}", report=report)

@@ -19,9 +19,10 @@ from typing import Any
 
 from persrep.config import content_key
 from persrep.pipeline.context import RunContext
-from persrep.pipeline.units import Unit
+from persrep.pipeline.planned import PlannedStage, StageScope
+from persrep.pipeline.units import CAPTION_AREA, Unit
 
-STAGE = "captions"
+STAGE = CAPTION_AREA
 CAPTIONS_FILE = "captions.json"
 _NOT_IN_KEY = ("model", "endpoint", "api_key_env", "max_rounds", "instruction")
 
@@ -98,3 +99,9 @@ def ensure_captions(ctx: RunContext, say: Any = None) -> None:
             if say:
                 say(f"captions: generating {u.category} ({u.key})")
             run_caption_unit(ctx, u)
+
+
+def planned(scope: StageScope) -> PlannedStage:
+    """LLM captions: one unit per category, before the synthesis rows are planned."""
+    return PlannedStage("captions", lambda: plan_caption_units(scope.ctx), run_caption_unit,
+                        lambda u: f"captions:{u.category}")
