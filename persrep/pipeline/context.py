@@ -54,7 +54,7 @@ class RunContext:
 
     def shared_images(self, kind: str, category: str) -> list[Any] | None:
         """The category's published shared images of ``kind`` (``persrep.pipeline.shared_images``),
-        or None when this run has no such unit: what generator factories read (``from_context``)."""
+        or None when this run has no such unit: what generator factories read (``generator_for``)."""
         from persrep.pipeline.shared_images import read_shared_images, shared_unit
 
         unit = shared_unit(kind, self.settings, category)
@@ -121,7 +121,7 @@ def preflight_models(settings: Settings) -> list[str]:
     types = settings.generator.types
     diffusion_needed = (any_generator(types, lambda c: c.needs_base_model)
                         or settings.personalization.negatives == "generated"
-                        or settings.synthesis.cut_paste.backgrounds == "generated"
+                        or settings.generator.cut_paste.backgrounds == "generated"
                         and any_generator(types, lambda c: "backgrounds" in c.shared_inputs))
     if diffusion_needed:
         from persrep.models.diffusion import component_identity, require_available
@@ -171,7 +171,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     check_settings_inputs(settings)  # counts that fail every unit, captions file and model: no data needed
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
-    notes = preflight_models(settings)
+    notes = [*settings.notes, *preflight_models(settings)]  # old spellings read (config.migrate_settings)
     t0 = time.perf_counter()
     data_path = materialise_data(settings, storage, progress)
     ds = open_dataset(data_path, settings.storage.s3_endpoint)

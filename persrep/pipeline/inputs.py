@@ -9,7 +9,7 @@ only where the run's settings use it:
   with generated negatives;
 - ``synthesis.captions_file`` (caption source ``captions``): it exists, is a JSON object of
   captions with ``<new1>``, and covers every selected instance (or its category);
-- ``synthesis.cut_paste.backgrounds`` (a folder, when a generator type uses backgrounds): it is
+- ``generator.cut_paste.backgrounds`` (a folder, when a generator type uses backgrounds): it is
   a folder (not a file) holding images;
 - ``synthesis.captions.model`` / ``.endpoint`` (caption source ``llm``): a local model directory
   exists with its ``config.json`` (a hub id is in the cache when offline); an endpoint is an
@@ -133,7 +133,7 @@ def check_backgrounds(settings: Any, resolve: Any) -> None:
     from persrep.generation.cut_paste import GENERATED
     from persrep.pipeline.shared_images import BACKGROUNDS
 
-    where = settings.synthesis.cut_paste.backgrounds
+    where = settings.generator.cut_paste.backgrounds
     if where == GENERATED or not any_generator(settings.generator.types,
                                                lambda c: BACKGROUNDS in c.shared_inputs):
         return
@@ -146,17 +146,17 @@ def check_backgrounds(settings: Any, resolve: Any) -> None:
         if "://" not in location:
             p = Path(location)
             if not p.exists():
-                raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {location} not found: {fix}")
+                raise ConfigError(f"generator.cut_paste.backgrounds={where}: {location} not found: {fix}")
             if not p.is_dir():
-                raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {location} is a file, "
+                raise ConfigError(f"generator.cut_paste.backgrounds={where}: {location} is a file, "
                                   f"not a folder: {fix}")
         files = Storage(location, settings.storage.s3_endpoint).list_files()
     except (StorageError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {str(exc)[:240]} ({fix})") from None
+        raise ConfigError(f"generator.cut_paste.backgrounds={where}: {str(exc)[:240]} ({fix})") from None
     if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
-        raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: no images in {location}: {fix}")
+        raise ConfigError(f"generator.cut_paste.backgrounds={where}: no images in {location}: {fix}")
 
 
 def _looks_like_path(value: str) -> bool:

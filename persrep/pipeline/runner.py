@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from persrep.config import Settings, content_key, settings_to_dict
-from persrep.generation.base import generator_caps, generator_class
+from persrep.generation.base import generator_caps, generator_class, synthesis_key_settings
 from persrep.generation.plan import NEGATIVE_GENERATOR, POSITIVES, RowGroup, build_groups, data_configs
 from persrep.pipeline.captions_stage import llm_captions, plan_caption_units, run_caption_unit
 from persrep.pipeline.context import RunContext, prepare_run
@@ -217,7 +217,7 @@ def synthesis_unit(ctx: RunContext, group: RowGroup, rows: list, ready: dict[tup
         gkey = ready.get((generator, owner)) if caps.trains_per_instance else None
         if caps.trains_per_instance and gkey is None:
             return None  # its generator failed: recorded in generator_prep
-        sampler = cls.synthesis_settings(settings)
+        sampler = synthesis_key_settings(generator, settings)
         if BACKGROUNDS in caps.shared_inputs:
             shared = backgrounds_unit(settings, ctx.instances[owner])
             if shared is not None:  # generated backgrounds: their unit's key is an input

@@ -22,8 +22,8 @@ from PIL import Image
 
 from persrep.config import BackboneSettings, content_key
 from persrep.data.layout import is_image_name
-from persrep.generation.base import (GeneratorArtifact, InstanceData, SampleRow, generator_class,
-                                     get_generator)
+from persrep.generation.base import (GeneratorArtifact, InstanceData, Sampler, SampleRow, generator_class,
+                                     generator_for, get_generator)
 from persrep.generation.plan import NEGATIVE_GENERATOR, DataConfig
 from persrep.generation.shards import publish_unit, read_unit, record
 from persrep.generation import shards
@@ -86,7 +86,7 @@ def run_generator_unit(ctx: RunContext, unit: GeneratorUnit) -> dict[str, Any]:
         return {"status": "skipped", "key": key}
     t0, started_at = time.perf_counter(), time.time()
     # the type's factory reads what it shares per category (DreamBooth: its class images)
-    gen = generator_class(gtype).from_context(ctx, ctx.instances[name], "generator_prep")
+    gen = generator_for(ctx, gtype, ctx.instances[name], "generator_prep")
     artifact = gen.prepare(instance_data(ctx, name), scratch_dir(ctx, "class_images"))
     if artifact.key != key:
         raise RuntimeError(f"{gtype} {name}: artifact key {artifact.key} != planned {key}")
@@ -133,14 +133,14 @@ def synthesis_key(ctx: RunContext, group: str, rows: list[SampleRow], generator_
 
 def open_sampler(ctx: RunContext, unit: SynthesisUnit):
     """What draws a synthesis unit's rows, loaded: the base model for negatives, else the unit's
-    generator built by its type's factory (``from_context``) and loaded with its artifact. One
+    generator built by its type's factory (``generator_for``) and loaded with its artifact. One
     body for the in-process loop and the Ray Data actors."""
     if unit.generator == NEGATIVE_GENERATOR:
         from persrep.generation.dreambooth import BaseModelSampler
 
-        return BaseModelSampler(ctx.settings)
+        return BaseModelSampler(Sampler.of(ctx.settings))
     cls = generator_class(unit.generator)
-    gen = cls.from_context(ctx, ctx.instances[unit.instance], "synthesis")
+    gen = generator_for(ctx, unit.generator, ctx.instances[unit.instance], "synthesis")
     if cls.needs_training:
         gen.load(load_artifact(ctx.storage, unit.generator, unit.instance, unit.generator_key or ""))
     else:
