@@ -274,6 +274,12 @@ class PersonalizedGenerator(ABC):
         process (the memory plan adds it)."""
         return MemoryNeed({})
 
+    @classmethod
+    def device_notes(cls, section: Any, cuda: bool | None = None) -> list[str]:
+        """One warning line per setting of its section that needs a GPU and cannot apply on this
+        machine (``cuda``: None = look). Default: none."""
+        return []
+
     def settings_for_key(self) -> dict[str, Any]:
         """The settings that determine this type's artifact (override to narrow or widen)."""
         return {"base_model": self.sampler.base_model}
@@ -351,6 +357,20 @@ def generator_for(ctx: GeneratorContext, type_name: str, category: str, stage: s
     gen = cls.create(section_of(cls, settings), Sampler.of(settings), services, category, stage)
     gen.device = device if device is not None else gen.device
     return gen
+
+
+def device_notes(settings: Any, cuda: bool | None = None) -> list[str]:
+    """The configured types' GPU-only settings that cannot apply here, one warning each (a
+    section shared by two types is read once)."""
+    notes: list[str] = []
+    seen: set[Any] = set()
+    for type_name in settings.generator.types:
+        cls = generator_class(type_name)
+        if section_key(cls) in seen:
+            continue
+        seen.add(section_key(cls))
+        notes += [n for n in cls.device_notes(section_of(cls, settings), cuda) if n not in notes]
+    return notes
 
 
 def synthesis_key_settings(type_name: str, settings: Any) -> dict[str, Any]:

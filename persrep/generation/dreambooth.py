@@ -509,6 +509,12 @@ class DreamBoothGenerator(PersonalizedGenerator):
         return MemoryNeed(parts, sum(train.values()) if on_gpu else None,
                           "generator.dreambooth.resolution, .batch_size, .use_lora")
 
+    @classmethod
+    def device_notes(cls, section: DreamBoothSettings, cuda: bool | None = None) -> list[str]:
+        from persrep.models.accelerator import dreambooth_gpu_notes
+
+        return dreambooth_gpu_notes(section, cuda)
+
     def __init__(self, section: DreamBoothSettings, sampler: Sampler, services: Services | None = None,
                  device: Any = None):
         super().__init__(section, sampler, services, device)

@@ -139,13 +139,11 @@ def preflight_models(settings: Settings) -> list[str]:
 
 
 def cpu_fallback_notes(settings: Settings, cuda: bool | None = None) -> list[str]:
-    """GPU-only settings on a machine without CUDA: one warning each, when a generator type trains
-    a diffusion model (its capabilities say so); persrep.models.accelerator words them."""
-    from persrep.models.accelerator import dreambooth_gpu_notes
+    """GPU-only settings on a machine without CUDA: one warning each, from each configured generator
+    type's own section (its ``device_notes``; DreamBooth's: persrep.models.accelerator)."""
+    from persrep.generation.base import device_notes
 
-    if not any_generator(settings.generator.types, lambda c: c.trains_per_instance and c.needs_base_model):
-        return []
-    return dreambooth_gpu_notes(settings.generator.dreambooth, cuda)
+    return device_notes(settings, cuda)  # each configured type's own section
 
 
 def run_needs_categories(settings: Settings) -> bool:
