@@ -275,6 +275,17 @@ class PersonalizedGenerator(ABC):
         return MemoryNeed({})
 
     @classmethod
+    def check_inputs(cls, section: Any, resolve: Callable[[str], str], s3_endpoint: str | None) -> None:
+        """Pre-flight: raise a one-line :class:`~persrep.errors.ConfigError` when a path its section
+        names is unusable (``resolve``: ``@data/x`` -> a path or URI). Default: nothing to check."""
+
+    @classmethod
+    def uses_base_model(cls, section: Any) -> bool:
+        """Whether it draws from the diffusion base model with these settings (pre-flight then
+        checks the model). Default: its capabilities' ``needs_base_model``."""
+        return cls.capabilities.needs_base_model
+
+    @classmethod
     def device_notes(cls, section: Any, cuda: bool | None = None) -> list[str]:
         """One warning line per setting of its section that needs a GPU and cannot apply on this
         machine (``cuda``: None = look). Default: none."""
@@ -357,6 +368,12 @@ def generator_for(ctx: GeneratorContext, type_name: str, category: str, stage: s
     gen = cls.create(section_of(cls, settings), Sampler.of(settings), services, category, stage)
     gen.device = device if device is not None else gen.device
     return gen
+
+
+def uses_base_model(settings: Any) -> bool:
+    """Whether a configured generator type draws from the diffusion base model (its own say)."""
+    return any(cls.uses_base_model(section_of(cls, settings))
+               for cls in map(generator_class, settings.generator.types))
 
 
 def device_notes(settings: Any, cuda: bool | None = None) -> list[str]:

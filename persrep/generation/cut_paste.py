@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -207,6 +208,38 @@ class CutPasteGenerator(RealPhotosGenerator):
         for start in range(0, len(seeds), sampler.batch_size):
             images += source.many(seeds[start:start + sampler.batch_size], spec.sampler["resolution"])
         return images
+
+    @classmethod
+    def uses_base_model(cls, section: CutPasteSettings) -> bool:
+        return section.backgrounds == GENERATED  # generated backgrounds come from the base model
+
+    @classmethod
+    def check_inputs(cls, section: CutPasteSettings, resolve: Callable[[str], str], s3_endpoint: str | None) -> None:
+        """A backgrounds folder (not ``generated``) exists, is a folder and holds images."""
+        where = section.backgrounds
+        if where == GENERATED:
+            return
+        from persrep.data.layout import is_image_name
+        from persrep.errors import ConfigError
+        from persrep.storage import Storage, StorageError
+
+        fix = "give a folder of background photos (e.g. @data/backgrounds), or use backgrounds=generated"
+        try:
+            location = resolve(where)
+            if "://" not in location:
+                p = Path(location)
+                if not p.exists():
+                    raise ConfigError(f"generator.cut_paste.backgrounds={where}: {location} not found: {fix}")
+                if not p.is_dir():
+                    raise ConfigError(f"generator.cut_paste.backgrounds={where}: {location} is a file, "
+                                      f"not a folder: {fix}")
+            files = Storage(location, s3_endpoint).list_files()
+        except (StorageError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"generator.cut_paste.backgrounds={where}: {str(exc)[:240]} ({fix})") from None
+        if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
+            raise ConfigError(f"generator.cut_paste.backgrounds={where}: no images in {location}: {fix}")
 
     def __init__(self, section: CutPasteSettings, sampler: Sampler, services: Services | None = None,
                  device: Any = None, *, background_source: BackgroundSource | None = None):

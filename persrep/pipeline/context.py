@@ -16,7 +16,7 @@ from typing import Any
 
 from persrep.config import Settings, content_key
 from persrep.data.check import check_dataset
-from persrep.generation.base import any_generator, generator_caps
+from persrep.generation.base import any_generator, generator_caps, uses_base_model
 from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset, resolve_data_path,
                                  select_instances)
 from persrep.storage import Storage, StorageError
@@ -118,11 +118,8 @@ def preflight_models(settings: Settings) -> list[str]:
         ident = backbone_identity(bs)  # raises WeightsUnavailableError with the fix
         require_weights(bs)  # hub weights neither cached nor downloadable: the same, now
         notes.append(f"backbone {bs.name}: weights {ident.get('weights_source')}")
-    types = settings.generator.types
-    diffusion_needed = (any_generator(types, lambda c: c.needs_base_model)
-                        or settings.personalization.negatives == "generated"
-                        or settings.generator.cut_paste.backgrounds == "generated"
-                        and any_generator(types, lambda c: "backgrounds" in c.shared_inputs))
+    # a type that draws from the base model (its own say: DreamBooth, generated backgrounds), or generated negatives
+    diffusion_needed = uses_base_model(settings) or settings.personalization.negatives == "generated"
     if diffusion_needed:
         from persrep.models.diffusion import component_identity, require_available
         from persrep.pipeline.inputs import check_model_source
