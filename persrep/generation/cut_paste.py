@@ -30,7 +30,7 @@ from persrep.compositing import (ALPHA_THRESHOLD, MIN_INNER_WEIGHT, MIN_OBJECT_P
                                  Placement, composite, cut_out, draw_placement, transform_foreground)
 from persrep.data.layout import DATA_PREFIX, resolve_data_path  # noqa: F401 (re-exported)
 from persrep.generation.base import (Capabilities, InstanceData, Sampler, SampledImage, SampleRow,
-                                     Services, SharedInput, register_generator)
+                                     Services, SharedInput, register_generator, stable_seed)
 from persrep.generation.cut_paste_settings import CutPasteSettings
 from persrep.generation.real_only import RealPhotosGenerator
 
@@ -200,7 +200,6 @@ class CutPasteGenerator(RealPhotosGenerator):
     def draw_shared(cls, kind: str, spec: SharedInput, category: str, section: CutPasteSettings,
                     sampler: Sampler) -> list[Image.Image]:
         from persrep.generation.dreambooth import BaseModelSampler
-        from persrep.hashing import stable_seed
 
         source = BaseModelBackgrounds(BaseModelSampler(sampler), spec.sampler["cfg"])
         seeds = [stable_seed("background", category, spec.seed, i) for i in range(spec.count)]
