@@ -38,7 +38,7 @@ RUN = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.i
        "synthesis.resolution=32", "synthesis.cfg=[3.0, 5.0]", "synthesis.caption_sources=[template, llm]",
        "synthesis.captions.per_category=2", "synthesis.captions.batch_size=4", "synthesis.captions.max_rounds=3",
        "synthesis.filter.enabled=true", "synthesis.filter.scorer=embedding", "synthesis.filter.threshold=0.2", "synthesis.filter.max_attempts_per_image=2",
-       "synthesis.cut_paste.backgrounds=@data/backgrounds",
+       "generator.cut_paste.backgrounds=@data/backgrounds",
        "personalization.max_steps=3", "personalization.batch_size=4", "personalization.negatives=generated",
        "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
        "evaluation.dense_input_size=64", "tracking.enabled=false"]

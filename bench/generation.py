@@ -50,13 +50,14 @@ def synth_ours(n_rows: int, q) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    from persrep.generation.base import Sampler
     from persrep.generation.dreambooth import BaseModelSampler
     from persrep.generation.shards import publish_unit, record
     from persrep.storage import Storage
 
     s = _settings()
     rows = _rows(s, n_rows)
-    sampler = BaseModelSampler(s)
+    sampler = BaseModelSampler(Sampler.of(s))
     sampler.sample(rows[:1])  # load + warm up outside the timed region (same for both paths)
     t0 = time.perf_counter()
     recs = []

@@ -73,7 +73,7 @@ def bench_dreambooth(sd: Path, steps: int) -> list[dict]:
     import torch
     from PIL import Image
 
-    from persrep.config import DreamBoothSettings
+    from persrep.generation.dreambooth_settings import DreamBoothSettings
     from persrep.generation.dreambooth import train_dreambooth
     from persrep.models.diffusion import load_components
 

@@ -80,7 +80,7 @@ def overrides(std: Path, storage: Path, scale: str, variant: str) -> list[str]:
         f"synthesis.inference_steps={z['steps']}",                 # 50
         f"synthesis.resolution={z['res']}",                        # 512
         f"synthesis.batch_size={z['positives']}",                  # 16
-        f"synthesis.cut_paste.num_backgrounds={z['backgrounds']}",
+        f"generator.cut_paste.num_backgrounds={z['backgrounds']}",
         f"personalization.num_triplets={z['triplets']}",           # 4500
         f"personalization.num_positives={z['positives']}",         # 450
         f"personalization.batch_size={z['pz_batch']}",             # 16

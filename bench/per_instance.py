@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     overrides = ['evaluation.tasks=["classification","retrieval","detection","segmentation"]',
-                 "synthesis.cut_paste.backgrounds=@data/backgrounds", *args.overrides]
+                 "generator.cut_paste.backgrounds=@data/backgrounds", *args.overrides]
     settings = load_settings("offline-real", overrides)
     pz, bs = settings.personalization, settings.personalization.backbones[0]
     shared = quality.shared_data_dir()

@@ -174,7 +174,7 @@ def cut_paste_positives(settings, ds: InstanceDataset, name: str, data_root: Pat
     else:
         masks = [Image.fromarray(m.astype(np.uint8) * 255) for m in provided]
     data = InstanceData(name, inst.category, images, masks)
-    gen = CutPasteGenerator(settings, data_root=str(data_root))
+    gen = CutPasteGenerator.from_settings(settings, data_root=str(data_root))
     gen.load(gen.prepare(data, scratch))
     rows = [SampleRow(name, "positive", "cut_paste", "", 0.0,
                       stable_seed("pos", "cut_paste", name, settings.synthesis.seed, i), "template", i)
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["classification", "retrieval"] + (["detection", "segmentation"] if args.dense else [])
     overrides.append(f"evaluation.tasks={json.dumps(tasks)}")
     # cut-and-paste reads the TRAINING half of the backgrounds, inside the composite data set
-    overrides.append("synthesis.cut_paste.backgrounds=@data/backgrounds")
+    overrides.append("generator.cut_paste.backgrounds=@data/backgrounds")
     settings = load_settings(args.config, overrides)
     args.work = Path(args.work)
     shared = shared_data_dir()
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"config": args.config, "overrides": overrides,
                      "personalization": settings_to_dict(settings.personalization),
                      "evaluation": settings_to_dict(settings.evaluation),
-                     "cut_paste": settings_to_dict(settings.synthesis.cut_paste),
+                     "cut_paste": settings_to_dict(settings.generator.cut_paste),
                      "synthesis_resolution": settings.synthesis.resolution,
                      "composite": cs.as_json(), "coil_instances": coil_names,
                      "coil_negatives": args.coil_negatives},

@@ -84,7 +84,7 @@ def base_command(tree: Path, data: Path, root: Path, name: str) -> list[str]:
     return [sys.executable, str(tree / "ray_jobs" / "run_all.py"), "--config", "offline-real",
             "--data", str(data), "--storage", str(root), "--run-id", name, "generator.types=[cut_paste]",
             f"personalization.external_negatives={SHARED / 'dreambooth'}",
-            f"synthesis.cut_paste.backgrounds={SHARED / 'backgrounds'}"]
+            f"generator.cut_paste.backgrounds={SHARED / 'backgrounds'}"]
 
 
 def run_variant(name: str, tree: Path, root: Path, data: Path, overrides: list[str],

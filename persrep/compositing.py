@@ -5,7 +5,7 @@ Used by the ``cut_paste`` generator (:mod:`persrep.generation.cut_paste`) and by
 
 Geometry, all drawn from ``np.random.default_rng(row.seed)`` (so a row regenerates alone):
 
-- *scale* (``synthesis.cut_paste.scale_range``): the object's longer side, before rotation, as a
+- *scale* (``generator.cut_paste.scale_range``): the object's longer side, before rotation, as a
   fraction of the background's shorter side.
 - *rotation*: uniform in ``±rotation_degrees``; *flip*: horizontal, probability 1/2 when ``flip``.
 - *position*: uniform over the offsets that keep the object inside the canvas. With a scale near

@@ -14,20 +14,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from persrep.errors import ConfigError  # noqa: F401 (re-exported)
 from persrep.hashing import sha256_hex
-from persrep.registry import GENERATORS, SEGMENTERS, TASKS  # bottom layer, no persrep imports
+from persrep.registry import GENERATOR_SECTIONS, GENERATORS, SEGMENTERS, TASKS  # bottom layer
+from persrep.sections import Section  # noqa: F401 (re-exported: the base of every section)
 
 GeneratorType = str  # a name registered in persrep.registry.GENERATORS (checked below)
 GlobalFeature = Literal["cls", "cls+mean"]
 Task = str  # a name registered in persrep.registry.TASKS (checked below)
-
-
-class Section(BaseModel):
-    # forbid unknown keys (typos fail loudly); validate on assignment so overrides are checked too
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,26 +53,6 @@ class DataSettings(Section):
 
 # ---------------------------------------------------------------------------------------------
 # generator prep
-class DreamBoothSettings(Section):
-    instance_prompt: str = "a photo of <new1> {category}"
-    class_prompt: str = "A photo of {category}"
-    steps: int = Field(400, ge=1, le=100_000)
-    learning_rate: float = Field(2e-6, gt=0, le=1.0)
-    batch_size: int = Field(1, ge=1, le=64)
-    resolution: int = Field(512, ge=32, le=2048)
-    prior_preservation: bool = True
-    prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(200, ge=0, le=10_000)
-    train_text_encoder: bool = True
-    use_lora: bool = False
-    lora_rank: int = Field(4, ge=1, le=256)
-    gradient_checkpointing: bool = True
-    use_8bit_adam: bool = True
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    mask_floor: float = Field(0.01, ge=0, le=1, description="masked DreamBooth background weight")
-    seed: int = 1234
-
-
 class SegmentationSettings(Section):
     """The segmenter (``persrep/segmentation/``): automatic masks and the filter's PerSAM step."""
 
@@ -99,10 +76,13 @@ class SegmentationSettings(Section):
 
 
 class GeneratorSettings(Section):
+    """The generator types, the base model, and one section per generator type that declares one
+    (``generator.<section>``: added from :data:`persrep.registry.GENERATOR_SECTIONS` below, and by
+    :func:`add_generator_section` when a type registers at run time)."""
+
     types: list[GeneratorType] = Field(["real_only"], min_length=1)
     base_model: str = Field("tiny", description="'tiny' (random, from config), a model id "
                             "(e.g. runwayml/stable-diffusion-v1-5) or a local diffusers directory")
-    dreambooth: DreamBoothSettings = DreamBoothSettings()
     auto_masks: bool = Field(False, description="data without train masks: predict them in the run "
                              "(keyed unit per instance, settings in `segmentation`) before generator prep")
 
@@ -117,25 +97,6 @@ class GeneratorSettings(Section):
 
 # ---------------------------------------------------------------------------------------------
 # synthesis
-class CutPasteSettings(Section):
-    backgrounds: str = Field("generated", description="'generated' (base model, background "
-                             "prompts) or a folder of real background photos")
-    num_backgrounds: int = Field(64, ge=1, le=100_000, description="generated backgrounds per "
-                                 "category (drawn once, shared by the category's instances)")
-    scale_range: tuple[float, float] = (0.35, 0.7)
-    rotation_degrees: float = Field(15.0, ge=0, le=180)
-    flip: bool = True
-    edge_blur: float = Field(1.0, ge=0, le=10)
-
-    @field_validator("scale_range")
-    @classmethod
-    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (0 < lo <= hi <= 1.5):
-            raise ValueError(f"need 0 < min <= max <= 1.5, got {list(v)}")
-        return v
-
-
 class FilterSettings(Section):
     enabled: bool = False
     scorer: Literal["lpips", "embedding", "dreamsim"] = "lpips"
@@ -206,7 +167,6 @@ class SynthesisSettings(Section):
     rows_per_shard: int = Field(64, ge=1, le=100_000)
     max_row_errors: int = Field(0, ge=0, description="a synthesis unit with more rows that failed "
                                 "to generate (after each was retried alone) is failed, not done")
-    cut_paste: CutPasteSettings = CutPasteSettings()
     filter: FilterSettings = FilterSettings()
 
     @field_validator("prompts")
@@ -385,7 +345,8 @@ class StorageSettings(Section):
 class Settings(Section):
     name: str = "custom"
     data: DataSettings = DataSettings()
-    generator: GeneratorSettings = GeneratorSettings()
+    # a factory, not an instance: a generator section added later is in every new Settings
+    generator: GeneratorSettings = Field(default_factory=lambda: GeneratorSettings())
     synthesis: SynthesisSettings = SynthesisSettings()
     personalization: PersonalizationSettings = PersonalizationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
@@ -393,6 +354,22 @@ class Settings(Section):
     resources: ResourcesSettings = ResourcesSettings()
     storage: StorageSettings = StorageSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
+
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what migrate_settings did (one line each)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _migrate(cls, data: Any, handler: Any) -> "Settings":
+        notes = migrate_settings(data) if isinstance(data, dict) else []
+        settings = handler(data)
+        if notes and isinstance(settings, Settings):
+            settings._notes = [*settings._notes, *notes]
+        return settings
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per old spelling this object was read from (the run prints them)."""
+        return list(self._notes)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Settings":
@@ -412,6 +389,83 @@ class Settings(Section):
             raise ValueError("personalization.negatives=external needs "
                              "personalization.external_negatives (a folder of images)")
         return self
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator sections: assembled from the registry
+def add_generator_section(name: str, section: type[BaseModel]) -> None:
+    """Make ``generator.<name>`` a section of the schema (every Settings built from now on has it,
+    its defaults when not given). Adding the same class again is a no-op."""
+    field = GeneratorSettings.model_fields.get(name)
+    if field is not None and field.annotation is section:
+        return
+    if field is not None and name not in GENERATOR_SECTIONS:
+        raise ValueError(f"generator.{name} is a setting, not a generator section; pick another name")
+    GENERATOR_SECTIONS.add(name, section)
+    GeneratorSettings.model_fields[name] = FieldInfo(annotation=section, default_factory=section)
+    _rebuild()
+
+
+def remove_generator_section(name: str) -> None:
+    """Forget a section added by :func:`add_generator_section` (tests that register a type)."""
+    if name in GeneratorSettings.model_fields and name in GENERATOR_SECTIONS and \
+            name not in GENERATOR_SECTIONS.builtin:
+        del GeneratorSettings.model_fields[name]
+        GENERATOR_SECTIONS.remove(name)
+        _rebuild()
+
+
+def _rebuild() -> None:
+    GeneratorSettings.model_rebuild(force=True)
+    Settings.model_rebuild(force=True)
+
+
+for _name in GENERATOR_SECTIONS.names():  # the built-in sections (light modules, pydantic only)
+    add_generator_section(_name, GENERATOR_SECTIONS.get(_name))
+
+
+# ---------------------------------------------------------------------------------------------
+# old spellings (a settings file or an override written before a section moved)
+MOVED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("synthesis", "cut_paste"): ("generator", "cut_paste"),  # issue 28: components own their sections
+}
+
+
+def _moved_note(old: tuple[str, ...], new: tuple[str, ...]) -> str:
+    return (f"settings: {'.'.join(old)} is now {'.'.join(new)}; read from the old place "
+            f"(write {'.'.join(new)} to silence this note)")
+
+
+def migrate_path(path: list[str]) -> tuple[list[str], str | None]:
+    """An override's key path in its current place, and the note when it moved."""
+    for old, new in MOVED.items():
+        if tuple(path[:len(old)]) == old:
+            return [*new, *path[len(old):]], _moved_note(old, new)
+    return path, None
+
+
+def migrate_settings(data: dict[str, Any]) -> list[str]:
+    """Move sections of ``data`` (raw settings) from an old place to their current one, in place;
+    values already at the new place win. Returns one note per moved section."""
+    notes = []
+    for old, new in MOVED.items():
+        parent = data.get(old[0])
+        if not isinstance(parent, dict) or old[1] not in parent:
+            continue
+        value = parent.pop(old[1])
+        target = data.setdefault(new[0], {})
+        if isinstance(target, BaseModel):
+            target = data[new[0]] = target.model_dump()
+        if not isinstance(target, dict):
+            raise ConfigError(f"settings: {'.'.join(new[:1])} is a value, not a section")
+        current = target.get(new[1])
+        if isinstance(value, dict) and isinstance(current, dict):
+            value = {**value, **current}
+        elif current is not None:
+            value = current
+        target[new[1]] = value
+        notes.append(_moved_note(old, new))
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,15 +539,21 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
 def load_settings(config: str = "local", overrides: list[str] | tuple[str, ...] = ()) -> Settings:
     """Load a named configuration (or a YAML path) and apply ``key.sub=value`` overrides."""
     data, origin = _read_yaml(config)
+    notes = migrate_settings(data)  # the file's old spellings, before overrides (which win)
     for text in overrides:
         path, value = parse_override(text)
+        path, note = migrate_path(path)
+        if note and note not in notes:
+            notes.append(note)
         _apply(data, path, value)
     if overrides:
         origin += " + overrides"
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, origin)) from None
+    settings._notes = [*notes, *(n for n in settings._notes if n not in notes)]
+    return settings
 
 
 def settings_to_dict(obj: BaseModel | dict[str, Any]) -> dict[str, Any]:

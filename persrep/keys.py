@@ -22,7 +22,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
     "evaluation": ("batch_size", "evaluate_pretrained", "prefix_cache"),
     # recomputes activations in the backward pass: the same gradients, less memory
     "generator.dreambooth": ("gradient_checkpointing",),
-    # the verdict policy: applied where a unit's rows are used (pipeline/verdict.py), not in them
+    # the verdict policy: applied where a unit's rows are used (pipeline/stages/synthesis.py), not in them
     "synthesis.filter": ("min_kept_fraction", "on_empty"),
 }
 

@@ -83,6 +83,12 @@ GENERATORS: Registry[Any] = Registry("generator type", "generator.types", {
     "dreambooth": "persrep.generation.dreambooth",
     "masked_dreambooth": "persrep.generation.dreambooth",
 })
+# a generator type's own settings section, ``generator.<section>`` (a pydantic class in a light
+# module: persrep.config assembles the schema from these without importing the generators)
+GENERATOR_SECTIONS: Registry[Any] = Registry("generator settings section", "generator.<section>", {
+    "cut_paste": "persrep.generation.cut_paste_settings",
+    "dreambooth": "persrep.generation.dreambooth_settings",
+})
 SEGMENTERS: Registry[Any] = Registry("segmenter", "segmentation.segmenter", {
     "grabcut": "persrep.segmentation.grabcut",
     "sam": "persrep.segmentation.sam",

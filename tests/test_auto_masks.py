@@ -20,7 +20,7 @@ from persrep.segmentation import SegmenterUnavailableError
 TINY = ["data.toy.categories=2", "data.toy.instances_per_category=1", "data.toy.image_size=64",
         "data.toy.test_per_scene=1", "data.toy.dense_per_instance=0", "data.toy.negatives_per_category=4",
         "generator.types=[cut_paste]", "synthesis.num_positives=3", "synthesis.resolution=64",
-        "synthesis.cut_paste.backgrounds=@data/backgrounds", "personalization.negatives=external",
+        "generator.cut_paste.backgrounds=@data/backgrounds", "personalization.negatives=external",
         "personalization.external_negatives=@data/negatives",
         "personalization.max_steps=2", "personalization.batch_size=4",
         "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",

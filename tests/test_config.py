@@ -104,3 +104,28 @@ def test_defaults_validate_assignment():
     s = Settings()
     with pytest.raises(Exception):
         s.personalization.batch_size = -1
+
+
+def test_old_synthesis_cut_paste_moves_to_generator_cut_paste_with_one_note(tmp_path):
+    """Issue 28: cut-and-paste owns its section, generator.cut_paste; a file or an override that
+    still says synthesis.cut_paste loads the same settings, with one note."""
+    import yaml
+
+    note = ("settings: synthesis.cut_paste is now generator.cut_paste; read from the old place "
+            "(write generator.cut_paste to silence this note)")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"synthesis": {"resolution": 64, "cut_paste": {"backgrounds": "/bg", "flip": False}}}))
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"synthesis": {"resolution": 64}, "generator": {"cut_paste": {"backgrounds": "/bg", "flip": False}}}))
+    a, b = load_settings(str(old)), load_settings(str(new))
+    assert a.model_dump() == b.model_dump() and a.generator.cut_paste.flip is False
+    assert a.notes == [note] and b.notes == []
+    # an override in the old spelling wins over the file's value at the new place
+    c = load_settings(str(new), ["synthesis.cut_paste.backgrounds=generated"])
+    assert c.generator.cut_paste.backgrounds == "generated" and c.generator.cut_paste.flip is False
+    assert c.notes == [note]
+    assert Settings.model_validate({"synthesis": {"cut_paste": {"num_backgrounds": 3}}}).generator.cut_paste.num_backgrounds == 3
+    with pytest.raises(ConfigError, match="generator.cut_paste.bogus = 1: unknown key"):
+        load_settings(str(old), ["synthesis.cut_paste.bogus=1"])
+    # the shipped configurations use the new place
+    assert all(load_settings(name).notes == [] for name in available_configs())

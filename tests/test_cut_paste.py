@@ -50,9 +50,9 @@ def background_dir(tmp_path):
 def make_settings(backgrounds: str, **cut_paste) -> Settings:
     settings = Settings()
     settings.synthesis.resolution = SIZE
-    settings.synthesis.cut_paste.backgrounds = backgrounds
+    settings.generator.cut_paste.backgrounds = backgrounds
     for key, value in cut_paste.items():
-        setattr(settings.synthesis.cut_paste, key, value)
+        setattr(settings.generator.cut_paste, key, value)
     return settings
 
 
@@ -81,7 +81,7 @@ def test_mask_matches_the_pasted_pixels_exactly(background_dir, tmp_path, edge_b
     folder = FolderBackgrounds(str(background_dir))
     for sample in generator.sample(rows_for(12)):
         image, mask = arrays(sample)
-        placement = draw_placement(sample.row.seed, settings.synthesis.cut_paste)
+        placement = draw_placement(sample.row.seed, settings.generator.cut_paste)
         background = np.asarray(folder(placement.background_seed, SIZE)).astype(int)
         assert sample.image.size == sample.mask.size == (SIZE, SIZE)
         assert 0 < mask.sum() < SIZE * SIZE
@@ -208,7 +208,7 @@ def test_real_backgrounds_folder(shared_data, tmp_path):
     assert len({s.image.tobytes() for s in samples}) == 6
     for sample in samples:
         image, mask = arrays(sample)
-        placement = draw_placement(sample.row.seed, settings.synthesis.cut_paste)
+        placement = draw_placement(sample.row.seed, settings.generator.cut_paste)
         background = np.asarray(source(placement.background_seed, SIZE)).astype(int)
         assert sample.image.mode == "RGB" and sample.image.size == (SIZE, SIZE)
         assert np.array_equal(image[~mask], background[~mask])
@@ -224,7 +224,7 @@ def test_generated_backgrounds_need_an_injected_source(tmp_path):
     generator.background_source = solid
     sample = generator.sample(rows_for(1))[0]
     image, mask = arrays(sample)
-    seed = draw_placement(sample.row.seed, generator.settings.synthesis.cut_paste).background_seed
+    seed = draw_placement(sample.row.seed, generator.section).background_seed
     assert sample.image.size == (SIZE, SIZE)
     assert np.all(image[~mask] == (0, seed % 256, 200))
 

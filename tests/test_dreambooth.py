@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from persrep.config import DreamBoothSettings, Settings
+from persrep.config import Settings
+from persrep.generation.dreambooth_settings import DreamBoothSettings
 from persrep.generation import dreambooth as db
-from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator,
+from persrep.generation.base import (IDENTIFIER, GeneratorArtifact, InstanceData, PersonalizedGenerator, Sampler,
                                      SampleRow, get_generator, register_generator, registered_types)
 from persrep.generation.plan import build_rows
 from helpers import assert_same_up_to_float_rounding as _assert_same_up_to_float_rounding
@@ -247,7 +248,7 @@ def test_negatives_come_from_the_base_model_without_the_identifier():
     settings = _settings()
     settings.synthesis.cfg, settings.synthesis.num_negatives_per_category = [4.0, 5.0], 5
     settings.generator.types = ["dreambooth"]  # a diffusion config per cfg: one negatives pool each
-    sampler = db.BaseModelSampler(settings, device="cpu")
+    sampler = db.BaseModelSampler(Sampler.of(settings), device="cpu")
     groups = build_rows(settings, {"mug_1": "mug"})  # the pipeline's rows: one group per cfg
     negatives = {g: rows for g, rows in groups.items() if g.startswith("neg:")}
     assert sorted(negatives) == ["neg:4:template:mug", "neg:5:template:mug"]

@@ -196,7 +196,7 @@ def test_galleries_render_in_chromium_for_100_instances(run, tmp_path):
 # note with their thumbnails, the confidence in the per-instance table, outlines in the galleries
 AUTO = ["data.toy.categories=2", "data.toy.instances_per_category=1", "data.toy.image_size=64",
         "generator.types=[cut_paste]", "synthesis.num_positives=4", "synthesis.resolution=64",
-        "synthesis.cut_paste.backgrounds=@data/backgrounds", "personalization.negatives=external",
+        "generator.cut_paste.backgrounds=@data/backgrounds", "personalization.negatives=external",
         "personalization.external_negatives=@data/negatives", "personalization.max_steps=2",
         "personalization.batch_size=4",
         "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",

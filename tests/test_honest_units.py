@@ -1,4 +1,4 @@
-"""Honest units (persrep.pipeline.verdict): a filter that keeps nothing fails its unit, or, when the
+"""Honest units (persrep.pipeline.stages.synthesis verdict): a filter that keeps nothing fails its unit, or, when the
 user allowed it, trains on the real photos and every record says so; never silently."""
 
 import json

@@ -29,7 +29,7 @@ KNOWN_MODULE_LEVEL: dict[frozenset[str], str] = {}
 RAY_ALLOWED = ("persrep.distributed", "ray_jobs")
 
 # Bottom modules: nothing of persrep below them.
-BOTTOM = ("persrep.errors", "persrep.hashing", "persrep.compositing", "persrep.registry")
+BOTTOM = ("persrep.errors", "persrep.hashing", "persrep.compositing", "persrep.registry", "persrep.sections")
 # Layers below generation/ (they are what generators are built from) and what they must not import.
 BELOW_GENERATION = ("persrep.data", "persrep.models", "persrep.contrastive", "persrep.captions",
                     "persrep.evaluation")

@@ -37,8 +37,8 @@ def _units(root: Path, stage: str) -> set[str]:
 # -- generated backgrounds and class images: keyed units shared by a category's instances ----
 def test_generated_backgrounds_and_class_images_are_shared_units(tmp_path):
     root = tmp_path / "root"
-    s = _settings(root, "generator.types=[cut_paste, dreambooth]", "synthesis.cut_paste.backgrounds=generated",
-                  "synthesis.cut_paste.num_backgrounds=3")
+    s = _settings(root, "generator.types=[cut_paste, dreambooth]", "generator.cut_paste.backgrounds=generated",
+                  "generator.cut_paste.num_backgrounds=3")
     summary = _data_stages(s)
     assert not summary.failures, summary.failures
     # 2 categories x (class images + backgrounds), each drawn once for the category's 2 instances
@@ -144,21 +144,21 @@ def test_relative_paths_resolved_against_the_command_directory(tmp_path, monkeyp
     (tmp_path / "sd").mkdir()
     monkeypatch.chdir(tmp_path)
     s = load_settings("local", ["data.path=mydata", "personalization.negatives=external",
-                                "personalization.external_negatives=negs", "synthesis.cut_paste.backgrounds=bg",
+                                "personalization.external_negatives=negs", "generator.cut_paste.backgrounds=bg",
                                 "storage.root=out", "generator.base_model=./sd",
                                 "synthesis.caption_sources=[captions]", "synthesis.captions_file=caps.json"])
     r = resolve_settings_paths(s)
     assert r.data.path == str(tmp_path / "mydata")
     assert r.personalization.external_negatives == str(tmp_path / "negs")
-    assert r.synthesis.cut_paste.backgrounds == str(tmp_path / "bg")
+    assert r.generator.cut_paste.backgrounds == str(tmp_path / "bg")
     assert r.synthesis.captions_file == str(tmp_path / "caps.json")
     assert r.storage.root == str(tmp_path / "out")
     assert r.generator.base_model == str(tmp_path / "sd")
     # URIs, @data/ and keywords and hub ids stay; the input settings are not modified
-    k = resolve_settings_paths(load_settings("local", ["synthesis.cut_paste.backgrounds=@data/backgrounds",
+    k = resolve_settings_paths(load_settings("local", ["generator.cut_paste.backgrounds=@data/backgrounds",
                                                       "generator.base_model=runwayml/stable-diffusion-v1-5",
                                                       "storage.root=s3://bucket/x"]))
-    assert (k.synthesis.cut_paste.backgrounds, k.generator.base_model, k.storage.root, k.data.path) == \
+    assert (k.generator.cut_paste.backgrounds, k.generator.base_model, k.storage.root, k.data.path) == \
         ("@data/backgrounds", "runwayml/stable-diffusion-v1-5", "s3://bucket/x", "toy")
     assert s.personalization.external_negatives == "negs"
 
@@ -190,7 +190,7 @@ OPERATIONAL = ["personalization.checkpoint_every=7", "evaluation.batch_size=5", 
                "resources.max_retries=1", "resources.cpus_per_trial=2", "resources.data_parallel_workers=0",
                "synthesis.batch_size=2", "synthesis.rows_per_shard=5", "generator.dreambooth.gradient_checkpointing=true",
                "tracking.experiment=other",
-               "synthesis.cut_paste.num_backgrounds=5",  # backgrounds from a folder here: no generated pool
+               "generator.cut_paste.num_backgrounds=5",  # backgrounds from a folder here: no generated pool
                "evaluation.prefix_cache=false", "personalization.channels_last=true"]  # issue #19: how, not what
 
 
@@ -212,7 +212,7 @@ def test_operational_settings_recompute_nothing_result_settings_exactly_their_un
     assert changed.stages["evaluation"]["done"] == n_adapters  # the pretrained evaluation is reused
     assert all(changed.stages[st]["done"] == 0 for st in ("base_images", "generator_prep", "synthesis"))
     # a cut-and-paste setting: its synthesis units, their adapters and evaluations only
-    cp = run_pipeline(_settings(root, *base, "synthesis.cut_paste.rotation_degrees=5"), run_id="cp")
+    cp = run_pipeline(_settings(root, *base, "generator.cut_paste.rotation_degrees=5"), run_id="cp")
     assert cp.stages["synthesis"]["done"] == 2  # the 2 instances' cut-and-paste positives
     assert cp.stages["personalization"]["done"] == 2 and cp.stages["evaluation"]["done"] == 2
     assert cp.stages["generator_prep"]["done"] == 0 and cp.stages["base_images"]["done"] == 0

@@ -43,7 +43,7 @@ CLUSTER = textwrap.dedent('''
         c.shutdown()
 ''')
 SETTINGS = ["personalization.negatives=external", "personalization.external_negatives=my_negatives",
-            "synthesis.cut_paste.backgrounds=my_backgrounds", "generator.types=[real_only, cut_paste]",
+            "generator.cut_paste.backgrounds=my_backgrounds", "generator.types=[real_only, cut_paste]",
             "synthesis.num_positives=3", "synthesis.resolution=32", "personalization.max_steps=1",
             "personalization.batch_size=4", "evaluation.tasks=[classification]", "tracking.enabled=false",
             "personalization.backbones=[{name: tf_efficientnet_lite0, weights: offline, image_size: 64}]",
@@ -53,7 +53,7 @@ SPACE = textwrap.dedent('''
     overrides:
       personalization.negatives: external
       personalization.external_negatives: my_negatives
-      synthesis.cut_paste.backgrounds: my_backgrounds
+      generator.cut_paste.backgrounds: my_backgrounds
       generator.types: [cut_paste]
       synthesis.num_positives: 3
       synthesis.resolution: 32

@@ -104,7 +104,7 @@ def test_cut_paste_leaves_out_an_empty_mask_and_refuses_only_when_all_are_empty(
     img = Image.new("RGB", (32, 32), (200, 0, 0))
     full, empty = Image.new("L", (32, 32), 255), Image.new("L", (32, 32), 0)
     assert pasteable([full, empty, full]) == [0, 2]
-    gen = CutPasteGenerator(load_settings("local"))
+    gen = CutPasteGenerator.from_settings(load_settings("local"))
     gen.check_instance(InstanceData("x", "c", [img] * 3, [full, empty, full]))
     with pytest.raises(ValueError, match="every train mask is empty"):
         gen.check_instance(InstanceData("x", "c", [img] * 3, [empty] * 3))

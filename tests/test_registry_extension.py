@@ -1,7 +1,8 @@
-"""A fifth generator type, added the registry way: one class + one registry call, here in the test,
-no other file edited, run through the whole pipeline in-process (generator prep, synthesis,
-personalisation, evaluation). The planner, pre-flight, memory plan and runner learn what it needs
-from its capabilities, never from its name."""
+"""A fifth generator type, added the registry way: one class (with its own settings section and
+memory estimate) + one registry call, here in the test, no other file edited, run through the whole
+pipeline in-process (generator prep, synthesis, personalisation, evaluation). The planner,
+pre-flight, memory plan and runner learn what it needs from its capabilities and class methods,
+never from its name; its section is ``generator.<its name>`` in the settings as soon as it registers."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from persrep.config import ConfigError, load_settings
-from persrep.generation.base import (Capabilities, GeneratorArtifact, PersonalizedGenerator, SampledImage,
-                                     generator_caps, instance_data_key, register_generator)
+from pydantic import Field
+
+from persrep.config import ConfigError, Section, load_settings
+from persrep.generation.base import (Capabilities, GeneratorArtifact, MemoryNeed, PersonalizedGenerator,
+                                     SampledImage, generator_caps, instance_data_key, register_generator,
+                                     unregister_generator)
 from persrep.evaluation.records import Score
 from persrep.evaluation.tasks import TaskSpec, register_task
 from persrep.registry import GENERATORS, TASKS
@@ -31,6 +35,14 @@ TINY = ["data.toy.categories=2", "data.toy.instances_per_category=2", "data.toy.
         "tracking.enabled=false"]
 
 
+class PhotoJitterSettings(Section):
+    """Its own settings section, ``generator.photo_jitter_test``."""
+
+    max_shift: float = Field(0.125, gt=0, le=0.5, description="largest shift, a fraction of the canvas")
+    tint: float = Field(0.3, ge=0, le=1, description="weight of the mean colour at cfg 30")
+    prep_gb: float = Field(0.25, ge=0, le=64, description="host memory one generator-prep unit needs")
+
+
 class PhotoJitterGenerator(PersonalizedGenerator):
     """Trains per instance (its 'model' is the mean colour of the instance's photos) and draws each
     positive as one of the photos, shifted and tinted towards that colour by the row's seed and
@@ -39,10 +51,16 @@ class PhotoJitterGenerator(PersonalizedGenerator):
     type_name = NAME
     needs_training = True
     capabilities = Capabilities(trains_per_instance=True, uses_guidance=True)
+    settings_class = PhotoJitterSettings
     prepared: list[str] = []  # instances trained in this process (generator prep ran here)
+    tints: set[float] = set()  # the section's tint as the generator saw it when sampling
+
+    @classmethod
+    def prep_memory(cls, section, sampler, on_gpu, diffusion_params):
+        return MemoryNeed({"photos": section.prep_gb}, sized_by=f"generator.{NAME}.prep_gb")
 
     def settings_for_key(self):
-        return {"version": 1}
+        return {"version": 1, "jitter": self.section.model_dump(mode="json")}
 
     def prepare(self, instance, out_dir):
         mean = np.mean([np.asarray(im.convert("RGB"), dtype=np.float64).mean((0, 1))
@@ -66,12 +84,13 @@ class PhotoJitterGenerator(PersonalizedGenerator):
 
     def sample(self, rows):
         out = []
-        size = self.settings.synthesis.resolution
+        size, shift = self.sampler.resolution, int(self.sampler.resolution * self.section.max_shift)
+        type(self).tints.add(self.section.tint)
         for row in rows:
             rng = np.random.default_rng(row.seed)
             arr = np.asarray(self.photos[row.index % len(self.photos)].resize((size, size)), dtype=np.float64)
-            arr = np.roll(arr, tuple(rng.integers(-size // 8, size // 8 + 1, 2)), axis=(0, 1))
-            weight = min(row.cfg / 30.0, 1.0) * 0.3
+            arr = np.roll(arr, tuple(rng.integers(-shift, shift + 1, 2)), axis=(0, 1))
+            weight = min(row.cfg / 30.0, 1.0) * self.section.tint
             arr = (1 - weight) * arr + weight * self.mean
             out.append(SampledImage(Image.fromarray(arr.clip(0, 255).astype(np.uint8)), None, row))
         return out
@@ -98,12 +117,15 @@ def fifth_task():
 
 @pytest.fixture
 def fifth_generator():
-    """The one registry call (a decorator); removed afterwards so other tests see four types."""
+    """The one registry call (a decorator); removed afterwards (with its settings section) so other
+    tests see four types."""
     assert NAME not in GENERATORS
     register_generator(PhotoJitterGenerator)
-    PhotoJitterGenerator.prepared = []
+    PhotoJitterGenerator.prepared, PhotoJitterGenerator.tints = [], set()
     yield PhotoJitterGenerator
-    GENERATORS.remove(NAME)
+    unregister_generator(NAME)
+    with pytest.raises(ConfigError, match=f"generator.{NAME} = .*unknown key"):
+        load_settings("local", [f"generator.{NAME}.tint=0.5"])
 
 
 def test_unknown_names_are_settings_errors_naming_the_choices():
@@ -121,11 +143,20 @@ def test_a_fifth_generator_and_task_registered_here_run_through_the_whole_pipeli
 
     root = tmp_path / "root"
     settings = load_settings("local", [*TINY, f"generator.types=[real_only, {NAME}]", f"storage.root={root}",
-                                       f"evaluation.tasks=[classification, {TASK}]"])
+                                       f"evaluation.tasks=[classification, {TASK}]",
+                                       f"generator.{NAME}.tint=0.5", f"generator.{NAME}.prep_gb=0.5"])
+    assert settings.generator.photo_jitter_test.tint == 0.5  # its section is part of the schema
+    with pytest.raises(ConfigError, match=f"generator.{NAME}.tint = 2.*less than or equal to 1"):
+        load_settings("local", [f"generator.{NAME}.tint=2"])
     caps = generator_caps(NAME)
     assert caps.trains_per_instance and not caps.positives_are_real and not caps.needs_base_model
-    summary = run_pipeline(settings, run_id="fifth")
+    said: list[str] = []
+    summary = run_pipeline(settings, said.append, run_id="fifth")
     assert summary.exit_code == 0, summary.failures
+    assert fifth_generator.tints == {0.5}  # its section's value reached the generator
+    # its memory estimate reached the plan: 0.5 GB + the process's 1.2 GB per generator-prep unit
+    plan = [m for m in said if m.startswith("plan generator_prep:")]
+    assert len(plan) == 1 and "1.7 GiB (estimate: photos 0.5 + process 1.2)" in plan[0], said
     n = 4  # instances
     assert summary.stages["generator_prep"]["done"] == n            # it trains per instance
     assert sorted(fifth_generator.prepared) == ["bottle_0", "bottle_1", "mug_0", "mug_1"]
@@ -149,3 +180,11 @@ def test_a_fifth_generator_and_task_registered_here_run_through_the_whole_pipeli
     again = run_pipeline(settings, run_id="again")
     assert all(c["done"] == 0 for c in again.stages.values()), again.stages
     assert len(fifth_generator.prepared) == n  # its generators were not trained again
+
+
+def test_its_section_and_memory_estimate_enter_the_memory_plan(fifth_generator):
+    from persrep.pipeline.memory import estimate_stage
+
+    settings = load_settings("local", [f"generator.types=[{NAME}]", f"generator.{NAME}.prep_gb=3"])
+    est = estimate_stage(settings, "generator_prep")
+    assert est.parts == {"photos": 3.0, "process": 1.2} and est.sized_by == f"generator.{NAME}.prep_gb"

@@ -175,4 +175,4 @@ def test_synthesis_cold_start_itemised_from_actor_clocks():
     assert cold_start_summary([], 0.0) == {}
     assert needs_diffusion(load_settings("local", []))  # DreamBooth in the demo
     assert not needs_diffusion(load_settings("local", ["generator.types=[cut_paste]",
-                                                       "synthesis.cut_paste.backgrounds=photos"]))
+                                                       "generator.cut_paste.backgrounds=photos"]))

@@ -53,7 +53,7 @@ CONTEXT: dict[str, list[str]] = {
 }
 # string settings that name a file, a folder, a model or a URI (besides the model's own list)
 PATHS = {"data.path", "storage.root", "storage.s3_endpoint", "generator.base_model", "synthesis.captions_file",
-         "synthesis.cut_paste.backgrounds", "personalization.external_negatives", "tracking.uri",
+         "generator.cut_paste.backgrounds", "personalization.external_negatives", "tracking.uri",
          "synthesis.captions.model", "synthesis.captions.endpoint", "segmentation.model",
          "personalization.backbones.weights"}
 UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: nothing listens
@@ -144,7 +144,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schema")
     (tmp / "a_file.json").write_text("{}")
     base = [*TINY, "generator.types=[real_only, cut_paste, dreambooth]", "tracking.enabled=false",
-            "synthesis.cut_paste.backgrounds=@data/backgrounds", f"storage.root={tmp / 'root'}"]
+            "generator.cut_paste.backgrounds=@data/backgrounds", f"storage.root={tmp / 'root'}"]
     ctx = prepare_run(load_settings("local", base), run_id="gen")
     return {"tmp": tmp, "base": [*base, f"data.path={ctx.data_path}"]}
 

@@ -35,7 +35,7 @@ def sample_triplets(anchors: Sequence[T], positives: Sequence[T], negatives: Seq
                            "personalization.external_negatives to a folder of other objects")
     rng = np.random.default_rng([seed, 0x7121])
     pool = list(positives)
-    if not pool:  # never silently real-only: the caller decides, and labels it (pipeline/verdict.py)
+    if not pool:  # never silently real-only: the caller decides, and labels it (pipeline/stages/synthesis.py)
         raise TripletError("no positives: pass the real images as positives for real-only training")
     order = rng.permutation(len(pool))[:num_positives]
     pool = [pool[i] for i in order]

@@ -21,7 +21,7 @@ and writes a NEW data set in the reference layout:
   small target, 2-4 distractors;
 - ``backgrounds/``: the *training* half of the background photos (bytes unchanged). The photos
   are split into two disjoint halves by a seeded permutation: test scenes are composed only on
-  the other half, so cut-and-paste training (``synthesis.cut_paste.backgrounds=@data/backgrounds``)
+  the other half, so cut-and-paste training (``generator.cut_paste.backgrounds=@data/backgrounds``)
   never sees a test background. Both lists are recorded in the info file;
 - ``negatives/<category>_negatives/`` (optional, ``negative_instances``): held-out objects (never
   evaluated, never distractors) pasted on *training* backgrounds: in-domain negatives that are not

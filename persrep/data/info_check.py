@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from persrep.data.check import CheckReport
     from persrep.data.layout import InstanceDataset
+
+
+class Findings(Protocol):
+    """Where findings go: :class:`persrep.data.check.CheckReport` is one (declared here, so this
+    module needs nothing from check.py, which calls it)."""
+
+    def add(self, severity: str, where: str, problem: str, fix: str) -> None: ...
 
 FALLBACK_CATEGORY = "object"  # what layout.open_dataset uses for an instance without a category
 NAME_KEYS = ("classes", "class_to_idx", "class_to_sc", "class_to_split")
@@ -70,7 +76,7 @@ def read_info(ds: "InstanceDataset") -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def check_info(ds: "InstanceDataset", report: "CheckReport", needs_categories: bool = False) -> None:
+def check_info(ds: "InstanceDataset", report: Findings, needs_categories: bool = False) -> None:
     """Add the info-file vs folders findings of ``ds`` to ``report``."""
     info = read_info(ds)
     where = ds.storage.uri(ds.info_file) if ds.info_file else ds.root

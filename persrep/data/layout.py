@@ -38,7 +38,7 @@ MIN_SIDE = 8  # smaller images carry no usable object detail (a 1x1 "photo" is a
 DATA_PREFIX = "@data/"  # a settings path relative to the data set root
 
 
-def resolve_data_path(path: str, data_root: str | None, setting: str = "synthesis.cut_paste.backgrounds",
+def resolve_data_path(path: str, data_root: str | None, setting: str = "generator.cut_paste.backgrounds",
                       absolute: bool = False) -> str:
     """``@data/x`` -> ``<data_root>/x`` (local or ``s3://``). Any other path is returned unchanged,
     or with ``absolute`` (what workers receive) a local one is made absolute against the cwd."""

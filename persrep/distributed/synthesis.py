@@ -264,7 +264,7 @@ def needs_diffusion(settings: Any) -> bool:
 
     return (any_generator(settings.generator.types, lambda c: c.needs_base_model)
             or settings.personalization.negatives == "generated"
-            or settings.synthesis.cut_paste.backgrounds == "generated")
+            or settings.generator.cut_paste.backgrounds == "generated")
 
 
 def cold_start_clock(t_init: float, diffusion: bool = True) -> dict[str, Any]:

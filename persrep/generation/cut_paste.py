@@ -7,7 +7,9 @@ pasted mask emitted beside it. No training; cheap enough for CPU machines.
 Geometry and blending: :mod:`persrep.compositing` (also used by ``persrep data composite``); the
 foreground is photo ``row.index mod n`` (every photo used equally often).
 
-Backgrounds (``synthesis.cut_paste.backgrounds``): a folder of real photos (local or ``s3://``;
+Settings: its own section, ``generator.cut_paste`` (:mod:`persrep.generation.cut_paste_settings`).
+
+Backgrounds (``generator.cut_paste.backgrounds``): a folder of real photos (local or ``s3://``;
 ``@data/...`` is relative to the data set root, see :func:`resolve_data_path`), cropped at random
 and resized to ``synthesis.resolution``; or ``generated``: the synthesis stage injects a
 ``background_source(seed, size) -> PIL.Image`` that draws from the base diffusion model
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,8 +29,9 @@ from PIL import Image
 from persrep.compositing import (ALPHA_THRESHOLD, MIN_INNER_WEIGHT, MIN_OBJECT_PX,  # noqa: F401 (re-exported)
                                  Placement, composite, cut_out, draw_placement, transform_foreground)
 from persrep.data.layout import DATA_PREFIX, resolve_data_path  # noqa: F401 (re-exported)
-from persrep.generation.base import (Capabilities, InstanceData, SampledImage, SampleRow,
-                                     register_generator)
+from persrep.generation.base import (Capabilities, InstanceData, Sampler, SampledImage, SampleRow,
+                                     Services, SharedInput, register_generator, stable_seed)
+from persrep.generation.cut_paste_settings import CutPasteSettings
 from persrep.generation.real_only import RealPhotosGenerator
 
 GENERATED = "generated"
@@ -92,7 +96,7 @@ class FolderBackgrounds:
             if not files:
                 raise ValueError(f"cut_paste backgrounds folder {self.location!r} is missing or has no images "
                                  "(.jpg/.png/...): fill it with background photos, fix "
-                                 "synthesis.cut_paste.backgrounds, or use backgrounds=generated")
+                                 "generator.cut_paste.backgrounds, or use backgrounds=generated")
             self._files = files
         return self._files
 
@@ -155,35 +159,91 @@ def fit_canvas(image: Image.Image, size: int) -> Image.Image:
 class CutPasteGenerator(RealPhotosGenerator):
     """Real masked foregrounds on real or generated backgrounds; emits the exact pasted mask.
 
-    ``data_root`` resolves ``@data/`` background folders; ``background_source`` is required when
-    ``synthesis.cut_paste.backgrounds`` is ``generated`` (and refused otherwise, so a run never
-    silently ignores one of the two). Both may also be set as attributes after construction.
+    ``services.data_root`` resolves ``@data/`` background folders; ``background_source`` is
+    required when ``generator.cut_paste.backgrounds`` is ``generated`` (and refused otherwise, so a
+    run never silently ignores one of the two). It may also be set as an attribute after construction.
     """
 
     type_name = "cut_paste"
     capabilities = Capabilities(needs_masks=True, shared_inputs=frozenset({"backgrounds"}))
+    settings_class = CutPasteSettings
 
     @classmethod
-    def from_context(cls, ctx: Any, category: str, stage: str) -> "CutPasteGenerator":
+    def create(cls, section: CutPasteSettings, sampler: Sampler, services: Services, category: str,
+               stage: str) -> "CutPasteGenerator":
         """``@data/`` folders resolved against the data set; generated backgrounds read from the
         category's shared unit (planned from the settings alone, so the Ray Data synthesis path,
         which rebuilds units from rows, finds it too)."""
-        gen = cls(ctx.settings, data_root=ctx.data_path)
-        published = ctx.shared_images("backgrounds", category) if stage == "synthesis" else None
+        gen = cls(section, sampler, services)
+        published = services.shared_images("backgrounds", category) if stage == "synthesis" else None
         if published is not None:
             gen.background_source = PublishedBackgrounds(published)
         return gen
 
     @classmethod
-    def synthesis_settings(cls, settings: Any) -> dict[str, Any]:
-        cut_paste = settings.synthesis.cut_paste.model_dump(mode="json")
+    def synthesis_settings(cls, section: CutPasteSettings) -> dict[str, Any]:
+        cut_paste = section.model_dump(mode="json")
         cut_paste.pop("num_backgrounds")  # counted in the backgrounds unit's key, if generated
         return {"cut_paste": cut_paste}
 
-    def __init__(self, settings: Any, device: Any = None, *, data_root: str | None = None,
-                 background_source: BackgroundSource | None = None):
-        super().__init__(settings, device)
-        self.data_root = data_root
+    @classmethod
+    def shared_input(cls, kind: str, section: CutPasteSettings, sampler: Sampler,
+                     category: str) -> SharedInput | None:
+        """``backgrounds``: the category's generated backgrounds (none for a folder of photos)."""
+        if kind != "backgrounds" or section.backgrounds != GENERATED:
+            return None
+        return SharedInput(list(BACKGROUND_PROMPTS), section.num_backgrounds, sampler.seed,
+                           {"steps": sampler.inference_steps, "scheduler": sampler.scheduler,
+                            "cfg": float(sampler.cfg[0]), "resolution": sampler.resolution})
+
+    @classmethod
+    def draw_shared(cls, kind: str, spec: SharedInput, category: str, section: CutPasteSettings,
+                    sampler: Sampler) -> list[Image.Image]:
+        from persrep.generation.dreambooth import BaseModelSampler
+
+        source = BaseModelBackgrounds(BaseModelSampler(sampler), spec.sampler["cfg"])
+        seeds = [stable_seed("background", category, spec.seed, i) for i in range(spec.count)]
+        images: list[Image.Image] = []
+        for start in range(0, len(seeds), sampler.batch_size):
+            images += source.many(seeds[start:start + sampler.batch_size], spec.sampler["resolution"])
+        return images
+
+    @classmethod
+    def uses_base_model(cls, section: CutPasteSettings) -> bool:
+        return section.backgrounds == GENERATED  # generated backgrounds come from the base model
+
+    @classmethod
+    def check_inputs(cls, section: CutPasteSettings, resolve: Callable[[str], str], s3_endpoint: str | None) -> None:
+        """A backgrounds folder (not ``generated``) exists, is a folder and holds images."""
+        where = section.backgrounds
+        if where == GENERATED:
+            return
+        from persrep.data.layout import is_image_name
+        from persrep.errors import ConfigError
+        from persrep.storage import Storage, StorageError
+
+        fix = "give a folder of background photos (e.g. @data/backgrounds), or use backgrounds=generated"
+        try:
+            location = resolve(where)
+            if "://" not in location:
+                p = Path(location)
+                if not p.exists():
+                    raise ConfigError(f"generator.cut_paste.backgrounds={where}: {location} not found: {fix}")
+                if not p.is_dir():
+                    raise ConfigError(f"generator.cut_paste.backgrounds={where}: {location} is a file, "
+                                      f"not a folder: {fix}")
+            files = Storage(location, s3_endpoint).list_files()
+        except (StorageError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"generator.cut_paste.backgrounds={where}: {str(exc)[:240]} ({fix})") from None
+        if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
+            raise ConfigError(f"generator.cut_paste.backgrounds={where}: no images in {location}: {fix}")
+
+    def __init__(self, section: CutPasteSettings, sampler: Sampler, services: Services | None = None,
+                 device: Any = None, *, background_source: BackgroundSource | None = None):
+        super().__init__(section, sampler, services, device)
+        self.data_root = self.services.data_root
         self.background_source = background_source
         self._folder: FolderBackgrounds | None = None
         self._cutouts: list[Image.Image] = []
@@ -208,32 +268,31 @@ class CutPasteGenerator(RealPhotosGenerator):
 
     def backgrounds_setting(self) -> str:
         """The background folder this run reads (``@data/`` resolved), or ``generated``."""
-        value = self.settings.synthesis.cut_paste.backgrounds
+        value = self.section.backgrounds
         return value if value == GENERATED else resolve_data_path(value, self.data_root)
 
     def sampling_settings(self) -> dict[str, Any]:
         """What, beyond the artifact and the rows, determines ``sample``'s pixels (for shard keys).
 
         For ``generated`` backgrounds the caller adds the base model's identity."""
-        syn = self.settings.synthesis
-        return {"cut_paste": syn.cut_paste.model_dump(mode="json"), "resolution": syn.resolution,
+        return {"cut_paste": self.section.model_dump(mode="json"), "resolution": self.sampler.resolution,
                 "backgrounds": self.backgrounds_setting()}
 
     def _background_source(self) -> BackgroundSource:
         setting = self.backgrounds_setting()
         if setting == GENERATED:
             if self.background_source is None:
-                raise ValueError("synthesis.cut_paste.backgrounds=generated but no background source is "
+                raise ValueError("generator.cut_paste.backgrounds=generated but no background source is "
                                  "set: the synthesis stage sets generator.background_source (e.g. "
                                  "BaseModelBackgrounds over the base model); or set backgrounds to a "
                                  "folder of photos")
             return self.background_source
         if self.background_source is not None:
-            raise ValueError(f"synthesis.cut_paste.backgrounds={setting!r} (a folder) but a "
+            raise ValueError(f"generator.cut_paste.backgrounds={setting!r} (a folder) but a "
                              "background_source was also given: set backgrounds=generated to use "
                              "the source, or drop the source to use the folder")
         if self._folder is None or self._folder.location != setting:
-            self._folder = FolderBackgrounds(setting, self.settings.storage.s3_endpoint)
+            self._folder = FolderBackgrounds(setting, self.services.s3_endpoint)
         return self._folder
 
     def _backgrounds(self, seeds: list[int], size: int) -> list[Image.Image]:
@@ -246,8 +305,7 @@ class CutPasteGenerator(RealPhotosGenerator):
 
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         self.loaded_instance(rows)
-        syn = self.settings.synthesis
-        size, cut_paste = syn.resolution, syn.cut_paste
+        size, cut_paste = self.sampler.resolution, self.section
         placements = [draw_placement(row.seed, cut_paste) for row in rows]
         backgrounds = self._backgrounds([p.background_seed for p in placements], size)
         out = []

@@ -41,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from persrep.config import DreamBoothSettings, content_key
+from persrep.config import content_key
 from persrep.keys import result_settings
-from persrep.generation.base import (IDENTIFIER, Capabilities, GeneratorArtifact, InstanceData, PersonalizedGenerator,
-                                     SampledImage, SampleRow, instance_data_key, register_generator)
+from persrep.generation.base import (IDENTIFIER, Capabilities, GeneratorArtifact, InstanceData, MemoryNeed,
+                                     PersonalizedGenerator, Sampler, SampledImage, SampleRow, Services, SharedInput,
+                                     instance_data_key, register_generator, unet_activation_gb)
+from persrep.generation.dreambooth_settings import DreamBoothSettings
 from persrep.hashing import stable_seed
 from persrep.models.diffusion import (TINY, DiffusionComponents, component_identity, generate_grouped,
                                       generate_images, load_components, make_pipeline)
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 BENCHMARK_IMAGES_PER_INSTANCE = 3
+CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale
+CLASS_IMAGES = "class_images"  # the shared input it reads at generator prep
 _warned_no_8bit = False
 
 
@@ -420,15 +424,16 @@ def _sample_rows(pipe, rows: list[SampleRow], synthesis: Any) -> list[SampledIma
 
 
 class BaseModelSampler:
-    """Samples the un-personalised base model for category negatives (never the identifier)."""
+    """Samples the un-personalised base model for category negatives (never the identifier).
+    ``sampler``: the shared sampler section (:class:`~persrep.generation.base.Sampler`)."""
 
-    def __init__(self, settings: Any, device: Any = None):
-        self.settings = settings
+    def __init__(self, sampler: Sampler, device: Any = None):
+        self.sampler = sampler
         self.device = device
         self._pipe = None
 
     def negative_prompt(self, category: str) -> str:
-        return self.settings.generator.dreambooth.class_prompt.format(category=category)
+        return self.sampler.class_prompt.format(category=category)
 
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         leaking = [r.prompt for r in rows if IDENTIFIER in r.prompt]
@@ -436,9 +441,8 @@ class BaseModelSampler:
             raise ValueError(f"base-model prompts must not contain the identifier {IDENTIFIER}: "
                              f"{leaking[0]!r} (negatives show the category, not the instance)")
         if self._pipe is None:
-            base = self.settings.generator.base_model
-            self._pipe = make_pipeline(load_components(base, self.device), self.settings.synthesis.scheduler)
-        return _sample_rows(self._pipe, rows, self.settings.synthesis)
+            self._pipe = make_pipeline(load_components(self.sampler.base_model, self.device), self.sampler.scheduler)
+        return _sample_rows(self._pipe, rows, self.sampler)
 
 
 @register_generator
@@ -449,18 +453,71 @@ class DreamBoothGenerator(PersonalizedGenerator):
     needs_training = True
     capabilities = Capabilities(trains_per_instance=True, uses_guidance=True, uses_captions=True,
                                 needs_base_model=True, shared_inputs=frozenset({"class_images"}))
+    settings_class = DreamBoothSettings
+    section_name = "dreambooth"  # generator.dreambooth (masked_dreambooth reads it too)
     masked = False
 
     @classmethod
-    def from_context(cls, ctx: Any, category: str, stage: str) -> "DreamBoothGenerator":
+    def create(cls, section: DreamBoothSettings, sampler: Sampler, services: Services, category: str,
+               stage: str) -> "DreamBoothGenerator":
         """At generator prep: the category's prior-preservation images from their shared unit."""
-        gen = cls(ctx.settings)
+        gen = cls(section, sampler, services)
         if stage == "generator_prep":
-            gen.prior_images = ctx.shared_images("class_images", category)
+            gen.prior_images = services.shared_images(CLASS_IMAGES, category)
         return gen
 
-    def __init__(self, settings: Any, device: Any = None):
-        super().__init__(settings, device)
+    @classmethod
+    def template_prompt(cls, section: DreamBoothSettings, sampler: Sampler, category: str) -> str:
+        return section.instance_prompt.format(category=category)
+
+    @classmethod
+    def shared_input(cls, kind: str, section: DreamBoothSettings, sampler: Sampler,
+                     category: str) -> SharedInput | None:
+        """``class_images``: the category's prior-preservation images (none without prior loss)."""
+        db = section
+        if kind != CLASS_IMAGES or not (db.prior_preservation and db.prior_loss_weight > 0 and db.num_class_images > 0):
+            return None
+        return SharedInput([db.class_prompt.format(category=category)], db.num_class_images, db.seed,
+                           {"steps": sampler.inference_steps, "scheduler": sampler.scheduler,
+                            "cfg": CLASS_GUIDANCE, "resolution": db.resolution})
+
+    @classmethod
+    def draw_shared(cls, kind: str, spec: SharedInput, category: str, section: DreamBoothSettings,
+                    sampler: Sampler) -> list[Image.Image]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the published unit is the cache
+            return class_images(sampler.base_model, category, spec.count, section.resolution, spec.seed, tmp,
+                                section.class_prompt, sampler.inference_steps, guidance_scale=CLASS_GUIDANCE,
+                                scheduler=sampler.scheduler, batch_size=sampler.batch_size)
+
+    @classmethod
+    def prep_memory(cls, section: DreamBoothSettings, sampler: Sampler, on_gpu: bool,
+                    diffusion_params: Callable[[], dict[str, int]]) -> MemoryNeed:
+        """Weights (fp32, UNet + text encoder + VAE) + gradients and AdamW state of the trained
+        parameters (LoRA: ~1 % of the UNet) + UNet activations (persrep.pipeline.memory)."""
+        db, p = section, diffusion_params()
+        total, B = sum(p.values()), 4 / 1e9
+        trained = (p["unet"] * (0.01 if db.use_lora else 1.0)
+                   + (p["text_encoder"] if db.train_text_encoder and not db.use_lora else 0))
+        opt_bytes = 2 if (db.use_8bit_adam and on_gpu) else 8
+        images = db.batch_size * (2 if db.prior_preservation else 1)
+        act = unet_activation_gb(p["unet"], db.resolution, images, db.gradient_checkpointing)
+        train = {"weights": total * B, "gradients": trained * B, "optimiser": trained * opt_bytes / 1e9,
+                 "activations": act}
+        parts = {"weights (staged)": total * B} if on_gpu else train
+        return MemoryNeed(parts, sum(train.values()) if on_gpu else None,
+                          "generator.dreambooth.resolution, .batch_size, .use_lora")
+
+    @classmethod
+    def device_notes(cls, section: DreamBoothSettings, cuda: bool | None = None) -> list[str]:
+        from persrep.models.accelerator import dreambooth_gpu_notes
+
+        return dreambooth_gpu_notes(section, cuda)
+
+    def __init__(self, section: DreamBoothSettings, sampler: Sampler, services: Services | None = None,
+                 device: Any = None):
+        super().__init__(section, sampler, services, device)
         self._pipe = None
         self.progress: Callable[[int, float], None] | None = None  # set to watch training
         # prior-preservation images drawn once per category by the pipeline (shared_images);
@@ -468,9 +525,9 @@ class DreamBoothGenerator(PersonalizedGenerator):
         self.prior_images: list[Image.Image] | None = None
 
     def settings_for_key(self) -> dict[str, Any]:
-        db, syn = self.settings.generator.dreambooth, self.settings.synthesis
+        db, syn = self.section, self.sampler
         prior = {"steps": syn.inference_steps, "scheduler": syn.scheduler} if db.prior_preservation else None
-        return {"base": component_identity(self.settings.generator.base_model),
+        return {"base": component_identity(syn.base_model),
                 "dreambooth": result_settings(db, "generator.dreambooth"),
                 "masked": self.masked, "class_image_sampler": prior}
 
@@ -478,7 +535,7 @@ class DreamBoothGenerator(PersonalizedGenerator):
         """Train on ``instance``. Class images are cached in ``out_dir/class_images`` (share ``out_dir``
         across instances to reuse them per category)."""
         check_instance_images(instance, self.masked)
-        db, syn, base = self.settings.generator.dreambooth, self.settings.synthesis, self.settings.generator.base_model
+        db, syn, base = self.section, self.sampler, self.sampler.base_model
         priors = None
         if db.prior_preservation and db.prior_loss_weight > 0 and db.num_class_images > 0:
             priors = self.prior_images or class_images(base, instance.category, db.num_class_images, db.resolution, db.seed,
@@ -500,9 +557,9 @@ class DreamBoothGenerator(PersonalizedGenerator):
     def load(self, artifact: GeneratorArtifact) -> None:
         if artifact.generator_type != self.type_name:
             raise ValueError(f"artifact of type {artifact.generator_type!r} given to {self.type_name!r}")
-        components = load_components(self.settings.generator.base_model, self.device)
-        apply_dreambooth_weights(components, artifact.files, self.settings.generator.dreambooth.lora_rank)
-        self._pipe = make_pipeline(components, self.settings.synthesis.scheduler)
+        components = load_components(self.sampler.base_model, self.device)
+        apply_dreambooth_weights(components, artifact.files, self.section.lora_rank)
+        self._pipe = make_pipeline(components, self.sampler.scheduler)
 
     def sample(self, rows: list[SampleRow]) -> list[SampledImage]:
         if self._pipe is None:
@@ -512,7 +569,7 @@ class DreamBoothGenerator(PersonalizedGenerator):
             raise ValueError(f"{self.type_name} samples positives only; negatives come from the base "
                              "model (BaseModelSampler), got a row with role "
                              f"{negatives[0].role!r}")
-        return _sample_rows(self._pipe, rows, self.settings.synthesis)
+        return _sample_rows(self._pipe, rows, self.sampler)
 
 
 @register_generator

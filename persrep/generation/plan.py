@@ -9,7 +9,8 @@ Negatives come from the *base* (un-personalised) generator with the category pro
 contain the identifier; there is one negatives pool per (category, CFG, caption source), shared
 by every instance of the category and every personalised generator type.
 
-Prompt sources: ``template`` (the DreamBooth instance prompt), ``captions`` (a file, below),
+Prompt sources: ``template`` (the generator type's :meth:`~persrep.generation.base.PersonalizedGenerator.template_prompt`:
+the run's template instance prompt, :class:`~persrep.generation.base.Sampler`), ``captions`` (a file, below),
 ``prompts`` (a list given in the settings, ``synthesis.prompts``, ``{category}`` filled in) and
 ``llm`` (captions written per category by a language model: ``persrep/pipeline/stages/captions.py``
 generates them before synthesis; ``build_rows`` gets them as ``llm_captions``).
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import IDENTIFIER, SampleRow, generator_caps
+from persrep.generation.base import IDENTIFIER, Sampler, SampleRow, generator_caps, generator_class, section_of
 from persrep.hashing import stable_seed
 
 NEGATIVE_GENERATOR = "base"
@@ -173,7 +174,8 @@ def positive_prompt(settings: Settings, cfg: DataConfig, instance: str, category
     if cfg.caption_source == "prompts":
         user = settings.synthesis.prompts or []
         return user[i % len(user)].replace("{category}", category)
-    return settings.generator.dreambooth.instance_prompt.format(category=category)
+    cls = generator_class(cfg.generator)  # the type's own template (its section, or the run's)
+    return cls.template_prompt(section_of(cls, settings), Sampler.of(settings), category)
 
 
 def negative_prompt(settings: Settings, caption_source: str, category: str, i: int,
@@ -188,7 +190,7 @@ def negative_prompt(settings: Settings, caption_source: str, category: str, i: i
     if caption_source == "prompts":
         user = settings.synthesis.prompts or []
         return strip_identifier(user[i % len(user)].replace("{category}", category))
-    prompt = settings.generator.dreambooth.class_prompt.format(category=category)
+    prompt = Sampler.of(settings).class_prompt.format(category=category)  # the base model's class prompt
     return strip_identifier(prompt)
 
 

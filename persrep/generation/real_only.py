@@ -82,8 +82,8 @@ class RealPhotosGenerator(PersonalizedGenerator):
 
     needs_training = False
 
-    def __init__(self, settings: Any, device: Any = None):
-        super().__init__(settings, device)
+    def __init__(self, section: Any, sampler: Any, services: Any = None, device: Any = None):
+        super().__init__(section, sampler, services, device)
         self.instance: InstanceData | None = None
 
     def settings_for_key(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def cuda_available() -> bool:
 def dreambooth_gpu_notes(db: Any, cuda: bool | None = None) -> list[str]:
     """One warning line per GPU-only DreamBooth setting (``generator.dreambooth``) that is on but
     cannot apply on this machine. Whether the run trains a diffusion model at all is the caller's
-    question (``persrep.pipeline.context.cpu_fallback_notes`` asks the generator types)."""
+    question (``DreamBoothGenerator.device_notes``, asked by ``persrep.generation.base.device_notes``)."""
     cuda = cuda_available() if cuda is None else cuda
     notes = []
     if not cuda:

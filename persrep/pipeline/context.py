@@ -18,7 +18,7 @@ from typing import Any
 
 from persrep.config import Settings, content_key
 from persrep.data.check import check_dataset
-from persrep.generation.base import any_generator, generator_caps
+from persrep.generation.base import any_generator, generator_caps, uses_base_model
 from persrep.data.layout import (DatasetError, InstanceDataset, is_image_name, open_dataset, resolve_data_path,
                                  select_instances)
 from persrep.storage import Storage, StorageError
@@ -58,7 +58,7 @@ class RunContext:
 
     def shared_images(self, kind: str, category: str) -> list[Any] | None:
         """The category's published shared images of ``kind`` (``persrep.pipeline.shared_images``),
-        or None when this run has no such unit: what generator factories read (``from_context``)."""
+        or None when this run has no such unit: what generator factories read (``generator_for``)."""
         from persrep.pipeline.shared_images import shared_unit
         from persrep.pipeline.stages.base_images import read_shared_images
 
@@ -123,11 +123,8 @@ def preflight_models(settings: Settings) -> list[str]:
         ident = backbone_identity(bs)  # raises WeightsUnavailableError with the fix
         require_weights(bs)  # hub weights neither cached nor downloadable: the same, now
         notes.append(f"backbone {bs.name}: weights {ident.get('weights_source')}")
-    types = settings.generator.types
-    diffusion_needed = (any_generator(types, lambda c: c.needs_base_model)
-                        or settings.personalization.negatives == "generated"
-                        or settings.synthesis.cut_paste.backgrounds == "generated"
-                        and any_generator(types, lambda c: "backgrounds" in c.shared_inputs))
+    # a type that draws from the base model (its own say: DreamBooth, generated backgrounds), or generated negatives
+    diffusion_needed = uses_base_model(settings) or settings.personalization.negatives == "generated"
     if diffusion_needed:
         from persrep.models.diffusion import component_identity, require_available
         from persrep.pipeline.inputs import check_model_source
@@ -144,13 +141,11 @@ def preflight_models(settings: Settings) -> list[str]:
 
 
 def cpu_fallback_notes(settings: Settings, cuda: bool | None = None) -> list[str]:
-    """GPU-only settings on a machine without CUDA: one warning each, when a generator type trains
-    a diffusion model (its capabilities say so); persrep.models.accelerator words them."""
-    from persrep.models.accelerator import dreambooth_gpu_notes
+    """GPU-only settings on a machine without CUDA: one warning each, from each configured generator
+    type's own section (its ``device_notes``; DreamBooth's: persrep.models.accelerator)."""
+    from persrep.generation.base import device_notes
 
-    if not any_generator(settings.generator.types, lambda c: c.trains_per_instance and c.needs_base_model):
-        return []
-    return dreambooth_gpu_notes(settings.generator.dreambooth, cuda)
+    return device_notes(settings, cuda)  # each configured type's own section
 
 
 def run_needs_categories(settings: Settings) -> bool:
@@ -176,7 +171,7 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     check_settings_inputs(settings)  # counts that fail every unit, captions file and model: no data needed
     storage = Storage.from_settings(settings.storage)
     storage.check_writable()
-    notes = preflight_models(settings)
+    notes = [*settings.notes, *preflight_models(settings)]  # old spellings read (config.migrate_settings)
     t0 = time.perf_counter()
     data_path = materialise_data(settings, storage, progress)
     ds = open_dataset(data_path, settings.storage.s3_endpoint)

@@ -9,8 +9,8 @@ only where the run's settings use it:
   with generated negatives;
 - ``synthesis.captions_file`` (caption source ``captions``): it exists, is a JSON object of
   captions with ``<new1>``, and covers every selected instance (or its category);
-- ``synthesis.cut_paste.backgrounds`` (a folder, when a generator type uses backgrounds): it is
-  a folder (not a file) holding images;
+- what each configured generator type's own section names (its ``check_inputs``; cut-and-paste:
+  ``generator.cut_paste.backgrounds``, a folder, is a folder holding images);
 - ``synthesis.captions.model`` / ``.endpoint`` (caption source ``llm``): a local model directory
   exists with its ``config.json`` (a hub id is in the cache when offline); an endpoint is an
   ``http(s)://`` URL whose host accepts a connection.
@@ -72,7 +72,7 @@ def check_run_inputs(settings: Any, instances: dict[str, str], resolve: Any) -> 
     ``@data/x`` -> a path or URI, ``RunContext.resolve_data_path``): the captions file covers
     every instance, the backgrounds folder holds images."""
     check_captions_cover(settings, instances)
-    check_backgrounds(settings, resolve)
+    check_generator_inputs(settings, resolve)
 
 
 def synthesises_positives(settings: Any) -> bool:
@@ -129,34 +129,17 @@ def check_captions_cover(settings: Any, instances: dict[str, str]) -> None:
                           "instance(s) without captions): add one per instance or category")
 
 
-def check_backgrounds(settings: Any, resolve: Any) -> None:
-    from persrep.generation.cut_paste import GENERATED
-    from persrep.pipeline.shared_images import BACKGROUNDS
+def check_generator_inputs(settings: Any, resolve: Any) -> None:
+    """Each configured generator type checks what its own section names (cut-and-paste: its
+    backgrounds folder holds images), through its ``check_inputs`` class method."""
+    from persrep.generation.base import generator_class, section_key, section_of
 
-    where = settings.synthesis.cut_paste.backgrounds
-    if where == GENERATED or not any_generator(settings.generator.types,
-                                               lambda c: BACKGROUNDS in c.shared_inputs):
-        return
-    from persrep.data.layout import is_image_name
-    from persrep.storage import Storage, StorageError
-
-    fix = "give a folder of background photos (e.g. @data/backgrounds), or use backgrounds=generated"
-    try:
-        location = resolve(where)
-        if "://" not in location:
-            p = Path(location)
-            if not p.exists():
-                raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {location} not found: {fix}")
-            if not p.is_dir():
-                raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {location} is a file, "
-                                  f"not a folder: {fix}")
-        files = Storage(location, settings.storage.s3_endpoint).list_files()
-    except (StorageError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: {str(exc)[:240]} ({fix})") from None
-    if not any(is_image_name(f.rsplit("/", 1)[-1]) for f, _ in files):
-        raise ConfigError(f"synthesis.cut_paste.backgrounds={where}: no images in {location}: {fix}")
+    seen: set[Any] = set()
+    for type_name in settings.generator.types:
+        cls = generator_class(type_name)
+        if section_key(cls) not in seen:
+            seen.add(section_key(cls))
+            cls.check_inputs(section_of(cls, settings), resolve, settings.storage.s3_endpoint)
 
 
 def _looks_like_path(value: str) -> bool:

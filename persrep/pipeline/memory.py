@@ -11,7 +11,8 @@ activation sizes from one ``meta`` forward pass of the backbone at the configure
 (the sum of every leaf module's output: what autograd keeps for the backward pass). Then:
 
 =================  ==========================================================================
-generator prep     weights (fp32, UNet + text encoder + VAE) + gradients and AdamW state (4 + 8
+generator prep     the largest ``prep_memory`` of the configured types that train (the generator
+                   class's method, from its own section); DreamBooth's: weights (fp32, UNet + text encoder + VAE) + gradients and AdamW state (4 + 8
                    bytes per trained parameter; LoRA: ~1 % of the UNet) + UNet activations
                    (calibrated on SD 1.5: 2.5 GB per 512 px image with gradient checkpointing,
                    10 GB without, scaled by resolution^2, batch, prior preservation and UNet size)
@@ -55,6 +56,7 @@ class Estimate:
     parts: dict[str, float] = field(default_factory=dict)  # GB by component
     basis: str = "estimate"  # "estimate" | "resources.memory_gb" | "whole node"
     gpu_gb: float | None = None  # on a GPU: device memory the unit needs (information)
+    sized_by: str | None = None  # the settings that size it (else SIZE_SETTINGS[stage])
 
     @property
     def bytes(self) -> int:
@@ -160,13 +162,6 @@ def backbone_size(name: str, weights: str, image_size: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # per-stage estimates
-def _unet_activation_gb(settings: Any, unet_params: int, resolution: int, images: int,
-                        checkpointing: bool, inference: bool = False) -> float:
-    scale = (resolution / 512) ** 2 * images * (unet_params / SD15_PARAMS["unet"])
-    per_image = 0.6 if inference else (2.5 if checkpointing else 10.0)
-    return per_image * scale
-
-
 def estimate_stage(settings: Any, stage: str, on_gpu: bool = False, cache_size: int = 2) -> Estimate:
     """The memory one unit of ``stage`` reserves (override: ``resources.memory_gb.<stage>``)."""
     override = getattr(settings.resources.memory_gb, stage)
@@ -175,28 +170,22 @@ def estimate_stage(settings: Any, stage: str, on_gpu: bool = False, cache_size: 
     B = 4 / 1e9  # fp32 bytes per element, in GB
     parts: dict[str, float] = {}
     gpu = None
-    if stage in ("generator_prep", "synthesis"):
+    sized_by = None
+    if stage == "generator_prep":
+        need = prep_memory(settings, on_gpu)
+        parts, gpu, sized_by = dict(need.parts), need.gpu_gb, need.sized_by or None
+    elif stage == "synthesis":
+        from persrep.generation.base import unet_activation_gb
+
         p = diffusion_params(settings.generator.base_model)
         total = sum(p.values())
-        db = settings.generator.dreambooth
-        if stage == "generator_prep":
-            trained = (p["unet"] * (0.01 if db.use_lora else 1.0)
-                       + (p["text_encoder"] if db.train_text_encoder and not db.use_lora else 0))
-            opt_bytes = 2 if (db.use_8bit_adam and on_gpu) else 8
-            images = db.batch_size * (2 if db.prior_preservation else 1)
-            act = _unet_activation_gb(settings, p["unet"], db.resolution, images, db.gradient_checkpointing)
-            train = {"weights": total * B, "gradients": trained * B, "optimiser": trained * opt_bytes / 1e9,
-                     "activations": act}
-            gpu = sum(train.values()) if on_gpu else None
-            parts = {"weights (staged)": total * B} if on_gpu else train
-        else:
-            syn = settings.synthesis
-            act = _unet_activation_gb(settings, p["unet"], syn.resolution, syn.batch_size * 2, False, True)
-            copies = max(1, cache_size)
-            infer = {"weights": copies * total * B, "activations": act,
-                     "filter": 0.1 if syn.filter.enabled else 0.0}
-            gpu = (copies * total * 2 / 1e9 + act / 2) if on_gpu else None
-            parts = {"weights (staged)": total * B} if on_gpu else infer
+        syn = settings.synthesis  # cache_size loaded generators of the base model's size + inference
+        act = unet_activation_gb(p["unet"], syn.resolution, syn.batch_size * 2, False, True)
+        copies = max(1, cache_size)
+        infer = {"weights": copies * total * B, "activations": act,
+                 "filter": 0.1 if syn.filter.enabled else 0.0}
+        gpu = (copies * total * 2 / 1e9 + act / 2) if on_gpu else None
+        parts = {"weights (staged)": total * B} if on_gpu else infer
     elif stage in ("personalization", "evaluation"):
         largest = 0.0
         for bs in settings.personalization.backbones:
@@ -219,7 +208,21 @@ def estimate_stage(settings: Any, stage: str, on_gpu: bool = False, cache_size: 
         raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
     parts["process"] = PROCESS_GB
     return Estimate(stage, round(sum(parts.values()), 2), {k: round(v, 2) for k, v in parts.items()},
-                    gpu_gb=round(gpu, 2) if gpu is not None else None)
+                    gpu_gb=round(gpu, 2) if gpu is not None else None, sized_by=sized_by)
+
+
+def prep_memory(settings: Any, on_gpu: bool) -> Any:
+    """The largest generator-prep need among the configured types that train per instance, each
+    from its own section (:meth:`~persrep.generation.base.PersonalizedGenerator.prep_memory`)."""
+    from persrep.generation.base import MemoryNeed, Sampler, generator_class, section_of
+
+    needs = [MemoryNeed({})]
+    for type_name in settings.generator.types:
+        cls = generator_class(type_name)
+        if cls.capabilities.trains_per_instance:
+            needs.append(cls.prep_memory(section_of(cls, settings), Sampler.of(settings), on_gpu,
+                                         lambda: diffusion_params(settings.generator.base_model)))
+    return max(needs, key=lambda n: sum(n.parts.values()))  # the first of equals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def concurrency(node: NodeShape, cpus: float, gpus: float, memory_gb: float) -> 
 
 
 # the settings that size one unit's memory, per stage (named in the refusal)
-SIZE_SETTINGS = {"generator_prep": "generator.dreambooth.resolution, .batch_size, .use_lora",
+SIZE_SETTINGS = {"generator_prep": "the generator section's resolution and batch size",
                  "synthesis": "synthesis.resolution, synthesis.batch_size",
                  "personalization": "personalization.batch_size, personalization.backbones[].image_size",
                  "evaluation": "evaluation.batch_size, evaluation.dense_input_size"}
@@ -289,7 +292,7 @@ def _no_fit(stage: str, est: "Estimate", cpus: float, gpus: float, nodes: list[N
                 f"{most_gpus:g}: lower {key}, or add a node with more GPUs")
     return (f"{stage}: one unit needs {est.describe()} of memory but the largest node offers "
             f"{largest:.1f} GiB to Ray: use a node with more memory, make the unit smaller "
-            f"({SIZE_SETTINGS.get(stage, 'resolution, batch size')}; LoRA instead of full fine-tuning), "
+            f"({est.sized_by or SIZE_SETTINGS.get(stage, 'resolution, batch size')}; LoRA instead of full fine-tuning), "
             f"or set resources.memory_gb.{stage} if you measured less")
 
 
@@ -311,7 +314,7 @@ def plan_stages(settings: Any, units: dict[str, int], nodes: list[NodeShape],
             # Ray offers less than the node has (its object store and a safety margin are kept
             # back): a unit this close to the node's size runs alone on it, and the plan says so
             # exactly the node's figure: rounded, 15.996 GiB became 16.0 and then fitted nowhere
-            est = Estimate(stage, largest, est.parts, "whole node", est.gpu_gb)
+            est = Estimate(stage, largest, est.parts, "whole node", est.gpu_gb, est.sized_by)
         best = max(nodes, key=lambda nd: concurrency(nd, cpus, gpus, est.gb))
         per_node = concurrency(best, cpus, gpus, est.gb)
         if per_node < 1:

@@ -2,7 +2,7 @@
 
 After :mod:`persrep.pipeline.paths` made every path absolute on the driver:
 * an **input** path (``data.path``, ``personalization.external_negatives``,
-  ``synthesis.cut_paste.backgrounds``, ``synthesis.captions_file``, ``generator.base_model``, a
+  ``generator.cut_paste.backgrounds``, ``synthesis.captions_file``, ``generator.base_model``, a
   backbone's ``weights``) inside the storage root is refused, except under ``<root>/datasets/``
   (where the job itself writes the toy world and converted PODS sets): everything else there is the
   run's output (units, runs, Tune state), which a run would then read as input and rewrite;

@@ -19,7 +19,7 @@ KEYWORDS = {"toy", "generated", "tiny", "offline", "none"}
 PATH_SETTINGS: tuple[tuple[str, bool], ...] = (
     ("data.path", False),
     ("personalization.external_negatives", False),
-    ("synthesis.cut_paste.backgrounds", False),
+    ("generator.cut_paste.backgrounds", False),
     ("synthesis.captions_file", False),
     ("storage.root", False),
     ("generator.base_model", True),

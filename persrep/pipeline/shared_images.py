@@ -3,14 +3,17 @@
 The stage that plans, draws and publishes them is ``persrep.pipeline.stages.base_images``.
 
 Two kinds, both drawn from the *un-personalised* base model and published under
-``<root>/base_images/<key>/`` (``00000.png``, ... + ``MANIFEST.json`` last):
+``<root>/base_images/<key>/`` (``00000.png``, ... + ``MANIFEST.json`` last). What a unit holds and
+how it is drawn is declared by the generator type that reads it (its capabilities'
+``shared_inputs``, its ``shared_input`` and ``draw_shared`` class methods); this module loops over
+the configured types and never names one. Today's two:
 
 - ``class_images``: DreamBooth's prior-preservation images, ``class_prompt`` for the category,
   ``generator.dreambooth.num_class_images`` of them at the DreamBooth resolution. Drawn once per
   category (not once per instance, not once per worker's scratch directory) and read by every
   DreamBooth unit of the category.
-- ``backgrounds``: cut-and-paste's generated backgrounds (``synthesis.cut_paste.backgrounds:
-  generated``, the paper's setting), ``synthesis.cut_paste.num_backgrounds`` images from the
+- ``backgrounds``: cut-and-paste's generated backgrounds (``generator.cut_paste.backgrounds:
+  generated``, the paper's setting), ``generator.cut_paste.num_backgrounds`` images from the
   scene prompts :data:`~persrep.generation.cut_paste.BACKGROUND_PROMPTS`, one unit per
   (category, prompt list, seed), shared by the category's instances. A positive picks its
   background by its placement's background seed (:class:`persrep.generation.cut_paste.PublishedBackgrounds`).
@@ -21,19 +24,17 @@ model's identity and the sampler (steps, scheduler, guidance, resolution); never
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
 
 from persrep.config import Settings, content_key
-from persrep.generation.base import any_generator
-from persrep.hashing import stable_seed
+from persrep.generation.base import Sampler, SharedInput, generator_class, section_of
 from persrep.pipeline.units import Unit
 
-CLASS_GUIDANCE = 7.5  # the DreamBooth reference's class-image guidance scale
 CLASS_IMAGES, BACKGROUNDS = "class_images", "backgrounds"  # the kinds (generators' shared_inputs)
+KINDS = (CLASS_IMAGES, BACKGROUNDS)  # planned in this order, per category
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,61 +54,42 @@ def _base(settings: Settings) -> dict[str, Any]:
     return component_identity(settings.generator.base_model)
 
 
+def shared_unit(kind: str, settings: Settings, category: str) -> SharedImagesUnit | None:
+    """The category's shared unit of ``kind`` (``class_images`` / ``backgrounds``), or None: the
+    first configured generator type that declares ``kind`` among its shared inputs says what it
+    reads (:meth:`~persrep.generation.base.PersonalizedGenerator.shared_input`)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown shared images kind {kind!r}: one of {list(KINDS)}")
+    for type_name, cls, section in _declaring(settings, kind):
+        spec = cls.shared_input(kind, section, Sampler.of(settings), category)
+        if spec is not None:
+            unit = SharedImagesUnit(kind, category, list(spec.prompts), spec.count, spec.seed, dict(spec.sampler))
+            return replace(unit, key=content_key("base-images", unit.kind, unit.category, unit.prompts,
+                                                 unit.count, unit.seed, unit.sampler, _base(settings)))
+    return None
+
+
+def _declaring(settings: Settings, kind: str):
+    """(type name, class, its section) of each configured generator type that reads ``kind``."""
+    for type_name in settings.generator.types:
+        cls = generator_class(type_name)
+        if kind in cls.capabilities.shared_inputs:
+            yield type_name, cls, section_of(cls, settings)
+
+
 def class_images_unit(settings: Settings, category: str) -> SharedImagesUnit | None:
-    """The category's prior-preservation images, or None when no DreamBooth type needs them."""
-    db, syn = settings.generator.dreambooth, settings.synthesis
-    dreambooth = any_generator(settings.generator.types, lambda c: CLASS_IMAGES in c.shared_inputs)
-    if not (dreambooth and db.prior_preservation and db.prior_loss_weight > 0 and db.num_class_images > 0):
-        return None
-    unit = SharedImagesUnit("class_images", category, [db.class_prompt.format(category=category)],
-                            db.num_class_images, db.seed,
-                            {"steps": syn.inference_steps, "scheduler": syn.scheduler,
-                             "cfg": CLASS_GUIDANCE, "resolution": db.resolution})
-    return _keyed(unit, settings)
-
-
-def _keyed(unit: SharedImagesUnit, settings: Settings) -> SharedImagesUnit:
-    return replace(unit, key=content_key("base-images", unit.kind, unit.category, unit.prompts, unit.count,
-                                         unit.seed, unit.sampler, _base(settings)))
+    """The category's prior-preservation images, or None when no configured type reads them."""
+    return shared_unit(CLASS_IMAGES, settings, category)
 
 
 def backgrounds_unit(settings: Settings, category: str) -> SharedImagesUnit | None:
-    """The category's generated backgrounds, or None unless cut-and-paste draws generated ones."""
-    from persrep.generation.cut_paste import BACKGROUND_PROMPTS, GENERATED
-
-    syn = settings.synthesis
-    if not any_generator(settings.generator.types, lambda c: BACKGROUNDS in c.shared_inputs) \
-            or syn.cut_paste.backgrounds != GENERATED:
-        return None
-    unit = SharedImagesUnit("backgrounds", category, list(BACKGROUND_PROMPTS), syn.cut_paste.num_backgrounds,
-                            syn.seed, {"steps": syn.inference_steps, "scheduler": syn.scheduler,
-                                       "cfg": float(syn.cfg[0]), "resolution": syn.resolution})
-    return _keyed(unit, settings)
-
-
-def shared_unit(kind: str, settings: Settings, category: str) -> SharedImagesUnit | None:
-    """The category's shared unit of ``kind`` (``class_images`` / ``backgrounds``), or None."""
-    if kind not in (CLASS_IMAGES, BACKGROUNDS):
-        raise ValueError(f"unknown shared images kind {kind!r}: one of {[CLASS_IMAGES, BACKGROUNDS]}")
-    return (class_images_unit if kind == CLASS_IMAGES else backgrounds_unit)(settings, category)
+    """The category's generated backgrounds, or None when no configured type draws generated ones."""
+    return shared_unit(BACKGROUNDS, settings, category)
 
 
 def draw_images(settings: Settings, unit: SharedImagesUnit) -> list[Image.Image]:
-    if unit.kind == "class_images":
-        from persrep.generation.dreambooth import class_images
-
-        db, syn = settings.generator.dreambooth, settings.synthesis
-        with tempfile.TemporaryDirectory() as tmp:  # the published unit is the cache
-            return class_images(settings.generator.base_model, unit.category, unit.count, db.resolution,
-                                unit.seed, tmp, db.class_prompt, syn.inference_steps,
-                                guidance_scale=CLASS_GUIDANCE, scheduler=syn.scheduler,
-                                batch_size=syn.batch_size)
-    from persrep.generation.cut_paste import BaseModelBackgrounds
-    from persrep.generation.dreambooth import BaseModelSampler
-
-    source = BaseModelBackgrounds(BaseModelSampler(settings), unit.sampler["cfg"])
-    seeds = [stable_seed("background", unit.category, unit.seed, i) for i in range(unit.count)]
-    images: list[Image.Image] = []
-    for start in range(0, len(seeds), settings.synthesis.batch_size):
-        images += source.many(seeds[start:start + settings.synthesis.batch_size], unit.sampler["resolution"])
-    return images
+    """The unit's images, drawn by the type that declared it (the first configured one)."""
+    for _type_name, cls, section in _declaring(settings, unit.kind):
+        spec = SharedInput(unit.prompts, unit.count, unit.seed, unit.sampler)
+        return cls.draw_shared(unit.kind, spec, unit.category, section, Sampler.of(settings))
+    raise ValueError(f"shared images unit {unit.kind!r}: no configured generator type reads it")

@@ -97,7 +97,7 @@ def resolve_data(space: SweepSpace, ctx: RunContext) -> list[DataOption]:
         c = option_context(ctx, space, combo)
         s = c.settings
         pre = content_key(s.generator.types, s.generator.base_model, s.personalization.backbones,
-                          s.personalization.negatives, s.synthesis.cut_paste.backgrounds)
+                          s.personalization.negatives, s.generator.cut_paste.backgrounds)
         if pre not in preflighted:
             preflight_models(s)
             preflighted.add(pre)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from persrep.config import Settings
 from persrep.pipeline.planned import PlannedStage, StageScope
-from persrep.pipeline.shared_images import SharedImagesUnit, backgrounds_unit, class_images_unit, draw_images
+from persrep.pipeline.shared_images import KINDS, SharedImagesUnit, draw_images, shared_unit
 from persrep.pipeline.units import BASE_IMAGE_AREA
 
 STAGE = BASE_IMAGE_AREA
@@ -25,8 +25,8 @@ def plan_shared_units(settings: Settings, instances: dict[str, str]) -> list[Sha
     """Every shared unit the run needs: per category of the selected instances, each kind once."""
     out = []
     for category in sorted(set(instances.values())):
-        for make in (class_images_unit, backgrounds_unit):
-            unit = make(settings, category)
+        for kind in KINDS:
+            unit = shared_unit(kind, settings, category)
             if unit is not None:
                 out.append(unit)
     return out

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from persrep.generation.base import GeneratorArtifact, generator_caps, generator_class, get_generator
+from persrep.generation.base import GeneratorArtifact, generator_caps, generator_class, generator_for, get_generator
 from persrep.pipeline.context import RunContext
 from persrep.pipeline.executor import Outcome
 from persrep.pipeline.instance_data import instance_data, scratch_dir
@@ -57,7 +57,7 @@ def run_generator_unit(ctx: RunContext, unit: GeneratorUnit) -> dict[str, Any]:
         return {"status": "skipped", "key": key}
     t0, started_at = time.perf_counter(), time.time()
     # the type's factory reads what it shares per category (DreamBooth: its class images)
-    gen = generator_class(gtype).from_context(ctx, ctx.instances[name], "generator_prep")
+    gen = generator_for(ctx, gtype, ctx.instances[name], "generator_prep")
     artifact = gen.prepare(instance_data(ctx, name), scratch_dir(ctx, "class_images"))
     if artifact.key != key:
         raise RuntimeError(f"{gtype} {name}: artifact key {artifact.key} != planned {key}")

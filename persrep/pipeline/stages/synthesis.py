@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from persrep.config import content_key
 from persrep.generation import shards
-from persrep.generation.base import SampleRow, generator_class
+from persrep.generation.base import SampleRow, Sampler, generator_class, generator_for, synthesis_key_settings
 from persrep.generation.plan import NEGATIVE_GENERATOR, RowGroup, build_groups
 from persrep.generation.shards import publish_unit, record
 from persrep.keys import result_settings
@@ -149,7 +149,7 @@ def synthesis_unit(ctx: RunContext, group: RowGroup, rows: list, ready: dict[tup
         gkey = ready.get((generator, owner)) if caps.trains_per_instance else None
         if caps.trains_per_instance and gkey is None:
             return None  # its generator failed: recorded in generator_prep
-        sampler = cls.synthesis_settings(settings)
+        sampler = synthesis_key_settings(generator, settings)
         if BACKGROUNDS in caps.shared_inputs:
             shared = backgrounds_unit(settings, ctx.instances[owner])
             if shared is not None:  # generated backgrounds: their unit's key is an input
@@ -175,14 +175,14 @@ def plan_synthesis_units(ctx: RunContext, ready: dict[tuple[str, str], str]) -> 
 # -- computing one unit (both paths) --------------------------------------------------------------
 def open_sampler(ctx: RunContext, unit: SynthesisUnit):
     """What draws a synthesis unit's rows, loaded: the base model for negatives, else the unit's
-    generator built by its type's factory (``from_context``) and loaded with its artifact. One
+    generator built by its type's factory (``generator_for``) and loaded with its artifact. One
     body for the in-process loop and the Ray Data actors."""
     if unit.generator == NEGATIVE_GENERATOR:
         from persrep.generation.dreambooth import BaseModelSampler
 
-        return BaseModelSampler(ctx.settings)
+        return BaseModelSampler(Sampler.of(ctx.settings))
     cls = generator_class(unit.generator)
-    gen = cls.from_context(ctx, ctx.instances[unit.instance], "synthesis")
+    gen = generator_for(ctx, unit.generator, ctx.instances[unit.instance], "synthesis")
     if cls.needs_training:
         gen.load(load_artifact(ctx.storage, unit.generator, unit.instance, unit.generator_key or ""))
     else:
