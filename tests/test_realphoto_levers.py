@@ -45,6 +45,9 @@ def cluttered_scene(seed: int, size: int = 160) -> tuple[Image.Image, np.ndarray
 
 
 def _grabcut(**over):
+    import cv2
+
+    cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's process-wide RNG: earlier tests move it
     s = load_settings("local").segmentation.model_copy(update={"init": "box", "margin": 0.02, **over})
     return get_segmenter("grabcut", s)
 
