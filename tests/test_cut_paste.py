@@ -310,7 +310,7 @@ def test_one_data_path_resolver_for_generators_and_the_run_context(tmp_path, mon
 
     assert resolve_data_path is layout_resolve
     ctx = RunContext.__new__(RunContext)
-    ctx.data_path = "s3://bucket/pods/"
+    object.__setattr__(ctx, "data_path", "s3://bucket/pods/")  # the context is frozen once built
     assert ctx.resolve_data_path("@data/bg") == resolve_data_path("@data/bg", "s3://bucket/pods/") \
         == "s3://bucket/pods/bg"
     monkeypatch.chdir(tmp_path)
