@@ -18,7 +18,7 @@ from persrep.report.gallery import GALLERY_CSS
 from persrep.report.plots import (plot_cfg_curves, plot_retrieval_examples, plot_scene_bars,
                                   plot_task_bars)
 from persrep.report.notes import sort_notes
-from persrep.report.sections import (failure_reasons, instance_section, md_table, short_paths,
+from persrep.report.sections import (HTML, MD, failure_reasons, instance_section, md_table, short_paths,
                                      verdict_section, warnings_section)
 from persrep.report.tables import (HEADLINE, METRIC_NAME, _all_metrics, _headline_rows, _scenes,
                                    _skipped, _tasks, backbone_task_table, format_cell,
@@ -163,20 +163,9 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     meta = _subtitle(run, frame, table)
     md += [" · ".join(meta), ""]
 
-    if run.leakage:
-        h.append(f'<div class="leak"><strong>⚠ Leakage warning: in-pool negatives</strong>'
-                 f"{html.escape(LEAKAGE_TEXT)}</div>")
-        md += [f"> **⚠ LEAKAGE WARNING: in-pool negatives.** {LEAKAGE_TEXT}", ""]
-    fb = run.fallbacks
-    if len(fb):
-        names = ", ".join(f"{r.data_config}:{r.instance}" for r in fb.head(12).itertuples())
-        text = (f"{len(fb)} adapter(s) were trained on the instance's real photos, not on the synthetic "
-                f"positives their data configuration names: their filter kept too few images "
-                f"(synthesis.filter.on_empty=real_only). Rows labelled positives=real_only_fallback: {names}"
-                + (" ..." if len(fb) > 12 else ""))
-        h.append(f'<div class="leak"><strong>⚠ Fallback: not trained on what the label says</strong>'
-                 f"{html.escape(text)}</div>")
-        md += [f"> **⚠ FALLBACK.** {text}", ""]
+    bh, bmd = _banners(run)
+    h += bh
+    md += bmd
 
     # the verdict, then (a): the first screen
     sk = _skipped(frame)
@@ -221,15 +210,76 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     h += ih
     md += imd
 
-    def add_plot(path: Path, caption: str) -> None:
-        h.append(_img_tag(path, caption))
-        md.extend([f"![{caption}](plots/{path.name})", ""])
-
     p = plot_task_bars(frame, plots_dir / "tasks.png")
     if p:
-        add_plot(p, "Headline metric per task: pretrained vs personalised, per backbone")
+        _add(h, md, p, "Headline metric per task: pretrained vs personalised, per backbone")
 
-    # (b): only with more than one personalised data configuration on a backbone
+    for part in (_generation_section(frame, tasks, plots_dir), _scene_section(frame, plots_dir)):
+        h += part[0]
+        md += part[1]
+
+    # (d) compute vs quality (with more than one configuration), then the per-instance galleries
+    h_more, md_more = _compute_and_galleries(run, frame, out, plots_dir)
+    h += h_more
+    md += md_more
+
+    # retrieval examples
+    if examples:
+        p = plot_retrieval_examples(examples, plots_dir / "retrieval_examples.png")
+        if p:
+            h.append("<h2>Retrieval examples</h2>")
+            md += ["## Retrieval examples", ""]
+            _add(h, md, p, "Queries and their top-ranked gallery images "
+                           "(green = same instance, red = another instance)")
+
+    # run details, folded: paths, notes, every metric, skipped tasks, stages, costs, settings
+    dh, dmd = _run_details(run, frame, info_notes, sk, redact_obj, redact_text)
+    h += dh
+    md += dmd
+
+    subtitle = html.escape(" · ".join(meta))
+    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"/>'
+           f'<meta name="viewport" content="width=device-width, initial-scale=1"/>'
+           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+           f'<header><h1>{html.escape(title)}</h1><div class="meta">{subtitle}</div></header>'
+           f"<main>{''.join(h)}</main></body></html>")
+    (out / "report.html").write_text(doc, encoding="utf-8")
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return out / "report.html"
+
+
+def _add(h: HTML, md: MD, path: Path, caption: str) -> None:
+    """Append a plot: an image (HTML) and a Markdown image line."""
+    h.append(_img_tag(path, caption))
+    md.extend([f"![{caption}](plots/{path.name})", ""])
+
+
+def _banners(run: Any) -> tuple[HTML, MD]:
+    """Red banners above the verdict: in-pool negatives (leakage), adapters trained on a fallback."""
+    h: HTML = []
+    md: MD = []
+    if run.leakage:
+        h.append(f'<div class="leak"><strong>⚠ Leakage warning: in-pool negatives</strong>'
+                 f"{html.escape(LEAKAGE_TEXT)}</div>")
+        md += [f"> **⚠ LEAKAGE WARNING: in-pool negatives.** {LEAKAGE_TEXT}", ""]
+    fb = run.fallbacks
+    if len(fb):
+        names = ", ".join(f"{r.data_config}:{r.instance}" for r in fb.head(12).itertuples())
+        text = (f"{len(fb)} adapter(s) were trained on the instance's real photos, not on the synthetic "
+                f"positives their data configuration names: their filter kept too few images "
+                f"(synthesis.filter.on_empty=real_only). Rows labelled positives=real_only_fallback: {names}"
+                + (" ..." if len(fb) > 12 else ""))
+        h.append(f'<div class="leak"><strong>⚠ Fallback: not trained on what the label says</strong>'
+                 f"{html.escape(text)}</div>")
+        md += [f"> **⚠ FALLBACK.** {text}", ""]
+    return h, md
+
+
+def _generation_section(frame: pd.DataFrame, tasks: list[str], plots_dir: Path) -> tuple[HTML, MD]:
+    """(b) generator x CFG x caption source, with the CFG curves."""
+    h: HTML = []
+    md: MD = []
+    # only with more than one personalised data configuration on a backbone
     tb = generation_table(frame)
     if not tb.empty and _several_configs(tb):
         h.append("<h2>(b) Generator × CFG × caption source</h2>"
@@ -251,9 +301,15 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         md += [_md_table(head, rows), ""]
         p = plot_cfg_curves(frame, plots_dir / "cfg_curves.png")
         if p:
-            add_plot(p, "Headline metric vs classifier-free guidance scale (band = ± std)")
+            _add(h, md, p, "Headline metric vs classifier-free guidance scale (band = ± std)")
+    return h, md
 
-    # (c): only when the data set has test scenes
+
+def _scene_section(frame: pd.DataFrame, plots_dir: Path) -> tuple[HTML, MD]:
+    """(c) classification AP per test scene."""
+    h: HTML = []
+    md: MD = []
+    # only when the data set has test scenes
     tc = scene_table(frame)
     if not tc.empty:
         h.append("<h2>(c) Classification AP per test scene</h2>")
@@ -269,36 +325,8 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
         md += [_md_table(head, rows), ""]
         p = plot_scene_bars(frame, plots_dir / "scenes.png")
         if p:
-            add_plot(p, "Classification AP per test scene")
-
-    # (d) compute vs quality (with more than one configuration), then the per-instance galleries
-    h_more, md_more = _compute_and_galleries(run, frame, out, plots_dir)
-    h += h_more
-    md += md_more
-
-    # retrieval examples
-    if examples:
-        p = plot_retrieval_examples(examples, plots_dir / "retrieval_examples.png")
-        if p:
-            h.append("<h2>Retrieval examples</h2>")
-            md += ["## Retrieval examples", ""]
-            add_plot(p, "Queries and their top-ranked gallery images "
-                             "(green = same instance, red = another instance)")
-
-    # run details, folded: paths, notes, every metric, skipped tasks, stages, costs, settings
-    dh, dmd = _run_details(run, frame, info_notes, sk, redact_obj, redact_text)
-    h += dh
-    md += dmd
-
-    subtitle = html.escape(" · ".join(meta))
-    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"/>'
-           f'<meta name="viewport" content="width=device-width, initial-scale=1"/>'
-           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
-           f'<header><h1>{html.escape(title)}</h1><div class="meta">{subtitle}</div></header>'
-           f"<main>{''.join(h)}</main></body></html>")
-    (out / "report.html").write_text(doc, encoding="utf-8")
-    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    return out / "report.html"
+            _add(h, md, p, "Classification AP per test scene")
+    return h, md
 
 
 def _several_configs(tb: pd.DataFrame) -> bool:
