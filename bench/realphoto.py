@@ -56,6 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "real_share75": [*_L, "personalization.real_positive_share=0.75"],
     "real_share_t15": [*_L, "personalization.real_positive_share=0.5", "personalization.temperature=0.15"],
     "real_share_rank4": [*_L, "personalization.real_positive_share=0.5", "personalization.lora.rank=4"],
+    "real_share_rank4_t15": [*_L, "personalization.real_positive_share=0.5", "personalization.lora.rank=4",
+                             "personalization.temperature=0.15"],
     "real_share_steps80": ["personalization.max_steps=80", "personalization.channels_last=true",
                            "personalization.real_positive_share=0.5"],
     "wise": [*_L, "evaluation.adapter_scale=0.5"],
