@@ -21,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "persrep"
+sys.path.insert(0, str(REPO / "tests"))
+from test_layers import strongly_connected  # noqa: E402 - the layer test's Tarjan, one body
 
 
 def module_name(path: Path) -> str:
@@ -58,42 +60,6 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return out
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on: set[str] = set()
-    out: list[list[str]] = []
-    sys.setrecursionlimit(10_000)
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--label", required=True)
@@ -128,7 +94,7 @@ def main() -> int:
              "modules_importing_over_8_persrep_modules": len(heavy),
              "modules_importing_over_8_list": [f"{m} ({n})" for m, n in heavy],
              "longest_function": {"where": longest[0], "lines": longest[1]},
-             "import_cycles_incl_type_checking": cycles(graph), "duplicates": dup,
+             "import_cycles_incl_type_checking": strongly_connected(graph), "duplicates": dup,
              "modules": len(files), "lines": sum(len(p.read_text().splitlines()) for p in files)}
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
