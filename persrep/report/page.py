@@ -248,6 +248,12 @@ def write_report(run_dir_or_results: Any, out_dir: str | Path, *, examples: Sequ
     return out / "report.html"
 
 
+def _add_table(h: HTML, md: MD, head: list[str], rows: list[list[Any]]) -> None:
+    """Append a table in both formats (cells escaped for HTML)."""
+    h.append(_html_table(head, [[html.escape(str(c)) for c in row] for row in rows]))
+    md += [_md_table(head, rows), ""]
+
+
 def _add(h: HTML, md: MD, path: Path, caption: str) -> None:
     """Append a plot: an image (HTML) and a Markdown image line."""
     h.append(_img_tag(path, caption))
@@ -297,8 +303,7 @@ def _generation_section(frame: pd.DataFrame, tasks: list[str], plots_dir: Path) 
             rows.append([r["backbone"], r["generator"], _cfg_text(r["cfg"]), r["caption_source"]]
                         + ([r["data_config"]] if show_dc else []) + [str(r[c]) for c in extra] + [
                 format_cell(r.get(f"{t}_mean", np.nan), r.get(f"{t}_std", np.nan)) for t in tasks])
-        h.append(_html_table(head, [[html.escape(str(c)) for c in row] for row in rows]))
-        md += [_md_table(head, rows), ""]
+        _add_table(h, md, head, rows)
         p = plot_cfg_curves(frame, plots_dir / "cfg_curves.png")
         if p:
             _add(h, md, p, "Headline metric vs classifier-free guidance scale (band = ± std)")
@@ -321,8 +326,7 @@ def _scene_section(frame: pd.DataFrame, plots_dir: Path) -> tuple[HTML, MD]:
                                                for sc in scenes] for r in tc.to_dict("records")]
         h.append('<p class="cap">AP x100, mean ± std over instances; each scene\'s pool holds '
                  "that scene's test images of every instance.</p>")
-        h.append(_html_table(head, [[html.escape(str(c)) for c in row] for row in rows]))
-        md += [_md_table(head, rows), ""]
+        _add_table(h, md, head, rows)
         p = plot_scene_bars(frame, plots_dir / "scenes.png")
         if p:
             _add(h, md, p, "Classification AP per test scene")
@@ -402,8 +406,7 @@ def _compute_and_galleries(run: Any, frame: pd.DataFrame, out: Path,
         head = ["backbone", "data config", "s generate", "s train"] + [c[5:] + " gain" for c in gains]
         rows = [[r["backbone"], r["data_config"], f"{r['seconds_generate']:.1f}", f"{r['seconds_train']:.1f}"]
                 + [f"{r[c]:+.1f}" if np.isfinite(r[c]) else "–" for c in gains] for r in table.to_dict("records")]
-        h.append(_html_table(head, [[html.escape(c) for c in row] for row in rows]))
-        md += [_md_table(head, rows), ""]
+        _add_table(h, md, head, rows)
         p = plot_compute_quality(table, plots_dir / "compute_quality.png")
         if p:
             caption = "Gain over pretrained vs seconds per instance, per data configuration"
