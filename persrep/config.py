@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 from persrep.errors import ConfigError  # noqa: F401 (re-exported)
 from persrep.hashing import sha256_hex
 from persrep.registry import GENERATOR_SECTIONS, GENERATORS, SEGMENTERS, TASKS  # bottom layer
-from persrep.sections import Section  # noqa: F401 (re-exported: the base of every section)
+from persrep.sections import Section, ordered_range  # noqa: F401 (Section re-exported: the base of every section)
 
 GeneratorType = str  # a name registered in persrep.registry.GENERATORS (checked below)
 GlobalFeature = Literal["cls", "cls+mean"]
@@ -252,10 +252,7 @@ class PersonalizationSettings(Section):
     @field_validator("crop_scale")
     @classmethod
     def _crop(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (0 < lo <= hi <= 1):
-            raise ValueError(f"need 0 < min <= max <= 1 (a share of the image's area), got {list(v)}")
-        return v
+        return ordered_range(v, 1, " (a share of the image's area)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,3 +13,11 @@ from pydantic import BaseModel, ConfigDict
 class Section(BaseModel):
     # forbid unknown keys (typos fail loudly); validate on assignment so overrides are checked too
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def ordered_range(v: tuple[float, float], upper: float, what: str = "") -> tuple[float, float]:
+    """A (min, max) setting with 0 < min <= max <= upper, else one line naming the bounds."""
+    lo, hi = v
+    if not (0 < lo <= hi <= upper):
+        raise ValueError(f"need 0 < min <= max <= {upper:g}{what}, got {list(v)}")
+    return v

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from persrep.registry import GENERATOR_SECTIONS
-from persrep.sections import Section
+from persrep.sections import Section, ordered_range
 
 
 class CutPasteSettings(Section):
@@ -26,10 +26,7 @@ class CutPasteSettings(Section):
     @field_validator("scale_range")
     @classmethod
     def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not (0 < lo <= hi <= 1.5):
-            raise ValueError(f"need 0 < min <= max <= 1.5, got {list(v)}")
-        return v
+        return ordered_range(v, 1.5)
 
 
 GENERATOR_SECTIONS.add("cut_paste", CutPasteSettings)
