@@ -81,6 +81,9 @@ VARIANTS: dict[str, list[str]] = {
 FINAL_VARIANTS: dict[str, list[str]] = {
     "final_scale75": ["evaluation.adapter_scale=0.75"],
     "final_scale50": ["evaluation.adapter_scale=0.5"],
+    # output-space blend with the pretrained features (persrep/models/blend.py)
+    "final_share25": ["evaluation.pretrained_share=0.25"],
+    "final_share50": ["evaluation.pretrained_share=0.5"],
 }
 
 

@@ -271,6 +271,10 @@ class EvaluationSettings(Section):
     adapter_scale: float = Field(1.0, ge=0, le=1, description="weight of the adapter at inference "
                                  "(WiSE-FT style interpolation between the pretrained weights, 0, and "
                                  "the trained adapter, 1): the LoRA update is scaled by it")
+    pretrained_share: float = Field(0.0, ge=0, le=1, description="share of the pretrained model in a "
+                                    "personalised model's global feature (output-space WiSE-FT, "
+                                    "persrep/models/blend.py): every cosine score becomes (1 - share) x the "
+                                    "adapter's + share x the pretrained one; 0 = the adapter alone")
     prefix_cache: bool = Field(True, description="CNN adapters leave the stem and first blocks "
                                "frozen: embed the pools through them once per process, run only the "
                                "adapted tail per adapter (same features; false = the full forward)")

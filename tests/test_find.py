@@ -244,6 +244,35 @@ def test_scores_match_an_independent_forward(finished_run, tmp_path):
     assert np.allclose(l2_normalize(got["pretrained"]), l2_normalize(plain), atol=1e-4)
 
 
+def test_pretrained_share_blends_each_personalised_feature_with_the_pretrained_one(finished_run):
+    """evaluation.pretrained_share of the run: find embeds as the run evaluated (persrep/models/blend.py)."""
+    import torch
+
+    from persrep.find.models import Extractors, ModelSpec, extractor_key
+    from persrep.find.source import resolve_run
+    from persrep.models.backbones import eval_transform
+    from persrep.models.blend import blend_arrays
+
+    _, run_dir = finished_run
+    src = resolve_run(str(run_dir))
+    specs = [ModelSpec("pretrained", None)] + [ModelSpec(t.instance, t.adapter_key) for t in src.targets]
+    ds = src.dataset
+    tf = eval_transform(src.backbone)
+    x = torch.stack([tf(ds.read_image(p)) for _, p in ds.test_pool("test")[:5]])
+    plain = Extractors(src, specs).global_features(x)
+    keys = {s.name: extractor_key(src, s) for s in specs}
+    src.settings = src.settings.model_copy(update={"evaluation": src.settings.evaluation.model_copy(
+        update={"pretrained_share": 0.4})})
+    mixed = Extractors(src, specs).global_features(x)
+    assert np.allclose(mixed["pretrained"], plain["pretrained"], atol=1e-6)
+    for t in src.targets:
+        want = blend_arrays(plain[t.instance], plain["pretrained"], 0.4)
+        assert np.allclose(mixed[t.instance], want, atol=1e-5)
+    # cached embeddings of the unblended adapters are never served for the blended ones
+    assert all(extractor_key(src, s) != keys[s.name] for s in specs if s.adapter_key)
+    assert extractor_key(src, specs[0]) == keys["pretrained"]
+
+
 class _Interrupted(RuntimeError):
     pass
 

@@ -31,6 +31,7 @@ from persrep.evaluation.suite import (GlobalPool, dense_train_sets, embed_global
 from persrep.evaluation.dense_task import DensePool
 from persrep.evaluation.tasks import dense_tasks
 from persrep.models.backbones import build_backbone, eval_transform
+from persrep.models.blend import BlendedExtractor
 from persrep.models.lora import load_adapter
 
 
@@ -156,6 +157,16 @@ class Evaluator:
                 return TailExtractor(backbone, split, self.ev.global_feature, self.ev.dense_features)
         return WithGlobalFeature(backbone, self.ev.global_feature, self.ev.dense_features)
 
+    def _pretrained_like(self, extractor: Any, bs: BackboneSettings) -> Any:
+        """The pretrained backbone's extractor taking the same inputs as ``extractor`` (images,
+        or the shared prefix's activations when ``extractor`` runs the tail only)."""
+        base = build_backbone(bs).eval()
+        if self._prefix is not None:
+            from persrep.evaluation.prefix_pool import TailExtractor
+
+            return TailExtractor(base, self._prefix[1], self.ev.global_feature, self.ev.dense_features)
+        return WithGlobalFeature(base, self.ev.global_feature, self.ev.dense_features)
+
     def _global_pool(self, extractor: Any, key: str, bs: BackboneSettings) -> GlobalPool:
         tf = eval_transform(bs)
         p = self.pools
@@ -215,11 +226,14 @@ class Evaluator:
 
     def evaluate_adapter(self, bs: BackboneSettings, instance: str, adapter_path: str | Path,
                          keys: dict[str, Any]) -> list[dict[str, Any]]:
-        scale = self.ev.adapter_scale
+        scale, share = self.ev.adapter_scale, self.ev.pretrained_share
         backbone = load_adapter(build_backbone(bs), adapter_path, scale).eval()
         extractor = self._extractor(backbone)
+        if share > 0:  # blended with the pretrained global feature (persrep/models/blend.py)
+            extractor = BlendedExtractor(extractor, self._pretrained_like(extractor, bs), share)
         key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)),
-                          self.ev.dense_features, *([scale] if scale != 1.0 else []))
+                          self.ev.dense_features, *([scale] if scale != 1.0 else []),
+                          *([("pretrained_share", share)] if share > 0 else []))
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
         rows = self._rows([instance], gpool, dpool, dtrain, {**keys, "model": "personalised"})

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from persrep.config import content_key
 from persrep.contrastive.train import ADAPTER
 from persrep.models.backbones import Backbone, build_backbone, eval_transform
+from persrep.models.blend import blend
 from persrep.models.prefix import global_from_map, prefix_split, run_prefix, run_tail
 from persrep.models.lora import (AdapterFormatError, identity_mismatches, load_adapter, scale_lora,
                                  lora_state_dict, read_adapter_metadata)
@@ -52,14 +53,21 @@ class ModelSpec:
 
 def extractor_key(source, spec: ModelSpec) -> str:
     """Names everything that determines an embedding except the image: backbone, adapter, feature."""
-    scale = adapter_scale(source)
+    scale, share = adapter_scale(source), pretrained_share(source)
     return content_key("find-embedding", source.backbone, source.global_feature,
-                       spec.adapter_key or "pretrained", *([scale] if spec.adapter_key and scale != 1.0 else []))
+                       spec.adapter_key or "pretrained", *([scale] if spec.adapter_key and scale != 1.0 else []),
+                       *([("pretrained_share", share)] if spec.adapter_key and share > 0 else []))
 
 
 def adapter_scale(source) -> float:
     """The run's ``evaluation.adapter_scale``: find embeds with the adapters as the run evaluated them."""
     return float(source.settings.evaluation.adapter_scale)
+
+
+def pretrained_share(source) -> float:
+    """The run's ``evaluation.pretrained_share``: a personalised model's features are blended with
+    the pretrained ones as the run evaluated them (persrep/models/blend.py)."""
+    return float(source.settings.evaluation.pretrained_share)
 
 
 class Extractors:
@@ -137,13 +145,22 @@ class Extractors:
         """``[N, 3, H, W]`` -> {model name: ``[N, D]`` float32}."""
         names = names if names is not None else [s.name for s in self.specs]
         x = images.to(self.device)
+        share = pretrained_share(self.source)
         out: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             trunk = self._trunk(x) if self.split is not None and names else None
-            for name in names:
+
+            def features(name: str) -> torch.Tensor:
                 self.use(name)
-                feats = (self._tail(trunk) if trunk is not None else
-                         self.backbone.global_features(x, feature=self.source.global_feature))
+                return (self._tail(trunk) if trunk is not None else
+                        self.backbone.global_features(x, feature=self.source.global_feature))
+
+            # personalised features blended with the pretrained ones (evaluation.pretrained_share)
+            pre = features("pretrained") if share > 0 and any(n != "pretrained" for n in names) else None
+            for name in names:
+                feats = pre if name == "pretrained" and pre is not None else features(name)
+                if name != "pretrained" and pre is not None:
+                    feats = blend(feats, pre, share)
                 out[name] = feats.float().cpu().numpy()
         return out
 

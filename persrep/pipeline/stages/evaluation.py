@@ -110,8 +110,9 @@ def pretrained_eval_units(ctx: RunContext) -> list[EvaluationUnit]:
     if not ev.evaluate_pretrained:
         return []
     common = {"negatives_source": ctx.settings.personalization.negatives}
-    # the pretrained backbone has no adapter to scale: evaluation.adapter_scale stays out of its key
-    ev_key = {k: v for k, v in result_settings(ev, "evaluation").items() if k != "adapter_scale"}
+    # the pretrained backbone has no adapter to scale or blend: those settings stay out of its key
+    ev_key = {k: v for k, v in result_settings(ev, "evaluation").items()
+              if k not in ("adapter_scale", "pretrained_share")}
     return [EvaluationUnit("pretrained", bs, content_key(
         "eval-pretrained", bs, ev_key, ctx.dataset_key, sorted(ctx.instances)),
         {"backbone": bs.name, "data_config": "-", "generator": "-", "cfg": float("nan"),
