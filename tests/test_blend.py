@@ -65,6 +65,17 @@ def toy(tmp_path_factory):
     return ctx, bs, path, small
 
 
+def test_blended_rows_name_the_model_used(toy):
+    from persrep.evaluation.stage import Evaluator
+
+    ctx, bs, path, _ = toy
+    inst = sorted(ctx.instances)[0]
+    for share, want in ((0.25, {"adapter + pretrained (share 0.25)"}), (0.0, {None})):
+        ev = ctx.settings.evaluation.model_copy(update={"pretrained_share": share})
+        rows = Evaluator(ctx.dataset, ev).evaluate_adapter(bs, inst, path, {"adapter_key": f"k{share}"})
+        assert {r.get("model_used") for r in rows} == want
+
+
 def _headline(rows, model=None):
     return {(r["instance"], r["task"], r["metric"]): r["value"] for r in rows
             if r["scene"] == "all" and r["metric"] in ("ap", "ndcg")}

@@ -236,7 +236,9 @@ class Evaluator:
                           *([("pretrained_share", share)] if share > 0 else []))
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
-        rows = self._rows([instance], gpool, dpool, dtrain, {**keys, "model": "personalised"})
+        # which model scored: named in the rows (and the report's per-instance table) when blended
+        used = {"model_used": f"adapter + pretrained (share {share:g})"} if share > 0 else {}
+        rows = self._rows([instance], gpool, dpool, dtrain, {**keys, **used, "model": "personalised"})
         self.cache.forget(key)  # an adapter's pool embeddings are never reused
         return rows
 
