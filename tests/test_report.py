@@ -412,3 +412,20 @@ def test_mask_column_says_which_instances_got_a_box_fallback():
     rows = {r[0]: r for r in _instance_rows(text)}
     assert rows["banana"][-2] == "0.00 · 2 box ⚠" and rows["apple"][-2] == "0.90" and rows["cherry"][-2] == "0.30 ⚠"
     assert "2 of the train photos got a centred box" in text and "0.00 · 2 box ⚠" in md
+
+
+def test_notes_that_differ_in_a_hyphenated_name_or_an_index_list_fold_together():
+    from persrep.report.notes import sort_notes
+
+    names = ["Red-Beet", "Beet", "Regular-Tomato", "Asparagus"]
+    box = "auto masks of {}: no object found in train image(s) {}, a centred box stands in; give train_masks/"
+    notes = [box.format("Asparagus", "[2]"), box.format("Red-Beet", "[1]"),
+             box.format("Regular-Tomato", "[0, 2]"), "use_8bit_adam needs CUDA"]
+    groups, details = sort_notes(notes, names)
+    assert [g.kind for g in groups] == ["repeated", "single"] and not details
+    assert groups[0].summary.startswith("3 similar warnings: auto masks of Asparagus")
+    assert groups[0].items == notes[:3]
+    # a name inside a longer hyphenated name is not that instance: "Beet" != "Red-Beet"
+    groups, _ = sort_notes([box.format("Red-Beet", "[1]"), box.format("Red-Beet", "[1]").replace("Red-Beet", "Red-Beetroot")],
+                           names)
+    assert [g.kind for g in groups] == ["single", "single"]

@@ -36,10 +36,14 @@ class NoteGroup:
 
 
 def _shape(note: str, instances: set[str]) -> str:
-    words = re.split(r"(\W+)", note)
-    words = ["{instance}" if w in instances else w for w in words]
-    text = "".join(words)
+    """The note with its instance names (whole names, hyphens included: ``Red-Beet``), hashed
+    keys, index lists (``[0, 2]`` like ``[1]``) and numbers replaced by placeholders."""
+    text = note
+    if instances:
+        names = "|".join(re.escape(n) for n in sorted(instances, key=len, reverse=True))
+        text = re.sub(rf"(?<![\w-])({names})(?![\w-])", "{instance}", text)
     text = re.sub(r"\b[0-9a-f]{12,}\b", "{key}", text)
+    text = re.sub(r"\[[\d,\s]*\]", "[{n}]", text)
     return re.sub(r"\d+(\.\d+)?", "{n}", text)
 
 
