@@ -88,3 +88,15 @@ def test_real_only_takes_the_anchors_as_positives_explicitly(tmp_path):
     res = train_one_instance(_pz(max_steps=2), TINY, d, tmp_path / "b")
     assert res.metrics["finished"] and res.metrics["positives_source"] == "real"
     assert res.metrics["num_positives"] == len(d.anchors)
+
+
+def test_real_positives_mixed_in_are_named_in_the_metrics(tmp_path):
+    from persrep.report.sections import _positives
+
+    plain = train_one_instance(_pz(max_steps=1), TINY, _data(), tmp_path / "a")
+    mixed = train_one_instance(_pz(max_steps=1, real_positive_share=0.5), TINY, _data(), tmp_path / "b")
+    assert plain.metrics["positives_source"] == "synthetic"
+    assert mixed.metrics["positives_source"] == "synthetic+real"
+    assert mixed.metrics["num_positives"] == plain.metrics["num_positives"]  # the synthetic pool's size
+    row = {"positives_used": "synthetic+real", "n_positives": 64}
+    assert _positives(row) == "64 synthetic + real photos"

@@ -118,6 +118,7 @@ class TrainingSetup:
     anchors: list[Image.Image]
     positives: list[Image.Image]
     negatives: list[Image.Image]
+    positives_source: str = "synthetic"  # data.positives_source, "synthetic+real" when real photos are mixed in
 
     @classmethod
     def build(cls, pz: PersonalizationSettings, backbone_settings: BackboneSettings,
@@ -141,13 +142,14 @@ class TrainingSetup:
         n_pos = len(data.positives) if not synthetic else pz.num_positives
         triplets = sample_triplets(list(range(len(data.anchors))), list(range(len(data.positives))),
                                    list(range(len(negatives))), pz.num_triplets, n_pos, pz.seed)
+        source = data.positives_source
         if synthetic and pz.real_positive_share > 0:  # some positives are the real photos themselves
             triplets = _mix_real_positives(triplets, len(positives), len(anchors),
                                            pz.real_positive_share, pz.seed)
-            positives = positives + anchors
+            positives, source = positives + anchors, "synthetic+real"
         return cls(run_key, backbone, optim, build_loss(pz.loss, pz.temperature),
                    train_transform(backbone_settings, scale=tuple(pz.crop_scale)), triplets, anchors,
-                   positives, negatives)
+                   positives, negatives, source)
 
     def restore(self, state: dict[str, Any] | None) -> tuple[int, dict[str, list[float]]]:
         """Load a checkpoint's state when it belongs to this run (same run key): the step to start
@@ -178,7 +180,7 @@ class TrainingSetup:
                 "finished": finished, "num_anchors": len(self.anchors), "num_positives": len(data.positives),
                 "num_negatives": len(self.negatives),
                 "num_recoloured_negatives": len(self.negatives) - len(data.negatives),
-                "positives_source": data.positives_source,
+                "positives_source": self.positives_source,
                 "negatives_source": data.negatives_source}
 
 

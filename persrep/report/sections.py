@@ -161,6 +161,7 @@ def _positives(r: dict[str, Any]) -> str:
     except (TypeError, ValueError):
         n = None
     words = {"real_only_fallback": "real photos (fallback)", "synthetic": "synthetic",
+             "synthetic+real": "synthetic + real photos",
              "real": "real photos", "-": "–"}.get(used, used.replace("_", " "))
     return f"{n} {words}" if n is not None and used != "-" else words
 
