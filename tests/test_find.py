@@ -390,6 +390,7 @@ def test_gallery_renders_in_headless_chromium(finished_run, tmp_path, chromium_s
     # first screen: one line per object linking to its section; thumbnails link to the photo
     assert page.count("<tr><td><a href='#i-") == 2 and "id='i-bottle_0'" in page
     assert f'href="file://{photos}' in page and "no box" not in page
+    assert "personalised models &middot; run" in page and " model &middot;" not in page  # the option in words
     arr = chromium_screenshot(out / "find.html", 1280, 1600)
     assert arr.std() > 15, f"screenshot looks blank (std {arr.std():.1f})"
     assert arr[5:40, :, 2].mean() > arr[5:40, :, 0].mean() + 20  # the header band rendered

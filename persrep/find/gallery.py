@@ -53,6 +53,10 @@ ul.links{columns:3;font-size:13px}
 """
 
 
+# the --model option in words (the page's subtitle)
+MODEL_WORDS = {"personalised": "personalised models", "both": "personalised models",
+               "pretrained": "pretrained model only"}
+
 def short_name(name: str, width: int = 32) -> str:
     """``name`` shortened in the middle to ``width`` characters (``abc…xyz``)."""
     if len(name) <= width:
@@ -135,7 +139,8 @@ def gallery_html(source, collection: Collection, summary: dict[str, Any], hits: 
              f"<style>{CSS}{EXTRA_CSS}</style></head><body>",
              f"<header><h1>Your objects in {summary['images_scanned']} photos</h1><div class='meta'>"
              f"{n_likely} likely and {n_possible} possible hits for {len(insts)} objects &middot; "
-             f"{summary['model']} model &middot; run {html.escape(source.run_id)}</div></header><main>"]
+             f"{MODEL_WORDS.get(summary['model'], summary['model'])} &middot; run "
+             f"{html.escape(source.run_id)}</div></header><main>"]
     for inst, why in summary.get("flagged", {}).items():
         parts.append(f"<div class='flag'><b>{html.escape(inst)}</b>: {html.escape(why)}</div>")
     # 1. one line per instance
