@@ -74,6 +74,11 @@ VARIANTS: dict[str, list[str]] = {
                    "personalization.crop_scale=[0.35,1.0]", "evaluation.adapter_scale=0.5"],
     "combo_feature": [*_L, "personalization.hard_negatives.recolour=64", "personalization.real_positive_share=0.5",
                       "personalization.crop_scale=[0.35,1.0]", "evaluation.global_feature=cls+mean"],
+    # session 10, on top of the shipped default (64 steps, rank 4, share 0.25); run with
+    # --levers-root final --subset 1 so they reuse the final run's masks and synthesis, all instances
+    # train the feature that is evaluated: a CNN's average pool ('cls'), not concat(avg, max)
+    "train_cls": ["personalization.feature=cls"],
+    "t15": ["personalization.temperature=0.15"],
 }
 
 
