@@ -100,6 +100,9 @@ class GrabCutSegmenter(Segmenter):
         gc = np.zeros((h, w), np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         init_mask = self._prior_mask(prior, rect, h, w) if prior is not None else None
+        # GrabCut seeds its colour models with k-means on OpenCV's (per-thread) RNG: reseed, so a
+        # mask depends on the photo alone, not on what this worker segmented before
+        cv2.setRNGSeed(0)
         try:
             if init_mask is not None:
                 gc = init_mask
