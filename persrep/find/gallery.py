@@ -57,6 +57,7 @@ ul.links{columns:3;font-size:13px}
 MODEL_WORDS = {"personalised": "personalised models", "both": "personalised models",
                "pretrained": "pretrained model only"}
 
+
 def short_name(name: str, width: int = 32) -> str:
     """``name`` shortened in the middle to ``width`` characters (``abc…xyz``)."""
     if len(name) <= width:

@@ -22,10 +22,11 @@ import math
 import numpy as np
 import torch
 
+from persrep.models.lora import check_fraction
+
 
 def check_share(share: float) -> None:
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"pretrained share {share}: need 0 <= share <= 1")
+    check_fraction(share, "pretrained share")
 
 
 def blend(adapted: torch.Tensor, pretrained: torch.Tensor, share: float) -> torch.Tensor:
@@ -56,10 +57,7 @@ class BlendedExtractor:
         self.adapted, self.pretrained, self.share = adapted, pretrained, share
 
     def global_features(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.adapted.global_features(x)
-        if self.share == 0.0:
-            return a
-        return blend(a, self.pretrained.global_features(x), self.share)
+        return blend(self.adapted.global_features(x), self.pretrained.global_features(x), self.share)
 
     def dense_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapted.dense_features(x)

@@ -149,9 +149,15 @@ def identity_mismatches(expected: dict[str, Any], actual: dict[str, Any]) -> lis
     return problems
 
 
+def check_fraction(value: float, what: str) -> None:
+    """``ValueError`` naming ``what`` unless ``0 <= value <= 1`` (the adapter scale, the pretrained
+    share: the settings layer checks both first; this guards library callers)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} {value}: need 0 <= {what.split()[-1]} <= 1")
+
+
 def check_scale(scale: float) -> None:
-    if not 0.0 <= scale <= 1.0:
-        raise ValueError(f"adapter scale {scale}: need 0 <= scale <= 1")
+    check_fraction(scale, "adapter scale")
 
 
 def scale_lora(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
