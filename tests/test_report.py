@@ -332,6 +332,20 @@ def test_model_used_and_reason_are_shown_when_present(tmp_path):
     assert "personalization: RuntimeError: CUDA out of memory" in durian[-1]
 
 
+def test_one_model_for_every_instance_is_said_once_not_per_row(tmp_path):
+    run = hand_run(tmp_path)
+    df = pd.read_parquet(run / "results.parquet")
+    df.loc[df["model"] == "personalised", "model_used"] = "adapter + pretrained (share 0.25)"
+    df.to_parquet(run / "results.parquet", index=False)
+    path = main_report(run, tmp_path / "out")
+    text, md = path.read_text(), (path.parent / "report.md").read_text()
+    assert "<th rowspan=\"2\">model used</th>" not in text
+    assert text.count("adapter + pretrained (share 0.25)") == 1
+    assert "model used for every instance: adapter + pretrained (share 0.25)" in text
+    assert "model used for every instance: adapter + pretrained (share 0.25)" in md
+    assert all(len(r) == len(_instance_rows(text)[0]) for r in _instance_rows(text))
+
+
 def test_repeated_warnings_are_folded_and_details_go_to_the_end(tmp_path):
     path = main_report(hand_run(tmp_path), tmp_path / "out")
     text, md = path.read_text(), (path.parent / "report.md").read_text()

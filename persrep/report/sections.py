@@ -190,6 +190,13 @@ def instance_section(table: pd.DataFrame, *, threshold: float | None, failures: 
     show_dc = table.loc[table["status"] == "ok", "data_config"].nunique() > 1
     has_conf = "mask_confidence" in table and table["mask_confidence"].notna().any()
     extra = [c for c in ("model_used", "model_reason") if c in table]
+    # one model for every personalised instance (e.g. the pretrained share of offline-real): said once
+    # in the caption, not repeated on every row of a table that is already wider than a screen
+    used = table.loc[table["status"] == "ok", "model_used"].astype(str) if "model_used" in extra else None
+    same_model = used.iloc[0] if used is not None and len(used) and used.nunique() == 1 and (
+        used.iloc[0] not in ("", "nan", "None")) else None
+    if same_model is not None:
+        extra.remove("model_used")
     has_note = (table["status"] != "ok").any() and "model_reason" not in table  # else in 'why'
     left = ["instance", "category"] + ([] if one_backbone else ["backbone"]) + (
         ["data config"] if show_dc else []) + ["positives"]
@@ -259,6 +266,7 @@ def instance_section(table: pd.DataFrame, *, threshold: float | None, failures: 
            + "; values x100; Δ = personalised minus pretrained"
            + ("; mask confidence = the lowest of the instance's automatic train masks"
               + (f", ⚠ below {threshold:g}" if threshold is not None else "") if has_conf else "")
+           + (f"; model used for every instance: {same_model}" if same_model is not None else "")
            + (". Instances without a personalised result come last." if (table["status"] != "ok").any() else "."))
     h = ['<h2 id="per-instance">Per instance</h2>', f'<p class="cap">{html.escape(cap)}</p>',
          f'<div class="tw"><table class="inst-table"><thead><tr>{th1}</tr><tr>{th2}</tr></thead>'
