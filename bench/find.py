@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                    "each instance's scores and rivals are the same as in a full scan)")
     p.add_argument("--scratch", default=None, help="keep the cache and the find's outputs here")
     p.add_argument("--rescore", action="store_true", help="decide again from --scratch's scores.parquet")
+    p.add_argument("--expand", type=int, default=None, help="find's --expand (default: find's own default)")
     p.add_argument("--label", default=None, help="entry name in the JSON (default: the run id)")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = p.parse_args(argv)
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_find(FindOptions(photos=str(coll / "photos"), run=args.run, data_config=args.data_config,
                                        instances=instances,
                                        model="both", out=str(find_dir), cache=str(scratch / "cache"),
-                                       tracking=False, top_k=6, borderline=3),
+                                       tracking=False, top_k=6, borderline=3,
+                                       **({} if args.expand is None else {"expand": args.expand})),
                            say=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True))
             job_seconds = round(time.perf_counter() - t0, 1)
             scores, summary = res.scores.to_pandas(), res.summary
@@ -159,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "what": "persrep find on a labelled collection; truth.csv read by this scorer only",
         "command": f"python bench/find.py --run {args.run}" + (f" --data-config {args.data_config}" if args.data_config else "")
-                   + (f" --instances {args.instances}" if args.instances else ""),
+                   + (f" --instances {args.instances}" if args.instances else "")
+                   + (f" --expand {args.expand}" if args.expand is not None else ""),
         "run": args.run, "collection": str(coll), "photos": summary["images_scanned"],
         "unreadable": summary["unreadable_files"], "instances_in_run": len(summary["instances"]),
         "instances_in_collection": len(all_instances),
         "rule": summary["calibration"], "flagged": summary.get("flagged", {}),
         "quality": q,
+        "expand": summary["calibration"].get("expand", 0),
+        "expansion_seconds": summary["seconds"].get("expansion"),
         "throughput": ({"photos_per_s": summary["throughput_images_per_s"], "scan_seconds": summary["seconds"]["scan"],
                         "models_per_photo": len(summary["instances"]) + 1,  # each adapter + pretrained
                         "embeddings_computed": summary["embeddings_computed"],

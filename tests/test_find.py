@@ -467,6 +467,29 @@ print(json.dumps(out))
 """
 
 
+def test_expansion_rescores_from_the_cache(finished_run, tmp_path):
+    """--expand re-scores from the scan's stored embeddings: nothing is embedded again, a score can
+    only rise (a max over a superset of references), some do, and only first-pass hits join."""
+    _, run_dir = finished_run
+    photos = _collection(run_dir, tmp_path / "photos")
+    opts = dict(photos=str(photos), run=str(run_dir), cache=str(tmp_path / "cache"), batch_size=8,
+                instances=["mug_0", "bottle_1"], tracking=False)
+    plain = run_find(FindOptions(**opts, out=str(tmp_path / "o" / "plain"), expand=0))
+    expanded = run_find(FindOptions(**opts, out=str(tmp_path / "o" / "expanded"), expand=2))
+    assert expanded.summary["embeddings_computed"] == 0
+    assert expanded.summary["calibration"]["expand"] == 2 and plain.summary["calibration"]["expand"] == 0
+    keys = ["path", "model", "instance"]
+    m = plain.scores.to_pandas().merge(expanded.scores.to_pandas(), on=keys, suffixes=("_0", "_2"))
+    assert len(m) == len(plain.scores)
+    assert (m["score_2"] >= m["score_0"] - 1e-6).all() and (m["rival_2"] >= m["rival_0"] - 1e-6).all()
+    assert (m["score_2"] > m["score_0"] + 1e-3).any()
+    # the photos an object took into its references score 1.0 for it under its own model: at most
+    # 2 per object, each a hit of the first decision
+    top = m[(m["model"] == "personalised") & (m["score_2"] > 1 - 1e-5)]
+    assert 1 <= top.groupby("instance").size().max() <= 2
+    assert (top["tier_0"] != "").all()
+
+
 @pytest.mark.slow
 def test_bad_options_are_refused_before_ray_starts(finished_run, tmp_path):
     """Without --no-ray: every bad option is one line and exit 2, and no Ray cluster was started
@@ -483,6 +506,7 @@ def test_bad_options_are_refused_before_ray_starts(finished_run, tmp_path):
         (["--guard", "0"], "--guard"),
         (["--guard", "1.5"], "--guard"),
         (["--top-k", "0"], "--top-k"),
+        (["--expand", "-1"], "--expand"),
         (["--photos", str(tmp_path / "nope")], "not found"),
         (["--photos", str(tmp_path / "a_file")], "is a file"),
         (["--instances", "ghost"], "ghost"),

@@ -171,6 +171,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--no-tracking", action="store_true", help="no MLflow run")
     p.add_argument("--guard", type=float, default=0.20, help="flag an object found in more than this "
                    "share of the photos (default 0.20)")
+    p.add_argument("--expand", type=int, default=10, help="after a first decision, each object's best N hits "
+                   "join its reference photos and every photo is scored and decided again (query "
+                   "expansion; default 10, 0 = off)")
     p.add_argument("--no-ray", action="store_true", help="everything in this process")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output here (default: in "
                    "find.log in the output directory)")
@@ -185,7 +188,8 @@ def options_from_args(args: argparse.Namespace):
                        data_config=args.data_config, backbone=args.backbone, model=args.model,
                        out=args.out, cache=args.cache, top_k=args.top_k, borderline=args.borderline,
                        batch_size=args.batch_size, s3_endpoint=args.s3_endpoint,
-                       tracking=not args.no_tracking, guard=args.guard)
+                       tracking=not args.no_tracking, guard=args.guard,
+                       expand=args.expand)
 
 
 def print_result(res: Any, out: Callable[[str], None] = print) -> None:

@@ -30,6 +30,9 @@ The rule (documented in the README, checked in tests/test_find.py):
    many. Either most photos really show it (then the background fit is wrong and the counts are
    too low) or its model collapsed (every photo looks like it).
 
+Then (``--expand``, :mod:`persrep.find.expand`) each instance's best hits join its reference
+photos, the photos are scored again and this rule decides again on the new scores.
+
 :func:`decide` is pure numpy over the score columns, so a variant is tried on a stored
 ``scores.parquet`` without scanning again (bench/find.py ``--rescore``).
 """

@@ -30,6 +30,7 @@ from persrep.config import content_key
 from persrep.find.calibrate import (AGREE_Z, GUARD_SHARE, LIKELY_M, LIKELY_Z, POSSIBLE_Z, RULE,
                                     decide_pairs)
 from persrep.find.collection import Collection, iter_paths
+from persrep.find.expand import DEFAULT_EXPAND, EXPAND_RULE, expanded_references, expansion_sets
 from persrep.find.localize import localize_many
 from persrep.find.scan import ScanPlan, Scanner
 from persrep.find.source import FindError, FindSource, resolve_adapter, resolve_run
@@ -60,6 +61,7 @@ class FindOptions:
     s3_endpoint: str | None = None
     tracking: bool = True
     guard: float = GUARD_SHARE  # an instance hit in more than this share of the photos is flagged
+    expand: int = DEFAULT_EXPAND  # hits per object that join its references (persrep/find/expand.py); 0 = off
 
     def check(self) -> None:
         if bool(self.run) == bool(self.adapter):
@@ -71,6 +73,8 @@ class FindOptions:
                 raise FindError(f"{name} {v}: must be >= 1")
         if self.borderline < 0:
             raise FindError(f"--borderline {self.borderline}: must be >= 0")
+        if self.expand < 0:
+            raise FindError(f"--expand {self.expand}: photos added per object, 0 (off) or more")
         if not 0 < self.guard <= 1:
             raise FindError(f"--guard {self.guard}: a share of the photos, in (0, 1] (default {GUARD_SHARE})")
         for name, v in (("--photos", self.photos), ("--out", self.out), ("--cache", self.cache)):
@@ -295,6 +299,16 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None,
             S[i], R[i] = row, riv
     decisions = decide_pairs(S, R, pairs, guard=opts.guard)
     primary = [j for j, (m, _) in enumerate(pairs) if (opts.model == "pretrained") == (m == "pretrained")]
+    t_exp = time.perf_counter()
+    if opts.expand and ok.any():  # decide, add each object's best hits to its references, decide again
+        rows = np.flatnonzero(ok)
+        sets = {pairs[j][1]: expansion_sets(S[rows, j], decisions[j].tier[rows] != "", opts.expand)
+                for j in primary}
+        expand_scores(plan, [hashes[i] for i in rows], rows, S, R, sets)
+        decisions = decide_pairs(S, R, pairs, guard=opts.guard)
+        say(f"expansion: {sum(len(v) for v in sets.values())} hits joined their objects' reference photos "
+            f"(at most {opts.expand} each); scored and decided again")
+    t_exp = time.perf_counter() - t_exp
     for j in primary:
         if decisions[j].flag:
             say(f"WARNING {pairs[j][1]}: {decisions[j].flag}")
@@ -372,11 +386,12 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None,
         "embeddings_reused": int(ok.sum()) * len(models) - int(embedded),
         "throughput_images_per_s": round(len(paths) / max(t_scan, 1e-9), 2),
         "seconds": {"references": round(t_ref, 2), "scan": round(t_scan, 2), "localization": round(t_loc, 2),
-                    "total": round(time.perf_counter() - t0, 2)},
-        "calibration": {"rule": RULE, "guard_share": opts.guard,
+                    "expansion": round(t_exp, 2), "total": round(time.perf_counter() - t0, 2)},
+        "calibration": {"rule": RULE + (EXPAND_RULE.format(k=opts.expand) if opts.expand else ""),
+                        "guard_share": opts.guard,
                         "reference_photos": int(len(next(iter(references.values()))[1])),
                         "likely_z": LIKELY_Z, "likely_margin": LIKELY_M, "agree_z": AGREE_Z,
-                        "possible_z": POSSIBLE_Z},
+                        "possible_z": POSSIBLE_Z, "expand": opts.expand},
         "instances": per_instance,
         "flagged": {inst: v["flag"] for inst, v in per_instance.items() if v["flag"]},
         "background": {f"{_model_label(m)}:{i}": decisions[j].background.median
@@ -395,6 +410,31 @@ def run_find(opts: FindOptions, runner: Any = None, say: Say | None = None,
     n_possible = sum(v["possible"] for v in per_instance.values())
     say(f"find: {n_likely} likely and {n_possible} possible hits; wrote {out}/find.html and {out}/hits.csv")
     return FindResult(out, summary, hits, scores)
+
+
+def expand_scores(plan: ScanPlan, ok_hashes: list[str], rows: np.ndarray, S: np.ndarray, R: np.ndarray,
+                  sets: dict[str, np.ndarray]) -> None:
+    """Score the readable photos (``rows`` of ``S`` and ``R``, in place) again against references
+    expanded by ``sets`` (object -> positions in ``rows`` of the photos that join its references;
+    :mod:`persrep.find.expand`), one model at a time, from the embeddings the scan stored."""
+    from persrep.find.models import extractor_key
+    from persrep.find.scan import score_pairs
+    from persrep.find.store import EmbeddingStore
+
+    source = plan.source
+    cache = Storage(plan.cache_root, source.s3_endpoint)
+    for spec in plan.specs:
+        found = EmbeddingStore(cache, extractor_key(source, spec)).lookup(ok_hashes)
+        missing = [h for h in ok_hashes if h not in found]
+        if missing:
+            raise FindError(f"expansion: {len(missing)} photo embeddings of model {spec.name} are not in the "
+                            f"cache {plan.cache_root} (was it changed during the scan?); run again")
+        emb = np.stack([found[h] for h in ok_hashes])
+        ref, owners = plan.references[spec.name]
+        cols = [j for j, (m, _) in enumerate(plan.pairs) if m == spec.name]
+        s, r = score_pairs({spec.name: emb}, {spec.name: expanded_references(emb, ref, owners, sets)},
+                           [plan.pairs[j] for j in cols])
+        S[np.ix_(rows, cols)], R[np.ix_(rows, cols)] = s, r
 
 
 def _publish(st: Storage, files: dict[str, bytes], meta: dict[str, Any]) -> None:
