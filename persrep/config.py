@@ -275,6 +275,11 @@ class EvaluationSettings(Section):
                                     "personalised model's global feature (output-space WiSE-FT, "
                                     "persrep/models/blend.py): every cosine score becomes (1 - share) x the "
                                     "adapter's + share x the pretrained one; 0 = the adapter alone")
+    global_input_size: int | None = Field(
+        None, ge=32, le=4096, description="input size of the global tasks (classification, retrieval) "
+        "and of persrep find: centre crop of this many pixels; None = the backbone's image_size (its "
+        "training size). A model trained on small crops often recognises better at a larger test "
+        "size (EfficientNet-Lite0, pretrained at 224, trained here at 160: bench/tta_study.json)")
     prefix_cache: bool = Field(True, description="CNN adapters leave the stem and first blocks "
                                "frozen: embed the pools through them once per process, run only the "
                                "adapted tail per adapter (same features; false = the full forward)")

@@ -33,7 +33,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
 NEUTRAL: dict[str, dict[str, Any]] = {
     "personalization": {"hard_negatives": {"recolour": 0, "min_hue_shift": 60.0},
                         "real_positive_share": 0.0, "crop_scale": [0.8, 1.0]},
-    "evaluation": {"adapter_scale": 1.0, "pretrained_share": 0.0},
+    "evaluation": {"adapter_scale": 1.0, "pretrained_share": 0.0, "global_input_size": None},
 }
 
 

@@ -273,6 +273,24 @@ def test_pretrained_share_blends_each_personalised_feature_with_the_pretrained_o
     assert extractor_key(src, specs[0]) == keys["pretrained"]
 
 
+def test_global_input_size_of_the_run_sizes_and_keys_find_embeddings(finished_run):
+    """evaluation.global_input_size of the run: find embeds at that size, under other cache keys."""
+    from PIL import Image as PILImage
+
+    from persrep.find.models import Extractors, ModelSpec, extractor_key
+    from persrep.find.source import resolve_run
+
+    _, run_dir = finished_run
+    src = resolve_run(str(run_dir))
+    specs = [ModelSpec("pretrained", None)] + [ModelSpec(t.instance, t.adapter_key) for t in src.targets]
+    keys = {s.name: extractor_key(src, s) for s in specs}
+    assert Extractors(src, specs).transform(PILImage.new("RGB", (50, 40))).shape[-1] == src.backbone.image_size
+    src.settings = src.settings.model_copy(update={"evaluation": src.settings.evaluation.model_copy(
+        update={"global_input_size": 96})})
+    assert Extractors(src, specs).transform(PILImage.new("RGB", (50, 40))).shape[-1] == 96
+    assert all(extractor_key(src, s) != keys[s.name] for s in specs)
+
+
 class _Interrupted(RuntimeError):
     pass
 

@@ -112,3 +112,32 @@ def test_global_embeddings_of_the_cached_path_equal_the_full_forward(toy):
             x = torch.stack([images[i] for i in idx])
             h = torch.stack([acts[i] for i in idx])
             torch.testing.assert_close(tail.global_features(h), plain.global_features(x), rtol=0, atol=1e-5)
+
+
+def test_global_input_size_embeds_at_that_size_and_keys_it(toy):
+    """evaluation.global_input_size: the global pools are the plain forward of the centre crop at
+    that size (not the backbone's image_size), the metrics change, and the setting enters the unit
+    key only when set (runs stored before it keep their keys)."""
+    from persrep.evaluation.features import WithGlobalFeature
+    from persrep.evaluation.stage import LazyImages
+    from persrep.keys import result_settings
+    from persrep.models.backbones import eval_transform
+
+    ds, _ = toy
+    ev = EvaluationSettings(tasks=["classification", "retrieval"], batch_size=5)
+    big = ev.model_copy(update={"global_input_size": 96})
+    base = build_backbone(BS).eval()
+    e = Evaluator(ds, big)
+    pool = e._global_pool(WithGlobalFeature(base, big.global_feature), "t", BS)
+    images = LazyImages(ds, e.pools.test, eval_transform(BS, size=96))
+    with torch.inference_mode():
+        want = base.global_features(torch.stack([images[i] for i in range(len(images))]), big.global_feature)
+    assert images[0].shape[-1] == 96
+    np.testing.assert_allclose(pool.test_embeddings, want.numpy(), atol=1e-5)
+    rows = {(r["instance"], r["task"], r["metric"], r["scene"]): r["value"]
+            for r in Evaluator(ds, ev).evaluate_pretrained(BS, ds.names, {})}
+    rows_big = {(r["instance"], r["task"], r["metric"], r["scene"]): r["value"]
+                for r in Evaluator(ds, big).evaluate_pretrained(BS, ds.names, {})}
+    assert rows.keys() == rows_big.keys() and any(abs(rows[k] - rows_big[k]) > 1e-6 for k in rows)
+    assert "global_input_size" not in result_settings(ev, "evaluation")
+    assert result_settings(big, "evaluation")["global_input_size"] == 96

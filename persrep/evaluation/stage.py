@@ -167,10 +167,16 @@ class Evaluator:
             return TailExtractor(base, self._prefix[1], self.ev.global_feature, self.ev.dense_features)
         return WithGlobalFeature(base, self.ev.global_feature, self.ev.dense_features)
 
+    def _size_key(self) -> list[Any]:
+        """The global input size in cache keys, when it is not the backbone's own."""
+        size = self.ev.global_input_size
+        return [("global_input_size", size)] if size else []
+
     def _global_pool(self, extractor: Any, key: str, bs: BackboneSettings) -> GlobalPool:
-        tf = eval_transform(bs)
+        size = self.ev.global_input_size  # None: the backbone's own image_size
+        tf = eval_transform(bs, size=size)
         p = self.pools
-        tkey = content_key("global", bs)
+        tkey = content_key("global", bs, *([size] if size else []))
         test_key = image_list_key([self.ds.listing_key, *p.test])
         train_key = image_list_key([self.ds.listing_key, *p.train])
         return embed_global_pool(
@@ -219,7 +225,7 @@ class Evaluator:
                             keys: dict[str, Any]) -> list[dict[str, Any]]:
         backbone = build_backbone(bs).eval()
         extractor = self._extractor(backbone, default_targets(backbone))
-        key = content_key("pretrained", bs, self.ev.global_feature, self.ev.dense_features)
+        key = content_key("pretrained", bs, self.ev.global_feature, self.ev.dense_features, *self._size_key())
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=True)
         return self._rows(instances, gpool, dpool, dtrain, {**keys, "model": "pretrained"})
@@ -233,7 +239,7 @@ class Evaluator:
             extractor = BlendedExtractor(extractor, self._pretrained_like(extractor, bs), share)
         key = content_key("adapter", bs, self.ev.global_feature, str(keys.get("adapter_key", adapter_path)),
                           self.ev.dense_features, *([scale] if scale != 1.0 else []),
-                          *([("pretrained_share", share)] if share > 0 else []))
+                          *([("pretrained_share", share)] if share > 0 else []), *self._size_key())
         gpool = self._global_pool(extractor, key, bs)
         dpool, dtrain = self._dense_inputs(extractor, key, bs, shared=False)
         # which model scored: named in the rows (and the report's per-instance table) when blended

@@ -53,10 +53,16 @@ class ModelSpec:
 
 def extractor_key(source, spec: ModelSpec) -> str:
     """Names everything that determines an embedding except the image: backbone, adapter, feature."""
-    scale, share = adapter_scale(source), pretrained_share(source)
+    scale, share, size = adapter_scale(source), pretrained_share(source), global_input_size(source)
     return content_key("find-embedding", source.backbone, source.global_feature,
                        spec.adapter_key or "pretrained", *([scale] if spec.adapter_key and scale != 1.0 else []),
-                       *([("pretrained_share", share)] if spec.adapter_key and share > 0 else []))
+                       *([("pretrained_share", share)] if spec.adapter_key and share > 0 else []),
+                       *([("global_input_size", size)] if size else []))
+
+
+def global_input_size(source) -> int | None:
+    """The run's ``evaluation.global_input_size``: find embeds photos at the size the run evaluated."""
+    return source.settings.evaluation.global_input_size
 
 
 def adapter_scale(source) -> float:
@@ -76,7 +82,7 @@ class Extractors:
     def __init__(self, source, specs: list[ModelSpec], share_trunk: bool = True):
         self.source, self.specs = source, list(specs)
         self.device = device()
-        self.transform = eval_transform(source.backbone)
+        self.transform = eval_transform(source.backbone, size=global_input_size(source))
         self.backbone: Backbone = build_backbone(source.backbone).eval()
         self.states: dict[str, dict[str, torch.Tensor]] = {}
         adapters = [s for s in self.specs if s.adapter_key]
