@@ -171,9 +171,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     p.add_argument("--no-tracking", action="store_true", help="no MLflow run")
     p.add_argument("--guard", type=float, default=0.20, help="flag an object found in more than this "
                    "share of the photos (default 0.20)")
-    p.add_argument("--expand", type=int, default=10, help="after a first decision, each object's best N hits "
-                   "join its reference photos and every photo is scored and decided again (query "
-                   "expansion; default 10, 0 = off)")
+    from persrep.find.expand import DEFAULT_EXPAND
+
+    p.add_argument("--expand", type=int, default=DEFAULT_EXPAND, help="after a first decision, each object's "
+                   "best N hits join its reference photos and every photo is scored and decided again "
+                   f"(query expansion; default {DEFAULT_EXPAND}, 0 = off)")
     p.add_argument("--no-ray", action="store_true", help="everything in this process")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output here (default: in "
                    "find.log in the output directory)")
