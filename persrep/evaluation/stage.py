@@ -173,10 +173,9 @@ class Evaluator:
         return [("global_input_size", size)] if size else []
 
     def _global_pool(self, extractor: Any, key: str, bs: BackboneSettings) -> GlobalPool:
-        size = self.ev.global_input_size  # None: the backbone's own image_size
-        tf = eval_transform(bs, size=size)
+        tf = eval_transform(bs, size=self.ev.global_input_size)  # None: the backbone's own image_size
         p = self.pools
-        tkey = content_key("global", bs, *([size] if size else []))
+        tkey = content_key("global", bs, *self._size_key())
         test_key = image_list_key([self.ds.listing_key, *p.test])
         train_key = image_list_key([self.ds.listing_key, *p.train])
         return embed_global_pool(

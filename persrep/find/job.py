@@ -32,7 +32,7 @@ from persrep.find.calibrate import (AGREE_Z, GUARD_SHARE, LIKELY_M, LIKELY_Z, PO
 from persrep.find.collection import Collection, iter_paths
 from persrep.find.expand import DEFAULT_EXPAND, EXPAND_RULE, expanded_references, expansion_sets
 from persrep.find.localize import localize_many
-from persrep.find.scan import ScanPlan, Scanner
+from persrep.find.scan import ScanPlan, Scanner, score_pairs
 from persrep.find.source import FindError, FindSource, resolve_adapter, resolve_run
 from persrep.storage import MANIFEST, Manifest, Storage, StorageError, sha256_bytes
 
@@ -417,14 +417,9 @@ def expand_scores(plan: ScanPlan, ok_hashes: list[str], rows: np.ndarray, S: np.
     """Score the readable photos (``rows`` of ``S`` and ``R``, in place) again against references
     expanded by ``sets`` (object -> positions in ``rows`` of the photos that join its references;
     :mod:`persrep.find.expand`), one model at a time, from the embeddings the scan stored."""
-    from persrep.find.models import extractor_key
-    from persrep.find.scan import score_pairs
-    from persrep.find.store import EmbeddingStore
-
-    source = plan.source
-    cache = Storage(plan.cache_root, source.s3_endpoint)
+    stores = plan.open_stores()  # opened after the scan: its index holds every shard the scan wrote
     for spec in plan.specs:
-        found = EmbeddingStore(cache, extractor_key(source, spec)).lookup(ok_hashes)
+        found = stores[spec.name].lookup(ok_hashes)
         missing = [h for h in ok_hashes if h not in found]
         if missing:
             raise FindError(f"expansion: {len(missing)} photo embeddings of model {spec.name} are not in the "

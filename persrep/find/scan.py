@@ -53,6 +53,11 @@ class ScanPlan:
         names = sorted({m for m, _ in self.pairs})
         return [ModelSpec(n, None if n == "pretrained" else keys[n]) for n in names]
 
+    def open_stores(self) -> dict[str, EmbeddingStore]:
+        """Each model's embedding store under the cache root, indexed as it is now."""
+        cache = Storage(self.cache_root, self.source.s3_endpoint)
+        return {s.name: EmbeddingStore(cache, extractor_key(self.source, s)) for s in self.specs}
+
 
 def score_pairs(emb: dict[str, np.ndarray], references: dict[str, tuple[np.ndarray, list[str]]],
                 pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +88,7 @@ class Scanner:
             torch.set_num_threads(torch_threads)
         self.plan = plan
         self.extractors = extractors or Extractors(plan.source, plan.specs, plan.share_trunk)
-        cache = Storage(plan.cache_root, plan.source.s3_endpoint)
-        self.stores = {s.name: EmbeddingStore(cache, extractor_key(plan.source, s)) for s in plan.specs}
+        self.stores = plan.open_stores()
         self.worker = f"{os.uname().nodename}:{os.getpid()}"
 
     def embeddings(self, loaded) -> tuple[dict[str, np.ndarray], int]:
