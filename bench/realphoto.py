@@ -80,6 +80,15 @@ VARIANTS: dict[str, list[str]] = {
     "train_cls": ["personalization.feature=cls"],
     # not run on all 39 yet (on the 10-variety subset it sank one variety by -22 AP)
     "t15": ["personalization.temperature=0.15"],
+    # session 12, on top of the shipped default (evaluation at 224 px); `--subset 3 --levers-root
+    # levers12`, reference 'shipped' (no override)
+    "shipped": [],
+    # negatives of the train photos' surroundings with the object erased (contrastive/hard_negatives.py)
+    "context64": ["personalization.hard_negatives.context=64"],
+    # LoRA on one more stage (blocks.4's pointwise convs too)
+    "blocks4": ["personalization.lora.target_modules=[" + ",".join(
+        f"blocks.{b}.{i}.{c}" for b, n in ((4, 3), (5, 4), (6, 1)) for i in range(n)
+        for c in ("conv_pw", "conv_pwl")) + ",conv_head]"],
 }
 
 
@@ -234,7 +243,7 @@ def main() -> int:
             if n in FINAL_VARIANTS or n == "final":
                 result.setdefault("final_variants", {})[n] = v["mean"]
     # lever deltas on the subset: each lever vs 'masks_only' (its reference), same instances
-    for ref_name in ("masks_only", "combo"):
+    for ref_name in ("masks_only", "combo", "shipped"):
         ref = variants.get(ref_name)
         if ref:
             result[f"lever_deltas_vs_{ref_name}"] = {

@@ -217,6 +217,11 @@ class HardNegativeSettings(Section):
                           "object: a red vs a green pepper, two cartons of one brand); 0 = none")
     min_hue_shift: float = Field(60.0, gt=0, le=180, description="smallest hue turn of a recoloured "
                                  "negative, in degrees (lighting moves hue far less)")
+    context: int = Field(0, ge=0, le=100_000, description="up to this many negatives showing the "
+                         "train photos' surroundings: seeded crops beside the object (its mask, given "
+                         "or predicted), less those the starting model sees as the object itself; "
+                         "pushes the hand, shelf or table out of the features; needs train masks "
+                         "(given, or generator.auto_masks); 0 = none")
 
 
 class PersonalizationSettings(Section):

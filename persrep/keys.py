@@ -31,7 +31,7 @@ OPERATIONAL: dict[str, tuple[str, ...]] = {
 # stored (the real-photo levers of issue #26). At that value the field is left out of the key, so
 # every unit stored before it existed keeps its key; any other value enters the key as usual.
 NEUTRAL: dict[str, dict[str, Any]] = {
-    "personalization": {"hard_negatives": {"recolour": 0, "min_hue_shift": 60.0},
+    "personalization": {"hard_negatives": {"recolour": 0, "min_hue_shift": 60.0, "context": 0},
                         "real_positive_share": 0.0, "crop_scale": [0.8, 1.0]},
     "evaluation": {"adapter_scale": 1.0, "pretrained_share": 0.0, "global_input_size": None},
 }

@@ -116,3 +116,33 @@ def test_persam_filter_records_the_predicted_mask_and_score_on_each_row(tmp_path
         # and the score is the embedding scorer on the mask-box crops
         want = make_scorer("embedding", inst).score([img], [Image.fromarray(predicted.astype(np.uint8) * 255)])[0]
         assert r["filter_score"] == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_context_negatives_train_from_the_predicted_masks_and_key_on_their_segmenter(tmp_path, maskless_toy):
+    """`personalization.hard_negatives.context` reads the train masks (predicted here): the adapter
+    counts the context negatives it trained with, and a different segmenter setting is a
+    different adapter even where the positives do not depend on the masks (real-only)."""
+    import json
+
+    from persrep.pipeline.stages.personalization import plan_personalize_units
+
+    with pytest.raises(DatasetError, match=r"hard_negatives.context=16 .*no train masks: set generator.auto_masks=true"):
+        prepare_run(_settings(tmp_path / "r0", maskless_toy, "generator.types=[real_only]",
+                              "personalization.hard_negatives.context=16"))
+    real = ["generator.auto_masks=true", "generator.types=[real_only]"]
+    s = _settings(tmp_path / "root", maskless_toy, *real, "personalization.hard_negatives.context=16")
+    summary = run_pipeline(s, run_id="ctx")
+    assert summary.exit_code == 0, summary.failures
+    metrics = [json.loads(p.read_text())["metrics"] for p in (tmp_path / "root" / "adapters").glob("*/metrics.json")]
+    # the toy objects fill much of their 64-px photos: a few crops find room beside them (2 and 5)
+    assert len(metrics) == 2 and all(0 < m["num_context_negatives"] <= 16 for m in metrics), metrics
+    assert all(m["num_recoloured_negatives"] == 0 for m in metrics)
+
+    def keys(*extra):
+        return {u.key for u in plan_personalize_units(prepare_run(_settings(tmp_path / "k", maskless_toy, *extra)), {})}
+
+    margin = "segmentation.margin=0.1"
+    assert keys(*real) == keys(*real, margin)  # no context negatives: the masks do not matter
+    ctx_on = [*real, "personalization.hard_negatives.context=16"]
+    assert keys(*ctx_on) != keys(*ctx_on, margin) and not keys(*ctx_on) & keys(*real)

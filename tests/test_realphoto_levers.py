@@ -9,7 +9,7 @@ import colorsys
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from persrep.config import BackboneSettings, LoraSettings, load_settings
 from persrep.contrastive.hard_negatives import recoloured, turn_hue
@@ -189,3 +189,87 @@ def test_adapter_scale_leaves_the_pretrained_evaluation_key_alone(tmp_path):
     assert [u.key for u in plain] == [u.key for u in scaled]
     other = pretrained_eval_units(replace(ctx, settings=load_settings("local", [*small, "evaluation.global_feature=cls+mean"])))
     assert [u.key for u in plain] != [u.key for u in other]  # a setting that changes pretrained scores still does
+
+
+def _orange(a: np.ndarray) -> np.ndarray:
+    return (a[..., 0] > 180) & (a[..., 1] > 60) & (a[..., 1] < 150) & (a[..., 2] < 60)
+
+
+def test_context_negatives_show_the_surroundings_without_the_object_and_are_seeded():
+    from persrep.contrastive.hard_negatives import context_crops, erase_object
+
+    scenes = [cluttered_scene(s) for s in range(3)]
+    photos = [im for im, _ in scenes]
+    masks = [Image.fromarray(m.astype(np.uint8) * 255) for _, m in scenes]
+    for (im, m), mk in zip(scenes, masks):
+        erased_img, hole = erase_object(im, mk)
+        erased = np.asarray(erased_img, dtype=np.int16)
+        assert hole[m].all() and hole.mean() < 2 * m.mean()  # the mask, grown a little
+        before = np.asarray(im, dtype=np.int16)
+        assert _orange(before).sum() > 500 and _orange(erased).sum() < 0.02 * _orange(before).sum()
+        # away from the object (beyond the grown rim) the photo is unchanged
+        far = ~np.asarray(Image.fromarray(m).filter(ImageFilter.MaxFilter(31)))
+        assert np.abs(erased - before)[far].mean() < 1.0
+    a = context_crops(photos, masks, 10, seed=4)
+    # a crop is kept only where it finds a place beside the object: about half the draws here
+    assert 3 <= len(a) <= 10 and len({c.size for c in a}) > 1  # seeded crops of several sizes
+    assert all(_orange(np.asarray(c, dtype=np.int16)).mean() < 0.02 for c in a)  # no object in them
+    b = context_crops(photos, masks, 10, seed=4)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y))
+                   for x, y in zip(a, context_crops(photos, masks, 10, seed=5)))
+    # no mask, an empty mask or an object filling the frame leaves no context to show
+    full = Image.new("L", photos[0].size, 255)
+    empty = Image.new("L", photos[0].size, 0)
+    assert context_crops(photos, [None, full, empty], 5, seed=0) == []
+    assert context_crops(photos, masks, 0, seed=0) == []
+    assert len(context_crops(photos, [None, masks[1], full], 8, seed=0)) >= 2  # the one usable photo serves
+
+
+def test_a_context_crop_is_kept_only_when_it_is_less_like_the_object_than_like_unrelated_photos():
+    from persrep.contrastive.hard_negatives import unlike_the_object
+
+    e = np.eye(4)
+    objects = np.stack([e[0], (e[0] + e[1]) / np.sqrt(2)])  # own similarity 0.707
+    unrelated = np.stack([e[2], e[3]])  # highest cosine to the object 0: the threshold is 0.354
+    # highest cosines to the object: 1, 0, 0.287, 0.447
+    cands = np.stack([e[0], e[2], (e[2] + 0.3 * e[0]) / np.hypot(1, 0.3), (e[2] + 0.5 * e[0]) / np.hypot(1, 0.5)])
+    assert unlike_the_object(objects, cands, unrelated).tolist() == [False, True, True, False]
+    # one object crop: its own similarity counts as 1, the threshold is 0.5
+    assert unlike_the_object(objects[:1], cands, unrelated).tolist() == [False, True, True, True]
+
+
+def _bin_scene(seed: int, size: int = 192) -> tuple[Image.Image, np.ndarray]:
+    """The orange object in the middle of a bin of identical ones (the produce counter); its mask
+    is the middle one only."""
+    img = Image.new("RGB", (size, size), (60, 50, 40))
+    d = ImageDraw.Draw(img)
+    rng = np.random.default_rng(seed)
+    for cy in range(16, size, 32):
+        for cx in range(16, size, 32):
+            j = rng.integers(-3, 4, 2)
+            d.ellipse([cx - 14 + j[0], cy - 12 + j[1], cx + 14 + j[0], cy + 12 + j[1]], fill=(235, 120, 20))
+    yy, xx = np.mgrid[:size, :size]
+    return img, ((xx - 112) / 30) ** 2 + ((yy - 112) / 26) ** 2 <= 1.0
+
+
+def test_training_drops_context_negatives_that_show_the_object_itself():
+    """A photo on a bin of identical objects gives no context negative (its surroundings are the
+    instance); a photo amid unrelated clutter gives them (docs/PROTOCOL.md: no false negatives)."""
+    from persrep.contrastive.train import TrainingData, TrainingSetup
+
+    pz = load_settings("local", ["personalization.hard_negatives.context=24"]).personalization
+    bs = BackboneSettings(name="tf_efficientnet_lite0", weights="offline", image_size=96)
+    unrelated = [Image.new("RGB", (96, 96), tuple(int(v) for v in np.random.default_rng(i).integers(0, 255, 3)))
+                 for i in range(16)]
+    clutter, bins = [cluttered_scene(s) for s in range(3)], [_bin_scene(s) for s in range(3)]
+
+    def own_negatives(scenes):
+        data = TrainingData("x", [im for im, _ in scenes], [im for im, _ in scenes], unrelated,
+                            anchor_masks=[Image.fromarray(m.astype(np.uint8) * 255) for _, m in scenes])
+        setup = TrainingSetup.build(pz, bs, data, torch.device("cpu"))
+        assert len(setup.negatives) == len(unrelated) + setup.own_negatives["context"]
+        return setup.own_negatives["context"]
+
+    assert own_negatives(clutter) >= 12
+    assert own_negatives(bins) <= 2

@@ -25,11 +25,11 @@ import torch
 from PIL import Image
 
 from persrep.config import BackboneSettings, PersonalizationSettings, content_key
-from persrep.contrastive.hard_negatives import recoloured
+from persrep.contrastive.hard_negatives import context_crops, object_crop, recoloured, unlike_the_object
 from persrep.contrastive.losses import build_loss, triplet_accuracy
 from persrep.contrastive.triplets import sample_triplets
 from persrep.hashing import stable_seed
-from persrep.models.backbones import build_backbone, train_transform
+from persrep.models.backbones import build_backbone, eval_transform, train_transform
 from persrep.models.lora import apply_lora, lora_parameters, lora_state_dict, save_adapter
 
 ImageLike = Image.Image | bytes
@@ -47,6 +47,7 @@ class TrainingData:
     negatives: list[ImageLike]
     positives_source: str = "synthetic"  # synthetic | real (real-only) | real_only_fallback (verdict.py)
     negatives_source: str = "generated"  # generated | external | in_pool
+    anchor_masks: list[Image.Image | None] | None = None  # the anchors' masks (context negatives)
 
     def key(self) -> str:
         """Identity of the data, by content (the pipeline passes shard keys instead when it has them)."""
@@ -119,6 +120,7 @@ class TrainingSetup:
     positives: list[Image.Image]
     negatives: list[Image.Image]
     positives_source: str = "synthetic"  # data.positives_source, "synthetic+real" when real photos are mixed in
+    own_negatives: dict[str, int] = field(default_factory=dict)  # negatives made from the instance's images
 
     @classmethod
     def build(cls, pz: PersonalizationSettings, backbone_settings: BackboneSettings,
@@ -136,7 +138,8 @@ class TrainingSetup:
         hn = pz.hard_negatives
         edits = recoloured(anchors + (positives if positives is not anchors else []), hn.recolour,
                            hn.min_hue_shift, pz.seed)
-        negatives = [_to_pil(x) for x in data.negatives] + edits
+        context = _context_negatives(backbone, backbone_settings, anchors, data, hn.context, pz.seed)
+        negatives = [_to_pil(x) for x in data.negatives] + edits + context
         # real-only positives are the few real photos: num_positives (a synthetic-pool size) caps nothing
         synthetic = data.positives_source == "synthetic"
         n_pos = len(data.positives) if not synthetic else pz.num_positives
@@ -149,7 +152,7 @@ class TrainingSetup:
             positives, source = positives + anchors, "synthetic+real"
         return cls(run_key, backbone, optim, build_loss(pz.loss, pz.temperature),
                    train_transform(backbone_settings, scale=tuple(pz.crop_scale)), triplets, anchors,
-                   positives, negatives, source)
+                   positives, negatives, source, {"recoloured": len(edits), "context": len(context)})
 
     def restore(self, state: dict[str, Any] | None) -> tuple[int, dict[str, list[float]]]:
         """Load a checkpoint's state when it belongs to this run (same run key): the step to start
@@ -179,9 +182,43 @@ class TrainingSetup:
                 "steps_per_s": (len(losses) - start) / seconds if seconds > 0 else float("nan"),
                 "finished": finished, "num_anchors": len(self.anchors), "num_positives": len(data.positives),
                 "num_negatives": len(self.negatives),
-                "num_recoloured_negatives": len(self.negatives) - len(data.negatives),
+                "num_recoloured_negatives": self.own_negatives.get("recoloured", 0),
+                "num_context_negatives": self.own_negatives.get("context", 0),
                 "positives_source": self.positives_source,
                 "negatives_source": data.negatives_source}
+
+
+def _context_negatives(backbone: Any, settings: BackboneSettings, anchors: list[Image.Image],
+                       data: TrainingData, count: int, seed: int) -> list[Image.Image]:
+    """``count`` crops of the anchors' surroundings (contrastive/hard_negatives.py), less those the
+    starting model sees as the object itself (``unlike_the_object``: more of the same fruit in
+    the bin, the product's other facings on the shelf): a negative must not be the instance."""
+    masks = data.anchor_masks or [None] * len(anchors)
+    crops = context_crops(anchors, masks, count, seed)
+    objects = [c for c in (object_crop(a, m) for a, m in zip(anchors, masks) if m is not None) if c]
+    if not crops or not objects:
+        return []
+    rng = np.random.default_rng([seed, 0x0B1])
+    unrelated = [_to_pil(data.negatives[i]) for i in
+                 sorted(rng.permutation(len(data.negatives))[:64])] if data.negatives else []
+    keep = unlike_the_object(*(_embed(backbone, settings, x) for x in (objects, crops, unrelated)))
+    return [c for c, k in zip(crops, keep) if k]
+
+
+@torch.no_grad()
+def _embed(backbone: Any, settings: BackboneSettings, images: list[Image.Image]) -> np.ndarray:
+    """L2-normalised global features of ``images`` (evaluation transform), in float64."""
+    if not images:
+        return np.zeros((0, 1))
+    was_training = backbone.training
+    backbone.eval()
+    tf = eval_transform(settings)
+    dev = next(backbone.parameters()).device
+    feats = [backbone.global_features(torch.stack([tf(i) for i in images[k:k + 32]]).to(dev), "cls")
+             for k in range(0, len(images), 32)]
+    backbone.train(was_training)
+    f = torch.cat(feats).double()
+    return torch.nn.functional.normalize(f, dim=1).cpu().numpy()
 
 
 def _mix_real_positives(triplets: list[tuple[int, int, int]], n_synthetic: int, n_real: int,

@@ -192,6 +192,12 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
                            f"predict them with `persrep data masks {data_path}` (or set "
                            "generator.auto_masks=true), add train_masks/ (`persrep data import --masks`), "
                            "or use generator.types=[real_only, dreambooth]")
+    if settings.personalization.hard_negatives.context and not ds.has_masks("train") \
+            and not settings.generator.auto_masks:
+        raise DatasetError(f"personalization.hard_negatives.context={settings.personalization.hard_negatives.context} "
+                           f"crops the train photos beside their objects, but {data_path} has no train "
+                           "masks: set generator.auto_masks=true (or `persrep data masks`), add "
+                           "train_masks/, or set personalization.hard_negatives.context=0")
     from persrep.segmentation.preflight import preflight_segmenters
 
     notes += preflight_segmenters(settings)

@@ -36,10 +36,15 @@ def needs_auto_masks(ctx: Any, name: str) -> bool:
     return bool(ctx.settings.generator.auto_masks) and not all(p in ds.masks for p in ds.instances[name].train)
 
 
-def mask_unit_key(ctx: Any, images: list[Image.Image]) -> str:
+def masks_identity(ctx: Any) -> list[Any]:
+    """What predicted masks depend on besides the pixels: the segmenter and the procedure."""
     seg = get_segmenter(ctx.settings.segmentation.segmenter, ctx.settings.segmentation)
-    return content_key("auto-masks", seg.identity(), [image_fingerprint(i) for i in images],
-                       {"procedure": PROCEDURE, "min_confidence": ctx.settings.segmentation.min_confidence})
+    return [seg.identity(), {"procedure": PROCEDURE, "min_confidence": ctx.settings.segmentation.min_confidence}]
+
+
+def mask_unit_key(ctx: Any, images: list[Image.Image]) -> str:
+    seg_identity, procedure = masks_identity(ctx)
+    return content_key("auto-masks", seg_identity, [image_fingerprint(i) for i in images], procedure)
 
 
 @dataclass(frozen=True, eq=False)

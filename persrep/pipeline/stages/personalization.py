@@ -27,6 +27,7 @@ from persrep.pipeline.context import RunContext
 from persrep.pipeline.executor import Outcome
 from persrep.pipeline.instance_data import instance_data, scratch_dir
 from persrep.pipeline.planned import PlannedStage, StageScope
+from persrep.pipeline.stages.auto_masks import masks_identity, needs_auto_masks
 from persrep.pipeline.stages.synthesis import synthesis_outcome, synthesis_verdict
 from persrep.pipeline.units import ADAPTERS, Unit, UnitRejected
 from persrep.storage import Storage
@@ -55,9 +56,13 @@ class PersonalizeUnit(Unit):
 def personalize_key(ctx: RunContext, u: PersonalizeUnit) -> str:
     pz = result_settings(ctx.settings.personalization, "personalization")
     pz.pop("backbones")
-    # a fallback adapter (trained on the real photos) never shares a key with a synthetic one
+    extra = ["real_only_fallback"] if u.positives_fallback else []  # never shares a synthetic one's key
+    # context negatives come from the masks: predicted ones enter by their segmenter (given ones are
+    # in dataset_key)
+    if ctx.settings.personalization.hard_negatives.context and needs_auto_masks(ctx, u.instance):
+        extra.append(masks_identity(ctx))
     return content_key("adapter", pz, u.backbone, u.config.key, u.positives_key, u.negatives_keys,
-                       ctx.dataset_key, u.instance, *(["real_only_fallback"] if u.positives_fallback else []))
+                       ctx.dataset_key, u.instance, *extra)
 
 
 def _folder_images(ctx: RunContext, location: str, category: str) -> list[bytes]:
@@ -84,7 +89,8 @@ def training_data(ctx: RunContext, u: PersonalizeUnit):
     """A unit's anchors, positives and negatives (single-process and data-parallel training)."""
     from persrep.contrastive.train import TrainingData
 
-    anchors = instance_data(ctx, u.instance).train_images
+    inst = instance_data(ctx, u.instance)
+    anchors = inst.train_images
     # real-only: the positives *are* the real photos (augmentation makes them differ from the anchor)
     positives, source = list(anchors), "real"
     if u.positives_key:
@@ -97,7 +103,8 @@ def training_data(ctx: RunContext, u: PersonalizeUnit):
     negatives, neg_source = negatives_for(ctx, u)
     if not negatives and ctx.settings.personalization.negatives == "generated":
         raise UnitRejected(f"{u.instance}: the generated negatives units {u.negatives_keys} hold no image")
-    return TrainingData(u.instance, anchors, positives, negatives, source, neg_source)
+    masks = inst.train_masks if ctx.settings.personalization.hard_negatives.context else None
+    return TrainingData(u.instance, anchors, positives, negatives, source, neg_source, masks)
 
 
 def run_personalize_unit(ctx: RunContext, u: PersonalizeUnit,
