@@ -52,6 +52,8 @@ class TrainingData:
     def key(self) -> str:
         """Identity of the data, by content (the pipeline passes shard keys instead when it has them)."""
         fp = [_fingerprint(x) for x in (*self.anchors, *self.positives, *self.negatives)]
+        if self.anchor_masks is not None:  # they make the context negatives
+            fp += [_fingerprint(m) if m is not None else "-" for m in self.anchor_masks]
         return content_key(self.instance, len(self.anchors), len(self.positives), fp)
 
 
@@ -190,7 +192,7 @@ class TrainingSetup:
 
 def _context_negatives(backbone: Any, settings: BackboneSettings, anchors: list[Image.Image],
                        data: TrainingData, count: int, seed: int) -> list[Image.Image]:
-    """``count`` crops of the anchors' surroundings (contrastive/hard_negatives.py), less those the
+    """Up to ``count`` crops of the anchors' surroundings (contrastive/hard_negatives.py), less those the
     starting model sees as the object itself (``unlike_the_object``: more of the same fruit in
     the bin, the product's other facings on the shelf): a negative must not be the instance."""
     masks = data.anchor_masks or [None] * len(anchors)
