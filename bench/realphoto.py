@@ -83,7 +83,7 @@ VARIANTS: dict[str, list[str]] = {
     # session 12, on top of the shipped default (evaluation at 224 px); `--subset 3 --levers-root
     # levers12`, reference 'shipped' (no override)
     "shipped": [],
-    # negatives of the train photos' surroundings with the object erased (contrastive/hard_negatives.py)
+    # negatives: crops of the train photos beside the object, less those like the object (contrastive/hard_negatives.py)
     "context64": ["personalization.hard_negatives.context=64"],
     # LoRA on one more stage (blocks.4's pointwise convs too)
     "blocks4": ["personalization.lora.target_modules=[" + ",".join(

@@ -2,6 +2,8 @@
 
 Used by the ``cut_paste`` generator (:mod:`persrep.generation.cut_paste`) and by
 ``persrep data composite`` (:mod:`persrep.data.composite`); numpy + PIL only, below both layers.
+Also the crop of a photo to its mask's box (:func:`mask_box_crop`), which synthesis filtering and
+the context negatives of training share.
 
 Geometry, all drawn from ``np.random.default_rng(row.seed)`` (so a row regenerates alone):
 
@@ -57,6 +59,18 @@ def draw_placement(seed: int, cut_paste: Any) -> Placement:
     flip = bool(rng.random() < 0.5) and bool(cut_paste.flip)
     x_fraction, y_fraction = (float(v) for v in rng.random(2))
     return Placement(background_seed, scale, angle, flip, x_fraction, y_fraction)
+
+
+def mask_box_crop(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """``image`` (RGB) cropped to the box of ``mask > 0``; the whole image without a usable mask."""
+    image = image.convert("RGB")
+    if mask is None:
+        return image
+    solid = mask.convert("L")
+    if solid.size != image.size:
+        solid = solid.resize(image.size, Image.Resampling.NEAREST)
+    box = solid.point(lambda v: 255 if v > 0 else 0).getbbox()
+    return image.crop(box) if box else image
 
 
 def cut_out(image: Image.Image, mask: Image.Image, where: str) -> Image.Image:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from persrep.segmentation.base import as_bool_mask
+
 
 def turn_hue(image: Image.Image, degrees: float) -> Image.Image:
     """``image`` with every pixel's hue turned by ``degrees`` (saturation and value kept)."""
@@ -54,7 +56,7 @@ def erase_object(image: Image.Image, mask: Image.Image, grow: float = 0.04,
     scale = min(1.0, side / max(img.size))
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     rgb = np.array(img.resize(size, Image.BILINEAR))
-    hole = (np.array(mask.convert("L").resize(size, Image.NEAREST)) > 127).astype(np.uint8)
+    hole = as_bool_mask(mask, size).astype(np.uint8)
     r = max(1, round(grow * max(size)))
     hole = cv2.dilate(hole, np.ones((2 * r + 1, 2 * r + 1), np.uint8))
     return Image.fromarray(cv2.inpaint(rgb, hole * 255, 5, cv2.INPAINT_TELEA)), hole.astype(bool)
@@ -73,10 +75,8 @@ def context_crops(photos: Sequence[Image.Image], masks: Sequence[Image.Image | N
     scores every hand-held product high). A photo without a mask or with an empty one gives none."""
     if count <= 0:
         return []
-    usable = []
-    for photo, mask in zip(photos, masks):
-        if mask is not None and (np.asarray(mask.convert("L")) > 127).any():
-            usable.append(erase_object(photo, mask))
+    erased = [erase_object(photo, mask) for photo, mask in zip(photos, masks) if mask is not None]
+    usable = [(img, hole) for img, hole in erased if hole.any()]
     if not usable:
         return []
     rng = np.random.default_rng([seed, 0xC0E7])
@@ -94,12 +94,6 @@ def context_crops(photos: Sequence[Image.Image], masks: Sequence[Image.Image | N
                 out.append(img.crop((x, y, x + w, y + h)))
                 break
     return out
-
-
-def object_crop(photo: Image.Image, mask: Image.Image) -> Image.Image | None:
-    """The photo cropped to its mask's bounding box (None for an empty mask)."""
-    box = mask.convert("L").point(lambda v: 255 if v > 127 else 0).getbbox()
-    return photo.convert("RGB").crop(box) if box else None
 
 
 def unlike_the_object(objects: np.ndarray, candidates: np.ndarray, unrelated: np.ndarray) -> np.ndarray:

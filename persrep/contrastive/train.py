@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from persrep.compositing import mask_box_crop
 from persrep.config import BackboneSettings, PersonalizationSettings, content_key
-from persrep.contrastive.hard_negatives import context_crops, object_crop, recoloured, unlike_the_object
+from persrep.contrastive.hard_negatives import context_crops, recoloured, unlike_the_object
 from persrep.contrastive.losses import build_loss, triplet_accuracy
 from persrep.contrastive.triplets import sample_triplets
 from persrep.hashing import stable_seed
@@ -197,7 +198,7 @@ def _context_negatives(backbone: Any, settings: BackboneSettings, anchors: list[
     the bin, the product's other facings on the shelf): a negative must not be the instance."""
     masks = data.anchor_masks or [None] * len(anchors)
     crops = context_crops(anchors, masks, count, seed)
-    objects = [c for c in (object_crop(a, m) for a, m in zip(anchors, masks) if m is not None) if c]
+    objects = [mask_box_crop(a, m) for a, m in zip(anchors, masks) if m is not None and m.getbbox()]
     if not crops or not objects:
         return []
     rng = np.random.default_rng([seed, 0x0B1])

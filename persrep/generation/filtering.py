@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from persrep.compositing import mask_box_crop
 from persrep.generation.base import InstanceData, SampledImage, SampleRow
 from persrep.hashing import stable_seed
 from persrep.models.errors import ModelError
@@ -50,18 +51,6 @@ _SCORERS: dict[str, type["SimilarityScorer"]] = {}
 
 class ScorerUnavailableError(ModelError):
     """A scorer's package or weights are missing; the one-line message says what to provide."""
-
-
-def mask_box_crop(image: Image.Image, mask: Image.Image | None) -> Image.Image:
-    """``image`` (RGB) cropped to the box of ``mask > 0``; the whole image without a usable mask."""
-    image = image.convert("RGB")
-    if mask is None:
-        return image
-    solid = mask.convert("L")
-    if solid.size != image.size:
-        solid = solid.resize(image.size, Image.Resampling.NEAREST)
-    box = solid.point(lambda v: 255 if v > 0 else 0).getbbox()
-    return image.crop(box) if box else image
 
 
 # ---------------------------------------------------------------------------------------------

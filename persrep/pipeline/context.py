@@ -187,13 +187,13 @@ def prepare_run(settings: Settings, progress: Progress | None = None, run_id: st
     notes += [f"data: {f.line()}" for f in report.of("note") if "masks predicted by" in f.problem]
     names = select_instances(ds, settings.data.instances, settings.data.split, settings.data.max_instances)
     needs_masks = [t for t in settings.generator.types if generator_caps(t).needs_masks]
-    if needs_masks and not ds.has_masks("train") and not settings.generator.auto_masks:
+    masks_missing = not ds.has_masks("train") and not settings.generator.auto_masks
+    if needs_masks and masks_missing:
         raise DatasetError(f"generator types {needs_masks} need train masks, but {data_path} has none: "
                            f"predict them with `persrep data masks {data_path}` (or set "
                            "generator.auto_masks=true), add train_masks/ (`persrep data import --masks`), "
                            "or use generator.types=[real_only, dreambooth]")
-    if settings.personalization.hard_negatives.context and not ds.has_masks("train") \
-            and not settings.generator.auto_masks:
+    if settings.personalization.hard_negatives.context and masks_missing:
         raise DatasetError(f"personalization.hard_negatives.context={settings.personalization.hard_negatives.context} "
                            f"crops the train photos beside their objects, but {data_path} has no train "
                            "masks: set generator.auto_masks=true (or `persrep data masks`), add "
